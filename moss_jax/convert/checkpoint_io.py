@@ -1,0 +1,210 @@
+"""Reading and writing checkpoints: HF directories (safetensors or PyTorch .bin, single
+or sharded) and our orbax parameter checkpoints.
+
+Both directions stream: HF -> ours holds our parameters plus one HF shard at a time;
+ours -> HF writes one safetensors shard at a time. Output directories are written
+under a temporary name and renamed into place at the end, so an interrupted
+conversion never leaves a half-written checkpoint at the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from moss_jax.config import MossConfig
+from moss_jax.convert.mapping import CheckpointError, ParamsBuilder, iter_hf_tensors, tensor_rules
+
+CONFIG_NAME = "moss_config.json"
+PARAMS_NAME = "params"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no config.json in the HF checkpoint directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+
+
+def hf_weight_files(hf_dir: str | os.PathLike) -> list[Path]:
+    """The weight files of a HF checkpoint directory, in index order."""
+    hf_dir = Path(hf_dir)
+    for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
+        index = hf_dir / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not (hf_dir / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: lists shard file(s) that do not exist: {missing}")
+            return [hf_dir / f for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (hf_dir / single).is_file():
+            return [hf_dir / single]
+    raise CheckpointError(
+        f"{hf_dir}: no weights found (expected {SAFETENSORS_INDEX}, {TORCH_INDEX}, model.safetensors "
+        "or pytorch_model.bin)"
+    )
+
+
+def iter_weight_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, numpy array) from one safetensors or PyTorch weight file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+        return
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise CheckpointError(f"{path}: reading PyTorch .bin files needs torch (pip install 'moss_jax[test]')") from e
+    import ml_dtypes
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    for name in list(state):
+        tensor = state.pop(name)
+        if tensor.dtype == torch.bfloat16:  # numpy has no bf16; reinterpret the bits exactly
+            yield name, tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            yield name, tensor.numpy()
+
+
+def load_hf_checkpoint(
+    hf_dir: str | os.PathLike, config: MossConfig | None = None, dtype: Any = None, progress: bool = True
+) -> tuple[MossConfig, dict]:
+    """Reads a HF CodeGen/MOSS checkpoint directory into (config, MossLM params)."""
+    config = config or MossConfig.from_hf(read_hf_config(hf_dir))
+    builder = ParamsBuilder(config, dtype=dtype, source=str(hf_dir))
+    total = len(tensor_rules(config))
+    with tqdm(total=total, desc="reading HF tensors", unit="tensor", disable=not progress) as bar:
+        for path in hf_weight_files(hf_dir):
+            for name, array in iter_weight_file(path):
+                builder.add(name, array, where=str(path))
+                bar.update(1)
+    return config, builder.finish()
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool):
+    """Yields a temporary sibling directory that is renamed to `out_dir` on success."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_params(out_dir: str | os.PathLike, params: Any, config: MossConfig, overwrite: bool = False) -> Path:
+    """Writes params (orbax) and the MossConfig (JSON) to `out_dir`, atomically."""
+    import orbax.checkpoint as ocp
+
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_NAME, params)
+            ckptr.wait_until_finished()
+        (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    return Path(out_dir)
+
+
+def load_config(ckpt_dir: str | os.PathLike) -> MossConfig:
+    path = Path(ckpt_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; is {ckpt_dir} a moss_jax checkpoint?")
+    fields = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(MossConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown MossConfig field(s) {unknown}")
+    return MossConfig(**fields)
+
+
+def load_params(ckpt_dir: str | os.PathLike, target: Any = None) -> tuple[MossConfig, Any]:
+    """Reads (config, params) written by `save_params`; `target` may carry shardings."""
+    import orbax.checkpoint as ocp
+
+    config = load_config(ckpt_dir)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(Path(ckpt_dir).absolute() / PARAMS_NAME, target)
+    return config, params
+
+
+def save_hf_checkpoint(
+    out_dir: str | os.PathLike,
+    params: Any,
+    config: MossConfig,
+    max_shard_bytes: int = 2 * 1024**3,
+    model_type: str = "codegen",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Writes a HF checkpoint (config.json + sharded safetensors + index), one shard in memory."""
+    from safetensors.numpy import save_file
+
+    rules = tensor_rules(config)
+    # Plan shard boundaries from shapes alone, so each shard is written as soon as it is full.
+    itemsize = np.dtype(_first_leaf(params).dtype).itemsize
+    plan, size, total = [[]], 0, 0
+    for rule in rules:
+        nbytes = int(np.prod(rule.hf_shape)) * itemsize
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(rule.hf_name)
+        size += nbytes
+        total += nbytes
+    n = len(plan)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for i in range(n)]
+    shard_of = {name: i for i, shard in enumerate(plan) for name in shard}
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        buffer: dict[str, np.ndarray] = {}
+        current = 0
+        for name, array in tqdm(iter_hf_tensors(params, config), total=len(rules), desc="writing HF tensors",
+                                unit="tensor", disable=not progress):
+            if shard_of[name] != current:
+                save_file(buffer, str(tmp / names[current]))
+                buffer, current = {}, shard_of[name]
+            buffer[name] = array
+        save_file(buffer, str(tmp / names[current]))
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in shard_of.items()}}
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        hf_config = config.to_hf(model_type)
+        hf_config["torch_dtype"] = str(np.dtype(_first_leaf(params).dtype))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def _first_leaf(params: Any):
+    import jax
+
+    return jax.tree_util.tree_leaves(params)[0]

@@ -1,0 +1,173 @@
+"""The GPT-J parallel block of MOSS/CodeGen: rotary attention and MLP off one LayerNorm.
+
+    h = x + attn(ln(x)) + mlp(ln(x))
+
+Every parameter is created with logical axis names (see moss_jax/sharding.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from moss_jax.attention import attention
+from moss_jax.config import MossConfig
+from moss_jax.sharding import with_constraint
+
+ACTIVATION_FNS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def named_param(module: nn.Module, name: str, init, shape: tuple[int, ...], names: tuple[str, ...], dtype):
+    """Creates a parameter annotated with logical axis names."""
+    if len(names) != len(shape):
+        raise ValueError(f"{module.name}/{name}: {len(names)} axis names {names} for shape {shape}")
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def layer_norm(config: MossConfig, name: str) -> nn.LayerNorm:
+    """LayerNorm computed in fp32, output in the compute dtype."""
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps,
+        dtype=jnp.float32,
+        param_dtype=jnp.dtype(config.param_dtype),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+def apply_rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, rotary_dim: int, base: float) -> jax.Array:
+    """GPT-J interleaved rotary ("rotate every two") on the first `rotary_dim` dims, in fp32."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    angles_BxLxR = positions_BxL.astype(jnp.float32)[:, :, None] * inv_freq  # R = rotary_dim / 2
+    sin = jnp.sin(angles_BxLxR)[:, :, None, :]
+    cos = jnp.cos(angles_BxLxR)[:, :, None, :]
+    x_rot = x_BxLxHxK[..., :rotary_dim].astype(jnp.float32)
+    x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x_rot.shape)
+    return jnp.concatenate([rotated.astype(x_BxLxHxK.dtype), x_BxLxHxK[..., rotary_dim:]], axis=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with partial rotary; optional KV cache for one layer."""
+
+    config: MossConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxL: jax.Array,
+        segment_ids_BxL: jax.Array | None,
+        kv_cache: tuple[jax.Array, jax.Array] | None,
+        decode: tuple[jax.Array, jax.Array] | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        d, h, k = cfg.d_model, cfg.n_heads, cfg.head_dim
+        init = nn.initializers.normal(cfg.initializer_range)
+        w_q, w_k, w_v = (
+            named_param(self, n, init, (d, h, k), ("embed", "heads", "head_dim"), pdtype)
+            for n in ("query", "key", "value")
+        )
+        w_o = named_param(self, "out", init, (h, k, d), ("heads", "head_dim", "embed"), pdtype)
+
+        x_BxLxD = x_BxLxD.astype(dtype)
+        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_q.astype(dtype))
+        k_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_k.astype(dtype))
+        v_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_v.astype(dtype))
+        q_BxLxHxK = apply_rotary(q_BxLxHxK, positions_BxL, cfg.rotary_dim, cfg.rotary_base)
+        k_BxLxHxK = apply_rotary(k_BxLxHxK, positions_BxL, cfg.rotary_dim, cfg.rotary_base)
+        q_BxLxHxK = with_constraint(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+
+        if kv_cache is None:
+            out_BxLxHxK = attention(
+                q_BxLxHxK,
+                k_BxLxHxK,
+                v_BxLxHxK,
+                q_segment_ids=segment_ids_BxL,
+                kv_segment_ids=segment_ids_BxL,
+                causal=True,
+                impl=cfg.attention_impl,
+            )
+            new_cache = None
+        else:
+            # Write this chunk's keys/values at the shared slot index, attend over the whole cache.
+            cache_segment_ids_BxS, index = decode
+            k_cache_BxSxHxK, v_cache_BxSxHxK = kv_cache
+            k_cache_BxSxHxK = lax.dynamic_update_slice(
+                k_cache_BxSxHxK, k_BxLxHxK.astype(k_cache_BxSxHxK.dtype), (0, index, 0, 0)
+            )
+            v_cache_BxSxHxK = lax.dynamic_update_slice(
+                v_cache_BxSxHxK, v_BxLxHxK.astype(v_cache_BxSxHxK.dtype), (0, index, 0, 0)
+            )
+            out_BxLxHxK = attention(
+                q_BxLxHxK,
+                k_cache_BxSxHxK.astype(dtype),
+                v_cache_BxSxHxK.astype(dtype),
+                q_segment_ids=segment_ids_BxL,
+                kv_segment_ids=cache_segment_ids_BxS,
+                causal=True,
+                q_offset=index,
+                impl=cfg.attention_impl,
+            )
+            new_cache = (k_cache_BxSxHxK, v_cache_BxSxHxK)
+        y_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK.astype(dtype), w_o.astype(dtype))
+        return y_BxLxD, new_cache
+
+
+class Mlp(nn.Module):
+    """fc_in -> activation -> fc_out, with biases."""
+
+    config: MossConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = nn.initializers.normal(cfg.initializer_range)
+        zeros = nn.initializers.zeros
+        w_in = named_param(self, "fc_in_kernel", init, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), pdtype)
+        b_in = named_param(self, "fc_in_bias", zeros, (cfg.mlp_dim,), ("mlp",), pdtype)
+        w_out = named_param(self, "fc_out_kernel", init, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), pdtype)
+        b_out = named_param(self, "fc_out_bias", zeros, (cfg.d_model,), ("embed",), pdtype)
+        h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD.astype(dtype), w_in.astype(dtype)) + b_in.astype(dtype)
+        h_BxLxF = ACTIVATION_FNS[cfg.activation](h_BxLxF)
+        h_BxLxF = with_constraint(h_BxLxF, ("batch", "length", "mlp"))
+        return jnp.einsum("blf,fd->bld", h_BxLxF, w_out.astype(dtype)) + b_out.astype(dtype)
+
+
+class Block(nn.Module):
+    """One GPT-J parallel block. Signature fits `nn.scan`: (carry, *xs) -> (carry, ys)."""
+
+    config: MossConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxL: jax.Array,
+        segment_ids_BxL: jax.Array | None,
+        kv_cache: Any,
+        decode: Any,
+    ):
+        cfg = self.config
+        x_BxLxD = with_constraint(x_BxLxD, ("batch", "length", "embed"))
+        h_BxLxD = layer_norm(cfg, "ln")(x_BxLxD).astype(jnp.dtype(cfg.dtype))
+        attn_BxLxD, new_cache = Attention(cfg, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, kv_cache, decode)
+        mlp_BxLxD = Mlp(cfg, name="mlp")(h_BxLxD)
+        branch_BxLxD = attn_BxLxD + mlp_BxLxD
+        if cfg.dropout_rate:
+            branch_BxLxD = nn.Dropout(cfg.dropout_rate)(branch_BxLxD, deterministic=self.deterministic)
+        out_BxLxD = (x_BxLxD + branch_BxLxD).astype(jnp.dtype(cfg.dtype))
+        return with_constraint(out_BxLxD, ("batch", "length", "embed")), new_cache

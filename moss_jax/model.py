@@ -1,0 +1,228 @@
+"""MossLM: the MOSS/CodeGen decoder in Flax linen.
+
+    logits_BxLxV = MossLM(config).apply({"params": params}, input_ids_BxL)
+
+Optional inputs: `positions` (rotary positions), `segment_ids` (packed sequences
+never attend across segments; 0 marks padding), `cache` (a KVCache: prefill then
+decode one token at a time; the call then returns `(logits, new_cache)`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+
+from moss_jax.config import MossConfig
+from moss_jax.layers import Block, layer_norm, named_param
+from moss_jax.sharding import RULES, check_axis_names, logical_to_sharding, mesh_rules, with_constraint
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys/values for incremental decoding.
+
+    All rows share the write slot `index`; rows of different prompt lengths are
+    left-padded (segment id 0), and `lengths` counts each row's real tokens so
+    positions stay per-row (like the reference's cumsum(attention_mask) - 1).
+    """
+
+    k: jax.Array  # [Y, B, S, H, K]
+    v: jax.Array  # [Y, B, S, H, K]
+    segment_ids: jax.Array  # [B, S] int32, 0 = empty slot or padding
+    lengths: jax.Array  # [B] int32
+    index: jax.Array  # [] int32, next slot to write
+
+    @classmethod
+    def init(cls, config: MossConfig, batch: int, max_len: int | None = None, dtype: Any = None) -> "KVCache":
+        max_len = config.max_len if max_len is None else max_len
+        dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+        shape = (config.n_layers, batch, max_len, config.n_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
+    """Position of each token within its segment (restarts where the segment id changes)."""
+    idx_BxL = jnp.broadcast_to(jnp.arange(segment_ids_BxL.shape[1], dtype=jnp.int32), segment_ids_BxL.shape)
+    changed = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxL[:, :1], bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1
+    )
+    start_BxL = lax.cummax(jnp.where(changed, idx_BxL, 0), axis=1)
+    return idx_BxL - start_BxL
+
+
+def check_input_ids(input_ids: Any, vocab_size: int) -> None:
+    """Raises ValueError for ids outside [0, vocab_size) when the ids are concrete."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape [batch, length], got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        b, i = np.argwhere(bad)[0]
+        raise ValueError(
+            f"input_ids[{b}, {i}] = {ids[b, i]} is outside the vocabulary [0, {vocab_size}) "
+            f"({int(bad.sum())} out-of-range id(s) in total)"
+        )
+
+
+class MossLM(nn.Module):
+    """Decoder-only MOSS/CodeGen language model with an untied, biased head."""
+
+    config: MossConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids_BxL: jax.Array,
+        positions_BxL: jax.Array | None = None,
+        segment_ids_BxL: jax.Array | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+    ):
+        cfg = self.config
+        check_input_ids(input_ids_BxL, cfg.vocab_size)
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = nn.initializers.normal(cfg.initializer_range)
+
+        decode = None
+        if cache is not None:
+            seg_BxL = (
+                jnp.ones_like(input_ids_BxL, jnp.int32) if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
+            )
+            real_BxL = (seg_BxL != 0).astype(jnp.int32)
+            if positions_BxL is None:
+                positions_BxL = jnp.maximum(cache.lengths[:, None] + jnp.cumsum(real_BxL, axis=1) - 1, 0)
+            cache_seg_BxS = lax.dynamic_update_slice(cache.segment_ids, seg_BxL, (0, cache.index))
+            decode = (cache_seg_BxS, cache.index)
+            segment_ids_BxL = seg_BxL
+        elif positions_BxL is None:
+            if segment_ids_BxL is None:
+                positions_BxL = jnp.broadcast_to(jnp.arange(input_ids_BxL.shape[1]), input_ids_BxL.shape)
+            else:
+                positions_BxL = positions_from_segments(segment_ids_BxL)
+
+        embedding_VxD = named_param(self, "embedding", init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdtype)
+        # Out-of-range ids under jit become NaN activations (loud) rather than a clipped row (silent).
+        valid_BxL = (input_ids_BxL >= 0) & (input_ids_BxL < cfg.vocab_size)
+        x_BxLxD = jnp.take(embedding_VxD, jnp.clip(input_ids_BxL, 0, cfg.vocab_size - 1), axis=0)
+        x_BxLxD = jnp.where(valid_BxL[..., None], x_BxLxD, jnp.nan).astype(dtype)
+        if cfg.dropout_rate:
+            x_BxLxD = nn.Dropout(cfg.dropout_rate)(x_BxLxD, deterministic=deterministic)
+        x_BxLxD = with_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+        block_cls = Block
+        if cfg.remat_policy != "none":
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        kv = None if cache is None else (cache.k, cache.v)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BxLxD, new_kv = stack(cfg, deterministic, name="layers")(
+                x_BxLxD, positions_BxL, segment_ids_BxL, kv, decode
+            )
+        else:
+            layer_kvs = []
+            for i in range(cfg.n_layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x_BxLxD, layer_kv = block_cls(cfg, deterministic, name=f"layers_{i}")(
+                    x_BxLxD, positions_BxL, segment_ids_BxL, layer_kv, decode
+                )
+                layer_kvs.append(layer_kv)
+            new_kv = None if kv is None else tuple(jnp.stack([c[j] for c in layer_kvs]) for j in range(2))
+
+        x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
+        if return_hidden:
+            hidden = x_BxLxD
+        head_DxV = named_param(self, "lm_head_kernel", init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdtype)
+        head_bias_V = named_param(self, "lm_head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",), pdtype)
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(jnp.float32), head_DxV.astype(jnp.float32))
+        logits_BxLxV = logits_BxLxV + head_bias_V.astype(jnp.float32)
+        logits_BxLxV = with_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+
+        outputs = logits_BxLxV if not return_hidden else (logits_BxLxV, hidden)
+        if cache is None:
+            return outputs
+        new_cache = KVCache(
+            k=new_kv[0],
+            v=new_kv[1],
+            segment_ids=decode[0],
+            lengths=cache.lengths + jnp.sum(segment_ids_BxL != 0, axis=1).astype(jnp.int32),
+            index=cache.index + input_ids_BxL.shape[1],
+        )
+        return outputs, new_cache
+
+
+# Parameter creation -----------------------------------------------------------------
+
+
+def _dummy_ids() -> jax.Array:
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def abstract_params(config: MossConfig) -> Any:
+    """Boxed (nn.Partitioned) ShapeDtypeStructs of the parameters; allocates nothing."""
+    model = MossLM(config)
+    variables = jax.eval_shape(lambda r: model.init(r, _dummy_ids()), jax.random.key(0))
+    boxed = variables["params"]
+    check_axis_names(boxed)
+    return boxed
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a (boxed or unboxed, concrete or abstract) parameter tree."""
+    leaves = jax.tree_util.tree_leaves(nn.unbox(params))
+    return int(sum(np.prod(leaf.shape) for leaf in leaves))
+
+
+def param_shardings(config: MossConfig, mesh: Mesh, rules=RULES) -> Any:
+    """NamedShardings for every parameter, from their logical axis names."""
+    return logical_to_sharding(nn.get_partition_spec(abstract_params(config)), mesh, rules)
+
+
+def init_params(config: MossConfig, rng: jax.Array, *, mesh: Mesh | None = None, rules=RULES) -> Any:
+    """Initialises parameters (unboxed); created already sharded when `mesh` is given."""
+    model = MossLM(config)
+
+    def init(r):
+        return nn.unbox(model.init(r, _dummy_ids())["params"])
+
+    if mesh is None:
+        check_axis_names(abstract_params(config))
+        return jax.jit(init)(rng)
+    shardings = param_shardings(config, mesh, rules)
+    with mesh_rules(mesh, rules):
+        return jax.jit(init, out_shardings=shardings)(rng)

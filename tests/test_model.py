@@ -1,0 +1,122 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moss_jax.config import PRESETS
+from moss_jax.model import KVCache, MossLM, abstract_params, count_params, init_params, positions_from_segments
+from moss_jax.sharding import MissingAxisNamesError, check_axis_names
+
+CFG = PRESETS["debug"].replace(n_layers=3)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+def _ids(shape, seed=0, vocab=CFG.vocab_size):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, shape), jnp.int32)
+
+
+def test_moss_moon_003_eval_shape_param_count():
+    abstract = abstract_params(PRESETS["moss-moon-003"])
+    n = count_params(abstract)
+    assert abs(n / 16.7e9 - 1) < 0.005, n
+    assert n == PRESETS["moss-moon-003"].num_params
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(nn.unbox(abstract)))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "125m", "350m", "2b", "6b"])
+def test_param_count_formula(preset):
+    assert count_params(abstract_params(PRESETS[preset])) == PRESETS[preset].num_params
+
+
+def test_every_param_has_axis_names():
+    abstract = abstract_params(CFG)
+    check_axis_names(abstract)
+    names = {leaf.names for leaf in jax.tree_util.tree_leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+    assert ("layers", "embed", "heads", "head_dim") in names
+    unnamed = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+    with pytest.raises(MissingAxisNamesError, match="w"):
+        check_axis_names(unnamed)
+
+
+def test_kv_cache_decoding_matches_full_forward(params):
+    model = MossLM(CFG)
+    ids = _ids((2, 14))
+    full = model.apply({"params": params}, ids)
+    cache = KVCache.init(CFG, batch=2, max_len=32)
+    prompt = 5
+    logits, cache = model.apply({"params": params}, ids[:, :prompt], cache=cache)
+    np.testing.assert_allclose(logits, full[:, :prompt], atol=1e-5, rtol=0)
+    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+    for t in range(prompt, ids.shape[1]):
+        logits, cache = step(params, ids[:, t : t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0)
+    assert int(cache.index) == 14 and cache.lengths.tolist() == [14, 14]
+
+
+def test_kv_cache_left_padded_batch(params):
+    """Rows of different prompt lengths (left-padded) decode like each row alone."""
+    model = MossLM(CFG)
+    ids = _ids((2, 10), seed=3)
+    seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 10], jnp.int32)
+    cache = KVCache.init(CFG, batch=2, max_len=16)
+    _, cache = model.apply({"params": params}, ids[:, :7], segment_ids_BxL=seg[:, :7], cache=cache)
+    step_logits, _ = model.apply({"params": params}, ids[:, 7:], cache=cache)
+    alone = model.apply({"params": params}, ids[:1, 3:])
+    np.testing.assert_allclose(step_logits[0], alone[0, 4:], atol=1e-5, rtol=0)
+
+
+def test_packed_segments_equal_separate_runs(params):
+    model = MossLM(CFG)
+    a, b, c = _ids((1, 6), 1), _ids((1, 5), 2), _ids((1, 4), 3)
+    packed = jnp.concatenate([a, b, c, jnp.zeros((1, 3), jnp.int32)], axis=1)
+    seg = jnp.asarray([[1] * 6 + [2] * 5 + [3] * 4 + [0] * 3], jnp.int32)
+    out = model.apply({"params": params}, packed, segment_ids_BxL=seg)
+    for x, start in ((a, 0), (b, 6), (c, 11)):
+        alone = model.apply({"params": params}, x)
+        np.testing.assert_allclose(out[0, start : start + x.shape[1]], alone[0], atol=1e-5, rtol=0)
+    assert positions_from_segments(seg)[0].tolist() == list(range(6)) + list(range(5)) + list(range(4)) + [0, 1, 2]
+
+
+def test_scan_and_loop_and_remat_agree(params):
+    from moss_jax.convert import unstack_layers
+
+    ids = _ids((2, 9))
+    ref = MossLM(CFG).apply({"params": params}, ids)
+    loop_cfg = CFG.replace(scan_layers=False)
+    loop = MossLM(loop_cfg).apply({"params": unstack_layers(params, CFG.n_layers)}, ids)
+    np.testing.assert_allclose(loop, ref, atol=1e-6, rtol=0)
+
+    def loss(p, cfg):
+        return MossLM(cfg).apply({"params": p}, ids).mean()
+
+    g_ref = jax.grad(loss)(params, CFG)
+    for policy in ("full", "dots", "dots_no_batch"):
+        g = jax.grad(loss)(params, CFG.replace(remat_policy=policy))
+        jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), g, g_ref)
+
+
+def test_bf16_compute_is_close(params):
+    ids = _ids((2, 9))
+    ref = MossLM(CFG).apply({"params": params}, ids)
+    out = MossLM(CFG.replace(dtype="bfloat16")).apply({"params": params}, ids)
+    assert out.dtype == jnp.float32  # logits stay fp32
+    np.testing.assert_allclose(out, ref, atol=5e-2, rtol=0)
+
+
+def test_out_of_vocab_ids_are_an_error(params):
+    model = MossLM(CFG)
+    bad = np.zeros((2, 4), np.int32)
+    bad[1, 2] = CFG.vocab_size
+    with pytest.raises(ValueError, match=r"input_ids\[1, 2\] = 512 is outside the vocabulary \[0, 512\)"):
+        model.apply({"params": params}, bad)
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.apply({"params": params}, bad)
+    # Under jit the check cannot raise; the bad row becomes NaN instead of a silently clipped id.
+    out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.asarray(bad))
+    assert np.isnan(out[1, 2:]).all() and np.isfinite(out[0]).all()
