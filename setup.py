@@ -12,7 +12,8 @@ INSTALL_REQUIRES = [
     "seqio==0.0.20",
     "tensorflow==2.21.0",
     "tensorflow-datasets==4.9.10",
-    "sentencepiece==0.2.3",
+    # 0.2.3 is the tested version; >=0.2.1 lets the `launch` extra pick 0.2.1 (see below).
+    "sentencepiece>=0.2.1,<0.3",
     "gin-config==0.5.0",
     "numpy>=2.0",
     "ml_dtypes>=0.5",
@@ -32,6 +33,22 @@ EXTRAS = {
     ],
     # libtpu matching the pinned jax: runs on TPU VMs, and compiles (not runs) TPU programs on CPU hosts.
     "tpu": ["jax[tpu]==0.10.2"],
+    # xmanager pins protobuf<7, but sentencepiece 0.2.3's sentencepiece_model_pb2 (imported by
+    # seqio) is generated code for protobuf 7 and refuses older runtimes. sentencepiece 0.2.1 has
+    # the same C++ library and a pb2 that loads on protobuf 6. tests/test_install.py checks this.
+    # The google-cloud pins are the set xmanager resolves to on protobuf 6; without them pip's
+    # resolver backtracks through hundreds of google-cloud-* releases (>15 minutes).
+    "launch": [
+        "xmanager==0.8.5.post1",
+        "protobuf>=6.33.5,<7",
+        "sentencepiece==0.2.1",
+        "google-api-core==2.44.0",
+        "google-api-python-client==2.202.0",
+        "google-auth-httplib2==0.4.4",
+        "google-cloud-aiplatform==2.7.0",
+        "google-cloud-bigquery==3.47.0",
+        "grpcio-status==1.85.3",
+    ],
     "notebook": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "matplotlib>=3.8"],
 }
 
@@ -40,8 +57,9 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    packages=find_packages(include=["moss_jax", "moss_jax.*", "data_pipelines", "data_pipelines.*",
-                                    "tpu_setup", "tpu_setup.*"]),
+    packages=find_packages(
+        include=["moss_jax", "moss_jax.*", "data_pipelines", "data_pipelines.*", "tpu_setup", "tpu_setup.*"]
+    ),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

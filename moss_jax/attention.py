@@ -14,7 +14,7 @@ Scores and softmax are computed in float32; the output has the dtype of `v`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +68,9 @@ def xla_attention(
 ) -> jax.Array:
     """Reference attention: materialises the [B, H, L, S] score matrix in fp32."""
     head_dim = q_BxLxHxK.shape[-1]
-    scores_BxHxLxS = jnp.einsum(
-        "blhk,bshk->bhls", q_BxLxHxK.astype(jnp.float32), k_BxSxHxK.astype(jnp.float32)
-    ) * (1.0 / jnp.sqrt(jnp.float32(head_dim)))
+    scores_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK.astype(jnp.float32), k_BxSxHxK.astype(jnp.float32)) * (
+        1.0 / jnp.sqrt(jnp.float32(head_dim))
+    )
     mask = make_mask(
         q_BxLxHxK.shape[1],
         k_BxSxHxK.shape[1],

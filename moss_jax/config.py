@@ -8,7 +8,8 @@ F MLP width, V vocab, Y layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -115,12 +116,12 @@ class MossConfig:
         """
         return 6.0 * self.num_non_embedding_params + 12.0 * self.n_layers * self.d_model * seq_len
 
-    def replace(self, **changes: Any) -> "MossConfig":
+    def replace(self, **changes: Any) -> MossConfig:
         return dataclasses.replace(self, **changes)
 
     # HF CodeGen / MOSS config.json -------------------------------------------
     @classmethod
-    def from_hf(cls, config_dict: Mapping[str, Any], **overrides: Any) -> "MossConfig":
+    def from_hf(cls, config_dict: Mapping[str, Any], **overrides: Any) -> MossConfig:
         """Builds a config from a HF CodeGen or MOSS `config.json` dict."""
         model_type = config_dict.get("model_type", "codegen")
         if model_type not in ("codegen", "moss"):
@@ -188,22 +189,59 @@ def _preset(**kw: Any) -> MossConfig:
 # (vocab 51200); moss-moon-003 follows MOSS_SPEC section 1.
 PRESETS: dict[str, MossConfig] = {
     "moss-moon-003": _preset(
-        vocab_size=107008, d_model=6144, n_layers=34, n_heads=24, mlp_dim=24576, rotary_dim=64,
-        bos_token_id=106028, eos_token_id=106068, pad_token_id=106068,
+        vocab_size=107008,
+        d_model=6144,
+        n_layers=34,
+        n_heads=24,
+        mlp_dim=24576,
+        rotary_dim=64,
+        bos_token_id=106028,
+        eos_token_id=106068,
+        pad_token_id=106068,
     ),
-    "6b": _preset(vocab_size=51200, d_model=4096, n_layers=33, n_heads=16, mlp_dim=16384, rotary_dim=64,
-                  bos_token_id=50256, eos_token_id=50256),
-    "2b": _preset(vocab_size=51200, d_model=2560, n_layers=32, n_heads=32, mlp_dim=10240, rotary_dim=64,
-                  bos_token_id=50256, eos_token_id=50256),
-    "350m": _preset(vocab_size=51200, d_model=1024, n_layers=20, n_heads=16, mlp_dim=4096, rotary_dim=32,
-                    bos_token_id=50256, eos_token_id=50256),
-    "125m": _preset(vocab_size=51200, d_model=768, n_layers=12, n_heads=12, mlp_dim=3072, rotary_dim=32,
-                    bos_token_id=50256, eos_token_id=50256),
+    "6b": _preset(
+        vocab_size=51200,
+        d_model=4096,
+        n_layers=33,
+        n_heads=16,
+        mlp_dim=16384,
+        rotary_dim=64,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    ),
+    "2b": _preset(
+        vocab_size=51200,
+        d_model=2560,
+        n_layers=32,
+        n_heads=32,
+        mlp_dim=10240,
+        rotary_dim=64,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    ),
+    "350m": _preset(
+        vocab_size=51200,
+        d_model=1024,
+        n_layers=20,
+        n_heads=16,
+        mlp_dim=4096,
+        rotary_dim=32,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    ),
+    "125m": _preset(
+        vocab_size=51200,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        mlp_dim=3072,
+        rotary_dim=32,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    ),
     # CPU sizes for debugging and tests; vocab fits the default SentencePiece vocabulary.
-    "tiny": _preset(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, mlp_dim=1024, rotary_dim=16,
-                    max_len=1024),
-    "debug": _preset(vocab_size=512, d_model=64, n_layers=2, n_heads=4, mlp_dim=256, rotary_dim=8,
-                     max_len=256),
+    "tiny": _preset(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, mlp_dim=1024, rotary_dim=16, max_len=1024),
+    "debug": _preset(vocab_size=512, d_model=64, n_layers=2, n_heads=4, mlp_dim=256, rotary_dim=8, max_len=256),
 }
 
 

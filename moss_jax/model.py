@@ -47,7 +47,7 @@ class KVCache:
     index: jax.Array  # [] int32, next slot to write
 
     @classmethod
-    def init(cls, config: MossConfig, batch: int, max_len: int | None = None, dtype: Any = None) -> "KVCache":
+    def init(cls, config: MossConfig, batch: int, max_len: int | None = None, dtype: Any = None) -> KVCache:
         max_len = config.max_len if max_len is None else max_len
         dtype = jnp.dtype(config.dtype if dtype is None else dtype)
         shape = (config.n_layers, batch, max_len, config.n_heads, config.head_dim)
@@ -115,7 +115,9 @@ class MossLM(nn.Module):
         decode = None
         if cache is not None:
             seg_BxL = (
-                jnp.ones_like(input_ids_BxL, jnp.int32) if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
+                jnp.ones_like(input_ids_BxL, jnp.int32)
+                if segment_ids_BxL is None
+                else segment_ids_BxL.astype(jnp.int32)
             )
             real_BxL = (seg_BxL != 0).astype(jnp.int32)
             if positions_BxL is None:
@@ -132,7 +134,10 @@ class MossLM(nn.Module):
         embedding_VxD = named_param(self, "embedding", init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdtype)
         # Out-of-range ids under jit become NaN activations (loud) rather than a clipped row (silent).
         valid_BxL = (input_ids_BxL >= 0) & (input_ids_BxL < cfg.vocab_size)
-        x_BxLxD = jnp.take(embedding_VxD, jnp.clip(input_ids_BxL, 0, cfg.vocab_size - 1), axis=0)
+        # Gather from a replicated table (FSDP-style all-gather); a gather from a vocab-sharded
+        # table makes GSPMD fully rematerialise it anyway, with a warning.
+        table_VxD = with_constraint(embedding_VxD, (None, None))
+        x_BxLxD = jnp.take(table_VxD, jnp.clip(input_ids_BxL, 0, cfg.vocab_size - 1), axis=0)
         x_BxLxD = jnp.where(valid_BxL[..., None], x_BxLxD, jnp.nan).astype(dtype)
         if cfg.dropout_rate:
             x_BxLxD = nn.Dropout(cfg.dropout_rate)(x_BxLxD, deterministic=deterministic)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -90,7 +91,7 @@ def make_mesh(
             n = len(MESH_AXES)
             grid = np.asarray(devices).reshape(dcn_shape + ici_shape)
             grid = grid.transpose([j for i in range(n) for j in (i, n + i)])
-            device_array = grid.reshape([d * i for d, i in zip(dcn_shape, ici_shape)])
+            device_array = grid.reshape([d * i for d, i in zip(dcn_shape, ici_shape, strict=True)])
     else:
         try:
             from jax.experimental import mesh_utils

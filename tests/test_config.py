@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from moss_jax.config import PRESETS, ConfigError, MossConfig, get_config
@@ -21,7 +23,7 @@ def test_presets_present():
 
 def test_frozen_and_replace():
     c = PRESETS["debug"]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.d_model = 3  # type: ignore[misc]
     assert c.replace(n_layers=3).n_layers == 3
 

@@ -36,7 +36,9 @@ def test_param_count_formula(preset):
 def test_every_param_has_axis_names():
     abstract = abstract_params(CFG)
     check_axis_names(abstract)
-    names = {leaf.names for leaf in jax.tree_util.tree_leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+    names = {
+        leaf.names for leaf in jax.tree_util.tree_leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    }
     assert ("layers", "embed", "heads", "head_dim") in names
     unnamed = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
     with pytest.raises(MissingAxisNamesError, match="w"):

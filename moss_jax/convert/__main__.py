@@ -1,7 +1,7 @@
 """CLI: convert between HF CodeGen/MOSS checkpoints and moss_jax (orbax) checkpoints.
 
-    python -m moss_jax.convert hf2orbax --hf_dir fnlp/moss-moon-003-sft --out_dir ckpt/moss-sft
-    python -m moss_jax.convert orbax2hf --ckpt_dir ckpt/moss-sft --out_dir hf/moss-sft
+python -m moss_jax.convert hf2orbax --hf_dir fnlp/moss-moon-003-sft --out_dir ckpt/moss-sft
+python -m moss_jax.convert orbax2hf --ckpt_dir ckpt/moss-sft --out_dir hf/moss-sft
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ def _size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moss_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m moss_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf2orbax", help="HF directory -> moss_jax orbax checkpoint")
     a.add_argument("--hf_dir", required=True)
@@ -44,8 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out_dir} ({config.num_params / 1e6:.1f}M parameters)")
         else:
             config, params = load_params(args.ckpt_dir)
-            save_hf_checkpoint(args.out_dir, params, config, max_shard_bytes=args.max_shard_size,
-                               model_type=args.model_type, overwrite=args.overwrite)
+            save_hf_checkpoint(
+                args.out_dir,
+                params,
+                config,
+                max_shard_bytes=args.max_shard_size,
+                model_type=args.model_type,
+                overwrite=args.overwrite,
+            )
             print(f"wrote {args.out_dir}")
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -188,8 +189,13 @@ def save_hf_checkpoint(
     with _atomic_dir(out_dir, overwrite) as tmp:
         buffer: dict[str, np.ndarray] = {}
         current = 0
-        for name, array in tqdm(iter_hf_tensors(params, config), total=len(rules), desc="writing HF tensors",
-                                unit="tensor", disable=not progress):
+        for name, array in tqdm(
+            iter_hf_tensors(params, config),
+            total=len(rules),
+            desc="writing HF tensors",
+            unit="tensor",
+            disable=not progress,
+        ):
             if shard_of[name] != current:
                 save_file(buffer, str(tmp / names[current]))
                 buffer, current = {}, shard_of[name]

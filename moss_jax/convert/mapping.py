@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -89,9 +90,13 @@ def tensor_rules(config: MossConfig) -> list[TensorRule]:
                 lambda w: (w.T.reshape(h, k, d),),
                 lambda o: o.reshape(d, d).T,
             ),
-            TensorRule(p + "mlp.fc_in.weight", (f, d), i, (("mlp", "fc_in_kernel"),), ((d, f),), _transpose, np.transpose),
+            TensorRule(
+                p + "mlp.fc_in.weight", (f, d), i, (("mlp", "fc_in_kernel"),), ((d, f),), _transpose, np.transpose
+            ),
             TensorRule(p + "mlp.fc_in.bias", (f,), i, (("mlp", "fc_in_bias"),), ((f,),), _identity, lambda x: x),
-            TensorRule(p + "mlp.fc_out.weight", (d, f), i, (("mlp", "fc_out_kernel"),), ((f, d),), _transpose, np.transpose),
+            TensorRule(
+                p + "mlp.fc_out.weight", (d, f), i, (("mlp", "fc_out_kernel"),), ((f, d),), _transpose, np.transpose
+            ),
             TensorRule(p + "mlp.fc_out.bias", (d,), i, (("mlp", "fc_out_bias"),), ((d,),), _identity, lambda x: x),
         ]
     rules += [
@@ -151,7 +156,7 @@ class ParamsBuilder:
         self.seen.add(name)
         array = np.asarray(array)
         dtype = self.dtype or array.dtype
-        for path, value in zip(rule.paths, rule.split(array)):
+        for path, value in zip(rule.paths, rule.split(array), strict=True):
             if rule.layer is None:
                 _set(self.params, path, np.ascontiguousarray(value, dtype=dtype))
                 continue
@@ -205,7 +210,9 @@ def _map_tree(tree, fn):
 def _stack_trees(trees):
     first = trees[0]
     return {
-        k: _stack_trees([t[k] for t in trees]) if isinstance(first[k], Mapping) else np.stack([np.asarray(t[k]) for t in trees])
+        k: _stack_trees([t[k] for t in trees])
+        if isinstance(first[k], Mapping)
+        else np.stack([np.asarray(t[k]) for t in trees])
         for k in first
     }
 

@@ -1,0 +1,36 @@
+"""The one place where gin meets the library.
+
+Library modules never import gin; entry points import this module, which registers the
+constructors experiments may bind (`gin.external_configurable`). Gin files live in
+`experiments/` in tiers: a model gin (sizes), later run gins (stage, data, optimiser) and
+experiment gins that include one of each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import gin
+
+from moss_jax import config as config_lib
+from moss_jax import sharding
+
+gin.external_configurable(config_lib.get_config, module="moss_jax.config")
+gin.external_configurable(config_lib.MossConfig, module="moss_jax.config")
+gin.external_configurable(sharding.make_mesh, module="moss_jax.sharding")
+
+
+@gin.configurable(module="moss_jax")
+def model_config(config: config_lib.MossConfig = gin.REQUIRED) -> config_lib.MossConfig:
+    """The model an experiment uses; bind `moss_jax.model_config.config` in a model gin."""
+    if not isinstance(config, config_lib.MossConfig):
+        raise TypeError(f"moss_jax.model_config.config must be a MossConfig, got {type(config).__name__}")
+    return config
+
+
+def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> Any:
+    """Parses gin files and bindings (e.g. "moss_jax.config.get_config.name = 'tiny'")."""
+    for path in search_paths:
+        gin.add_config_file_search_path(path)
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings))

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates ./.venv with Python 3.11 and installs moss_jax (editable) with the given extras.
+# Re-running is cheap: the install is skipped while setup.py is unchanged.
+#   usage: source scripts/setup_env.sh [extras]     e.g. extras = "test"
+set -euo pipefail
+_moss_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_moss_extras="${1:-}"
+_moss_python="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+if ! "$_moss_python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "error: moss_jax needs Python 3.11; $_moss_python is $("$_moss_python" --version 2>&1)" >&2
+  exit 1
+fi
+if [ ! -x "$_moss_root/.venv/bin/python" ]; then
+  echo "[setup] creating $_moss_root/.venv"
+  "$_moss_python" -m venv "$_moss_root/.venv"
+  "$_moss_root/.venv/bin/python" -m pip install -q --upgrade pip
+fi
+_moss_hash="$(cat "$_moss_root/setup.py" | sha1sum | cut -c1-12)"
+_moss_stamp="$_moss_root/.venv/.installed-${_moss_extras:-core}-$_moss_hash"
+if [ ! -f "$_moss_stamp" ]; then
+  echo "[setup] installing moss_jax${_moss_extras:+[$_moss_extras]} (first run takes a few minutes)"
+  _moss_spec="$_moss_root"
+  [ -n "$_moss_extras" ] && _moss_spec="$_moss_root[$_moss_extras]"
+  "$_moss_root/.venv/bin/python" -m pip install -q -e "$_moss_spec"
+  touch "$_moss_stamp"
+fi
+export PATH="$_moss_root/.venv/bin:$PATH"
+export TPU_WORKER_HOSTNAMES="${TPU_WORKER_HOSTNAMES:-localhost}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

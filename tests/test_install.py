@@ -1,0 +1,83 @@
+"""Packaging checks: pins match what is installed, and the launch extra's protobuf resolution."""
+
+import json
+import re
+import subprocess
+import venv
+from importlib.metadata import requires, version
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _requirements(extra=None):
+    out = []
+    for req in requires("moss_jax") or []:
+        marker = re.search(r'extra\s*==\s*"([^"]+)"', req)
+        if (marker.group(1) if marker else None) == extra:
+            out.append(req.split(";")[0].strip())
+    return out
+
+
+def test_core_pins_match_installed_versions():
+    pins = [r for r in _requirements() if "==" in r]
+    assert any(r.startswith("jax==") for r in pins)
+    for req in pins:
+        name, pinned = req.split("==")
+        assert version(name) == pinned, f"{name}: setup.py pins {pinned}, {version(name)} is installed"
+
+
+def test_extras_declared():
+    for extra in ("test", "tpu", "launch", "notebook"):
+        assert _requirements(extra), extra
+    assert "torch==2.13.0" in _requirements("test")
+
+
+def test_sentencepiece_proto_loads_with_installed_protobuf():
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.trainer_spec.vocab_size = 8
+    assert proto.SerializeToString()
+
+
+@pytest.mark.slow
+def test_launch_extra_resolves_and_imports(tmp_path):
+    """In a fresh venv: pip resolves moss_jax[launch] to protobuf<7 with a sentencepiece whose
+    generated proto loads, and xmanager + sentencepiece_model_pb2 import together."""
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=True)
+    py = str(env / "bin" / "python")
+    report = subprocess.run(
+        [py, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", f"{ROOT}[launch]"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    resolved = {
+        item["metadata"]["name"].lower(): item["metadata"]["version"] for item in json.loads(report.stdout)["install"]
+    }
+    assert int(resolved["protobuf"].split(".")[0]) < 7
+    assert resolved["sentencepiece"] == "0.2.1"
+    assert "xmanager" in resolved and "tensorflow" in resolved
+    launch = _requirements("launch")
+    install = subprocess.run(
+        [py, "-m", "pip", "install", "--quiet", *launch], capture_output=True, text=True, timeout=900
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    check = subprocess.run(
+        [
+            py,
+            "-c",
+            "from sentencepiece import sentencepiece_model_pb2; import xmanager; "
+            "import google.protobuf as p; print(p.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert int(check.stdout.strip().split(".")[0]) < 7
