@@ -21,7 +21,11 @@ if [ ! -f "$_moss_stamp" ]; then
   echo "[setup] installing moss_jax${_moss_extras:+[$_moss_extras]} (first run takes a few minutes)"
   _moss_spec="$_moss_root"
   [ -n "$_moss_extras" ] && _moss_spec="$_moss_root[$_moss_extras]"
-  "$_moss_root/.venv/bin/python" -m pip install -q -e "$_moss_spec"
+  if ! "$_moss_root/.venv/bin/python" -m pip install -e "$_moss_spec" > "$_moss_root/.venv/install.log" 2>&1; then
+    tail -n 40 "$_moss_root/.venv/install.log" >&2
+    echo "error: pip install failed; full log in $_moss_root/.venv/install.log" >&2
+    exit 1
+  fi
   touch "$_moss_stamp"
 fi
 export PATH="$_moss_root/.venv/bin:$PATH"
