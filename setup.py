@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "ml_dtypes>=0.5",
     "safetensors>=0.4",
     "tqdm>=4.66",
+    "tensorboard==2.21.0",  # TensorBoard summaries (through clu, which seqio brings)
 ]
 
 EXTRAS = {

@@ -13,12 +13,19 @@ from typing import Any
 
 import gin
 
+from data_pipelines import byte_text
 from moss_jax import config as config_lib
 from moss_jax import sharding
+from moss_jax.train import optimizer as optimizer_lib
+from moss_jax.train import trainer as trainer_lib
 
 gin.external_configurable(config_lib.get_config, module="moss_jax.config")
 gin.external_configurable(config_lib.MossConfig, module="moss_jax.config")
 gin.external_configurable(sharding.make_mesh, module="moss_jax.sharding")
+gin.external_configurable(optimizer_lib.OptimizerConfig, module="moss_jax.train")
+gin.external_configurable(trainer_lib.TrainConfig, module="moss_jax.train")
+gin.external_configurable(trainer_lib.MeshConfig, module="moss_jax.train")
+gin.external_configurable(byte_text.stdlib_byte_text, module="data_pipelines.byte_text")
 
 
 @gin.configurable(module="moss_jax")
@@ -27,6 +34,18 @@ def model_config(config: config_lib.MossConfig = gin.REQUIRED) -> config_lib.Mos
     if not isinstance(config, config_lib.MossConfig):
         raise TypeError(f"moss_jax.model_config.config must be a MossConfig, got {type(config).__name__}")
     return config
+
+
+@gin.configurable(module="moss_jax")
+def experiment(
+    stage: str = "pretrain",
+    optimizer: optimizer_lib.OptimizerConfig = gin.REQUIRED,
+    train: trainer_lib.TrainConfig = gin.REQUIRED,
+    data: Callable[..., Any] = gin.REQUIRED,
+    mesh: trainer_lib.MeshConfig = trainer_lib.MeshConfig(),
+) -> dict:
+    """Everything one run needs, bound by an experiment gin (model gin + run gin + overrides)."""
+    return {"stage": stage, "model": model_config(), "optimizer": optimizer, "train": train, "data": data, "mesh": mesh}
 
 
 def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> Any:

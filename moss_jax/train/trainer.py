@@ -1,0 +1,253 @@
+"""The training loop shared by every stage: sharded state, AOT-compiled step, checkpoints,
+progress bar, TensorBoard and JSONL metrics, NaN guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from moss_jax.config import MossConfig
+from moss_jax.sharding import make_mesh
+from moss_jax.train.checkpoint import ARCH_FIELDS, Checkpointer, CheckpointMismatchError
+from moss_jax.train.optimizer import OptimizerConfig, make_optimizer
+from moss_jax.train.state import abstract_state, batch_sharding, init_train_state, state_from_params
+from moss_jax.train.step import FEATURES, check_batch_shape, compile_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+# Peak dense bf16 FLOP/s per chip, for MFU. CPU has no entry (bench/mfu.py measures it).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+# Fault injection for tests: SIGKILL the process right after the async save of this step starts.
+KILL_DURING_SAVE_ENV = "MOSS_JAX_KILL_DURING_SAVE"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    sequence: int = 1
+    dcn_data: int = 1  # multi-slice: data-parallel copies across slices
+    num_devices: int | None = None  # use only the first n devices (default: all)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    workdir: str
+    steps: int
+    batch_size: int
+    seq_len: int
+    micro_batches: int = 1
+    z_loss: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    init_from: str | None = None  # a moss_jax params checkpoint (python -m moss_jax.convert hf2orbax)
+    peak_flops_per_device: float | None = None  # default: looked up from the device kind
+    progress: bool = True
+
+
+def device_peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for prefix, flops in PEAK_FLOPS.items():
+        if kind.startswith(prefix):
+            return flops
+    return None
+
+
+class NonFiniteError(FloatingPointError):
+    """Loss or gradient norm became NaN/inf."""
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding, global_batch: int) -> dict[str, jax.Array]:
+    out = {}
+    for k in FEATURES:
+        if k not in local:
+            raise KeyError(f"data pipeline batch is missing feature {k!r} (has {sorted(local)})")
+        x = local[k]
+        out[k] = jax.make_array_from_process_local_data(sharding, x, (global_batch,) + x.shape[1:])
+    return out
+
+
+def train(
+    model_config: MossConfig,
+    optimizer: OptimizerConfig,
+    cfg: TrainConfig,
+    data_factory: Callable[..., Any],
+    mesh_config: MeshConfig = MeshConfig(),
+) -> dict:
+    """Runs (or resumes) training; returns a summary with the loss history."""
+    workdir = Path(cfg.workdir)
+    is_chief = jax.process_index() == 0
+    # Everything that can be wrong is checked before any compute.
+    mesh = make_mesh(
+        data=mesh_config.data,
+        fsdp=mesh_config.fsdp,
+        tensor=mesh_config.tensor,
+        sequence=mesh_config.sequence,
+        dcn={"data": mesh_config.dcn_data},
+        devices=jax.devices()[: mesh_config.num_devices] if mesh_config.num_devices else None,
+    )
+    check_batch_shape(cfg.batch_size, cfg.seq_len, mesh, cfg.micro_batches)
+    if cfg.seq_len > model_config.max_len:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_len {model_config.max_len}")
+    if optimizer.total_steps < cfg.steps:
+        log.warning(
+            "optimizer.total_steps=%d < steps=%d: the lr stays at its end value afterwards",
+            optimizer.total_steps,
+            cfg.steps,
+        )
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        save_every=cfg.checkpoint_every,
+        keep=cfg.keep_checkpoints,
+        async_save=cfg.async_checkpoint,
+    )
+    ckpt.check_model(model_config)
+    tx, schedule = make_optimizer(optimizer)
+    abstract = abstract_state(model_config, tx, mesh)
+    data = data_factory(
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    start = ckpt.latest_step()
+    if start is not None:
+        start, state, data_state = ckpt.restore(abstract)
+        data.set_state(data_state)
+        print(f"[train] resumed from {ckpt.directory / str(start)}")
+    elif cfg.init_from:
+        from moss_jax.convert.checkpoint_io import load_config, load_params
+
+        saved = load_config(cfg.init_from)
+        diffs = [f for f in ARCH_FIELDS if getattr(saved, f) != getattr(model_config, f)]
+        if diffs:
+            raise CheckpointMismatchError(f"init_from {cfg.init_from}: fields {diffs} differ from the model config")
+        _, params = load_params(cfg.init_from, target=abstract.params)
+        state = state_from_params(params, model_config, tx, jax.random.PRNGKey(cfg.seed), mesh)
+        start = 0
+        print(f"[train] initialised from {cfg.init_from}")
+    else:
+        state = init_train_state(model_config, tx, jax.random.PRNGKey(cfg.seed), mesh)
+        start = 0
+
+    step_fn = make_train_step(model_config, tx, schedule, micro_batches=cfg.micro_batches, z_loss=cfg.z_loss)
+    t0 = time.perf_counter()
+    compiled, report = compile_train_step(step_fn, abstract, cfg.batch_size, cfg.seq_len, mesh)
+    mem = {k: v for k, v in report.items() if k.endswith("bytes")}
+    print(
+        f"[train] step compiled in {time.perf_counter() - t0:.1f}s; per-device memory: "
+        + ", ".join(
+            f"{k.replace('_size_in_bytes', '').replace('_bytes', '')}={v / 2**20:.1f}MiB" for k, v in mem.items()
+        )
+    )
+
+    peak = cfg.peak_flops_per_device or device_peak_flops()
+    flops_per_step = model_config.flops_per_token(cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    b_sharding = batch_sharding(mesh)
+    history: list[dict] = []
+    writer, jsonl = None, None
+    if is_chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+        from clu import metric_writers
+
+        writer = metric_writers.create_default_writer(str(workdir / "tensorboard"), asynchronous=True)
+        jsonl = open(workdir / "metrics.jsonl", "a")
+        (workdir / "compile_report.json").write_text(json.dumps(report, indent=2))
+    kill_at = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
+
+    def finish_step(step: int, metrics: Any, seconds: float) -> dict:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            ckpt.wait()
+            raise NonFiniteError(
+                f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; "
+                f"last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
+            )
+        m["step"] = step
+        m["tokens_per_s"] = tokens_per_step / max(seconds, 1e-9)
+        if peak:
+            m["mfu"] = flops_per_step / max(seconds, 1e-9) / (peak * jax.device_count())
+        history.append(m)
+        if is_chief and (step % cfg.log_every == 0 or step == cfg.steps):
+            writer.write_scalars(step, {k: v for k, v in m.items() if k != "step"})
+            jsonl.write(json.dumps(m) + "\n")
+            jsonl.flush()
+        return m
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and is_chief))
+    pending = None
+    last = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            batch = _global_batch(next(data), b_sharding, cfg.batch_size)
+            state, metrics = compiled(state, batch)
+            # Read step t-1's metrics after launching step t: the host never stalls the device.
+            if pending is not None:
+                m = finish_step(*pending)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            now = time.perf_counter()
+            pending, last = (step + 1, metrics, now - last), now
+            bar.update(1)
+            done = step + 1
+            if ckpt.should_save(done) or done == cfg.steps:
+                m = finish_step(*pending)  # a checkpoint is only written for a finite state
+                pending = None
+                ckpt.save(done, state, data.get_state(), model_config, m, force=True)
+                if done == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        if pending is not None:
+            finish_step(*pending)
+    finally:
+        bar.close()
+        ckpt.close()
+        if is_chief:
+            writer.flush()
+            jsonl.close()
+    losses = [m["loss"] for m in history]
+    head, tail = losses[: max(len(losses) // 10, 1)], losses[-max(len(losses) // 10, 1) :]
+    summary = {
+        "start_step": start,
+        "end_step": cfg.steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        # Mean of the first and last tenth of the run's losses (single steps are noisy).
+        "loss_drop": (1 - float(np.mean(tail)) / float(np.mean(head))) if losses else None,
+        "tokens_per_s": float(np.median([m["tokens_per_s"] for m in history[1:]])) if len(history) > 1 else None,
+        "compile_report": report,
+        "state": state,  # the final TrainState (in-process callers; not written to summary.json)
+    }
+    if is_chief:
+        (workdir / "summary.json").write_text(
+            json.dumps({k: v for k, v in summary.items() if k not in ("losses", "state")}, indent=2)
+        )
+    return summary

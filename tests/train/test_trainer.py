@@ -1,0 +1,195 @@
+"""End-to-end checks of the training loop (in-process and as a killed/resumed subprocess)."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from data_pipelines.byte_text import stdlib_byte_text
+from moss_jax.config import PRESETS
+from moss_jax.train.checkpoint import CheckpointMismatchError
+from moss_jax.train.optimizer import OptimizerConfig
+from moss_jax.train.trainer import KILL_DURING_SAVE_ENV, MeshConfig, NonFiniteError, TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = PRESETS["debug"]
+OPT = OptimizerConfig(learning_rate=1e-3, warmup_steps=2, total_steps=20)
+DATA = functools.partial(stdlib_byte_text, max_bytes=300_000)
+ONE = MeshConfig(fsdp=1, num_devices=1)
+MESH_222 = MeshConfig(data=2, fsdp=2, tensor=2)
+
+
+def _cfg(workdir, **kw):
+    base = dict(
+        workdir=str(workdir),
+        steps=3,
+        batch_size=8,
+        seq_len=32,
+        log_every=1,
+        checkpoint_every=100,
+        progress=False,
+        async_checkpoint=False,
+    )
+    return TrainConfig(**(base | kw))
+
+
+def _assert_trees_close(a, b, atol):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol), a, b)
+
+
+def test_sharded_run_equals_single_device(tmp_path):
+    one = train(CFG, OPT, _cfg(tmp_path / "one"), DATA, ONE)
+    eight = train(CFG, OPT, _cfg(tmp_path / "eight"), DATA, MESH_222)
+    np.testing.assert_allclose(eight["losses"], one["losses"], atol=1e-5, rtol=0)
+    _assert_trees_close(eight["state"].params, one["state"].params, atol=1e-5)
+    assert eight["state"].params["layers"]["attn"]["query"].sharding.spec[2] == "tensor"
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = train(CFG, OPT, _cfg(tmp_path / "full", steps=10, checkpoint_every=5), DATA, ONE)
+    part = train(CFG, OPT, _cfg(tmp_path / "part", steps=5, checkpoint_every=5), DATA, ONE)
+    resumed = train(CFG, OPT, _cfg(tmp_path / "part", steps=10, checkpoint_every=5), DATA, ONE)
+    assert resumed["start_step"] == 5
+    np.testing.assert_allclose(part["losses"], full["losses"][:5], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(resumed["losses"], full["losses"][5:], atol=1e-6, rtol=0)
+    _assert_trees_close(resumed["state"].params, full["state"].params, atol=1e-6)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    full = train(CFG, OPT, _cfg(tmp_path / "full", steps=6, checkpoint_every=3), DATA, MESH_222)
+    train(CFG, OPT, _cfg(tmp_path / "re", steps=3, checkpoint_every=3, async_checkpoint=True), DATA, MESH_222)
+    moved = train(CFG, OPT, _cfg(tmp_path / "re", steps=6, checkpoint_every=3), DATA, MeshConfig(fsdp=8))
+    assert moved["start_step"] == 3
+    assert dict(moved["state"].params["embedding"].sharding.mesh.shape)["fsdp"] == 8
+    np.testing.assert_allclose(moved["losses"], full["losses"][3:], atol=1e-5, rtol=0)
+
+
+def test_init_from_converted_checkpoint(tmp_path):
+    from moss_jax.convert.checkpoint_io import save_params
+    from moss_jax.model import init_params
+
+    params = init_params(CFG, jax.random.PRNGKey(123))
+    save_params(tmp_path / "converted", params, CFG)
+    run = train(CFG, OPT, _cfg(tmp_path / "run", steps=1, init_from=str(tmp_path / "converted")), DATA, ONE)
+    scratch = train(CFG, OPT, _cfg(tmp_path / "scratch", steps=1), DATA, ONE)
+    assert run["first_loss"] != scratch["first_loss"]
+    # The first step's loss is computed on the converted params.
+    from moss_jax.model import MossLM
+    from moss_jax.train.loss import normalizer, weighted_cross_entropy
+
+    batch = next(DATA(seq_len=32, batch_size=8, seed=0))
+    logits = MossLM(CFG).apply(
+        {"params": params},
+        batch["decoder_input_tokens"],
+        positions_BxL=batch["decoder_positions"],
+        segment_ids_BxL=batch["decoder_segment_ids"],
+    )
+    ce, _ = weighted_cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+    np.testing.assert_allclose(run["first_loss"], float(ce / normalizer(batch["decoder_loss_weights"])), rtol=1e-5)
+    with pytest.raises(CheckpointMismatchError, match="d_model"):
+        train(CFG.replace(d_model=32), OPT, _cfg(tmp_path / "bad", init_from=str(tmp_path / "converted")), DATA, ONE)
+
+
+def test_bad_input_fails_before_compute(tmp_path):
+    with pytest.raises(ValueError, match="cannot be split"):
+        train(CFG, OPT, _cfg(tmp_path / "a"), DATA, MeshConfig(data=3))
+    with pytest.raises(ValueError, match="data axes"):
+        train(CFG, OPT, _cfg(tmp_path / "b", batch_size=6), DATA, MESH_222)
+    train(CFG, OPT, _cfg(tmp_path / "c", steps=1), DATA, ONE)
+    with pytest.raises(CheckpointMismatchError, match="n_layers: checkpoint 2 vs run 3"):
+        train(CFG.replace(n_layers=3), OPT, _cfg(tmp_path / "c", steps=2), DATA, ONE)
+
+
+def test_nan_stops_with_step_and_last_checkpoint(tmp_path):
+    def poisoned(**kw):
+        pipeline = DATA(**kw)
+
+        class Poison:
+            get_state, set_state = pipeline.get_state, pipeline.set_state
+
+            def __next__(self):
+                batch = next(pipeline)
+                if pipeline.rows_consumed > 3 * kw["batch_size"]:
+                    batch["decoder_input_tokens"][0, 0] = CFG.vocab_size + 5  # NaN under jit
+                return batch
+
+        return Poison()
+
+    with pytest.raises(NonFiniteError, match=r"step 4: loss=nan .* last good checkpoint: step 2"):
+        train(CFG, OPT, _cfg(tmp_path / "nan", steps=6, checkpoint_every=2), poisoned, ONE)
+
+
+def _run_main(gin_file, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "moss_jax.main", f"--gin_file={gin_file}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _per_step_losses(workdir):
+    out = {}
+    for line in Path(workdir, "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        out[m["step"]] = m["loss"]  # a resumed run rewrites steps after its checkpoint
+    return out
+
+
+def test_kill_during_async_save_then_resume(tmp_path):
+    def gin(workdir):
+        path = tmp_path / f"{workdir}.gin"
+        path.write_text(
+            'include "experiments/models/debug.gin"\ninclude "experiments/runs/pretrain.gin"\n'
+            "moss_jax.experiment.data = @data_pipelines.byte_text.stdlib_byte_text\n"
+            "data_pipelines.byte_text.stdlib_byte_text.max_bytes = 300000\n"
+            "moss_jax.train.OptimizerConfig.learning_rate = 1e-3\n"
+            "moss_jax.train.OptimizerConfig.warmup_steps = 2\nmoss_jax.train.OptimizerConfig.total_steps = 20\n"
+            f'moss_jax.train.TrainConfig.workdir = "{tmp_path / workdir}"\n'
+            "moss_jax.train.TrainConfig.steps = 15\nmoss_jax.train.TrainConfig.batch_size = 4\n"
+            "moss_jax.train.TrainConfig.seq_len = 32\nmoss_jax.train.TrainConfig.log_every = 1\n"
+            "moss_jax.train.TrainConfig.checkpoint_every = 5\nmoss_jax.train.TrainConfig.progress = False\n"
+            "moss_jax.train.MeshConfig.num_devices = 1\nmoss_jax.train.MeshConfig.fsdp = 1\n"
+        )
+        return path
+
+    ref = _run_main(gin("ref"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = _run_main(gin("run"), {KILL_DURING_SAVE_ENV: "10"})
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts and ckpts[-1] in (5, 10)  # the step-10 save may or may not have finished before the kill
+    resumed = _run_main(gin("run"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["start_step"] == ckpts[-1]
+    ref_losses, run_losses = _per_step_losses(tmp_path / "ref"), _per_step_losses(tmp_path / "run")
+    for step in range(11, 16):
+        assert abs(run_losses[step] - ref_losses[step]) <= 1e-6, step
+
+
+def test_unknown_gin_binding_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moss_jax.main",
+            "--gin_file=experiments/debug/pretrain_tiny_cpu.gin",
+            "--gin_bindings=moss_jax.train.TrainConfig.stepz = 3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "stepz" in proc.stderr and "error: gin configuration" in proc.stderr
