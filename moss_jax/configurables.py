@@ -9,7 +9,7 @@ experiment gins that include one of each.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import gin
 
@@ -42,10 +42,17 @@ def experiment(
     optimizer: optimizer_lib.OptimizerConfig = gin.REQUIRED,
     train: trainer_lib.TrainConfig = gin.REQUIRED,
     data: Callable[..., Any] = gin.REQUIRED,
-    mesh: trainer_lib.MeshConfig = trainer_lib.MeshConfig(),
+    mesh: trainer_lib.MeshConfig | None = None,
 ) -> dict:
     """Everything one run needs, bound by an experiment gin (model gin + run gin + overrides)."""
-    return {"stage": stage, "model": model_config(), "optimizer": optimizer, "train": train, "data": data, "mesh": mesh}
+    return {
+        "stage": stage,
+        "model": model_config(),
+        "optimizer": optimizer,
+        "train": train,
+        "data": data,
+        "mesh": mesh or trainer_lib.MeshConfig(),
+    }
 
 
 def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> Any:
