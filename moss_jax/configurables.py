@@ -8,8 +8,8 @@ experiment gins that include one of each.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gin
 
