@@ -7,7 +7,7 @@ from data_pipelines import corpus as corpus_lib
 from data_pipelines.byte_text import EOS_ID, ByteTextPipeline, decode
 from data_pipelines.specials import END_TOKENS, QUALITY_TAGS
 from data_pipelines.vocab import EOS_ID as SP_EOS
-from data_pipelines.vocab import PAD_ID, load_vocabulary, train_sentencepiece
+from data_pipelines.vocab import PAD_ID, load_vocabulary
 
 SAMPLES = [
     "The quick brown fox jumps over the lazy dog; it costs $12,345.67 (or 1e-3 BTC).",
@@ -16,17 +16,6 @@ SAMPLES = [
     "Unusual: 😀 e\u0301 𠀀 \u200b\u2028 ｆｕｌｌ－ｗｉｄｔｈ Ω≈ç√ ∑ \x01 \ufeff end",
     "  leading and trailing spaces   ",
 ]
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return corpus_lib.gather(max_chars=300_000)
-
-
-@pytest.fixture(scope="module")
-def vocab_path(tmp_path_factory, corpus):
-    docs = [d for lang in corpus_lib.LANGUAGES for d in corpus[lang]]
-    return train_sentencepiece(docs, tmp_path_factory.mktemp("vocab") / "sp", vocab_size=5000)
 
 
 def test_embedded_corpus_has_real_text_in_every_language(corpus, tmp_path):

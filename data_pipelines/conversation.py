@@ -1,0 +1,194 @@
+"""MOSS conversations -> token ids and per-token loss weights.
+
+Input: one moss-003-sft-data style record (MOSS_SPEC section 4):
+
+    {"conversation_id": ..., "meta_instruction": "...", "num_turns": N, "category": ...,
+     "chat": {"turn_1": {"Human": "<|Human|>: ...<eoh>\\n",
+                         "Inner Thoughts": "<|Inner Thoughts|>: ...<eot>\\n",      (plugin data)
+                         "Commands": "<|Commands|>: Search(\\"...\\")<eoc>\\n",      (plugin data)
+                         "Tool Responses": "<|Results|>:\\n...\\n<eor>\\n",        (plugin data)
+                         "MOSS": "<|MOSS|>: ...<eom>\\n"}, ...}}
+
+Loss weights (documented choice; `MaskOptions`):
+- meta instruction: 0;
+- human turns: 0 by default (common practice); `train_human=True` reproduces the released MOSS
+  mask, which trained them;
+- inner thoughts and the MOSS reply: the role marker (`<|Inner Thoughts|>:`, `<|MOSS|>:`) is
+  0 because the prompt supplies it at inference; the text and its end token (+ newline) are 1;
+- commands: 1, marker included (the model writes `<|Commands|>:` itself after `<eot>`);
+- tool results: the `<|Results|>:` prefix and `<eor>` (+ newline) are 1, the contents 0, as
+  in the released mask.
+With `train_human=True` every marker is trained too (the released behaviour: only the meta
+instruction and the result contents are masked).
+
+Conversations longer than `max_len` are cut at whole turns (never mid-turn); a record whose
+meta instruction plus first turn does not fit is dropped and counted in `ConversionStats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from data_pipelines import specials as sp
+
+TURN_FIELDS = ("Human", "Inner Thoughts", "Commands", "Tool Responses", "MOSS")
+_MARKERS = {
+    "Human": sp.ROLE_HUMAN + ":",
+    "Inner Thoughts": sp.ROLE_THOUGHTS + ":",
+    "Commands": sp.ROLE_COMMANDS + ":",
+    "Tool Responses": sp.ROLE_RESULTS + ":",
+    "MOSS": sp.ROLE_MOSS + ":",
+}
+_END = {
+    "Human": sp.END_OF_HUMAN,
+    "Inner Thoughts": sp.END_OF_THOUGHTS,
+    "Commands": sp.END_OF_COMMANDS,
+    "Tool Responses": sp.END_OF_RESULTS,
+    "MOSS": sp.END_OF_MOSS,
+}
+
+
+class Vocab(Protocol):
+    def encode(self, s: str) -> list[int]: ...
+
+
+class ConversationError(ValueError):
+    """A conversation record is malformed (the message names the record and field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskOptions:
+    train_human: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    text: str
+    weight: float
+    kind: str
+
+
+@dataclasses.dataclass
+class ConversionStats:
+    examples: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    turns_cut: int = 0
+
+    def report(self) -> str:
+        return (
+            f"{self.examples} conversations kept, {self.truncated} cut at whole turns "
+            f"({self.turns_cut} turns removed), {self.dropped_too_long} dropped (first turn longer than max_len)"
+        )
+
+
+def _split_field(field: str, text: str, where: str) -> tuple[str, str, str]:
+    """(marker, body, end) with end = end token plus anything after it (the newline)."""
+    marker = _MARKERS[field]
+    if not text.startswith(marker):
+        raise ConversationError(f"{where}: {field!r} does not start with {marker!r}: {text[:60]!r}")
+    end_at = text.rfind(_END[field])
+    if end_at < len(marker):
+        raise ConversationError(f"{where}: {field!r} does not contain its end token {_END[field]!r}")
+    return marker, text[len(marker) : end_at], text[end_at:]
+
+
+def turn_segments(turn: Mapping[str, str], options: MaskOptions, where: str = "turn") -> list[Segment]:
+    """Segments of one turn with their loss weights (see module docstring)."""
+    unknown = set(turn) - set(TURN_FIELDS)
+    if unknown:
+        raise ConversationError(f"{where}: unknown field(s) {sorted(unknown)}; expected {TURN_FIELDS}")
+    for required in ("Human", "MOSS"):
+        if not isinstance(turn.get(required), str):
+            raise ConversationError(f"{where}: missing field {required!r}")
+    out: list[Segment] = []
+    released = options.train_human
+    for field in TURN_FIELDS:
+        text = turn.get(field)
+        if text is None or text == "":
+            continue
+        if not isinstance(text, str):
+            raise ConversationError(f"{where}: field {field!r} is {type(text).__name__}, expected a string")
+        marker, body, end = _split_field(field, text, where)
+        if field == "Human":
+            w = 1.0 if released else 0.0
+            out += [Segment(marker, w, "human"), Segment(body, w, "human"), Segment(end, w, "human")]
+        elif field == "Tool Responses":
+            out += [
+                Segment(marker, 1.0, "results_format"),
+                Segment(body, 0.0, "results"),
+                Segment(end, 1.0, "results_format"),
+            ]
+        elif field == "Commands":
+            out += [Segment(marker, 1.0, "commands"), Segment(body, 1.0, "commands"), Segment(end, 1.0, "commands")]
+        else:
+            kind = "thoughts" if field == "Inner Thoughts" else "moss"
+            out += [
+                Segment(marker, 1.0 if released else 0.0, kind + "_marker"),
+                Segment(body, 1.0, kind),
+                Segment(end, 1.0, kind),
+            ]
+    return [s for s in out if s.text]
+
+
+def record_turns(record: Mapping[str, Any], where: str = "record") -> list[Mapping[str, str]]:
+    chat = record.get("chat")
+    if not isinstance(chat, Mapping) or not chat:
+        raise ConversationError(f"{where}: missing or empty 'chat' object")
+    keys = sorted(
+        chat, key=lambda k: int(re.fullmatch(r"turn_(\d+)", k).group(1)) if re.fullmatch(r"turn_(\d+)", k) else -1
+    )
+    bad = [k for k in keys if not re.fullmatch(r"turn_\d+", k)]
+    if bad:
+        raise ConversationError(f"{where}: 'chat' keys must be turn_1..turn_N, got {bad}")
+    numbers = [int(k[5:]) for k in keys]
+    if numbers != list(range(1, len(keys) + 1)):
+        raise ConversationError(f"{where}: turns are not numbered 1..{len(keys)}: {keys}")
+    if "num_turns" in record and record["num_turns"] != len(keys):
+        raise ConversationError(f"{where}: num_turns={record['num_turns']} but 'chat' has {len(keys)} turns")
+    return [chat[k] for k in keys]
+
+
+def encode_conversation(
+    record: Mapping[str, Any],
+    vocab: Vocab,
+    max_len: int,
+    options: MaskOptions = MaskOptions(),
+    stats: ConversionStats | None = None,
+    where: str | None = None,
+) -> tuple[list[int], list[float]] | None:
+    """Token ids and loss weights of a whole conversation, cut at whole turns to `max_len`.
+
+    Returns None (and counts it in `stats`) if not even the first turn fits.
+    """
+    where = where or f"conversation {record.get('conversation_id', '?')}"
+    meta = record.get("meta_instruction", "")
+    if not isinstance(meta, str):
+        raise ConversationError(f"{where}: 'meta_instruction' must be a string")
+    ids: list[int] = list(vocab.encode(meta)) if meta else []
+    weights: list[float] = [0.0] * len(ids)
+    turns = record_turns(record, where)
+    kept = 0
+    for i, turn in enumerate(turns, 1):
+        t_ids, t_w = [], []
+        for seg in turn_segments(turn, options, f"{where} turn_{i}"):
+            piece = list(vocab.encode(seg.text))
+            t_ids += piece
+            t_w += [seg.weight] * len(piece)
+        if len(ids) + len(t_ids) > max_len:
+            break
+        ids += t_ids
+        weights += t_w
+        kept += 1
+    if stats is not None:
+        if kept == 0:
+            stats.dropped_too_long += 1
+        else:
+            stats.examples += 1
+            if kept < len(turns):
+                stats.truncated += 1
+                stats.turns_cut += len(turns) - kept
+    return (ids, weights) if kept else None

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+
+from data_pipelines.conversation import (
+    ConversationError,
+    ConversionStats,
+    MaskOptions,
+    encode_conversation,
+)
+from data_pipelines.vocab import load_vocabulary
+
+META = "You are a helpful bilingual assistant built for research.\n"
+TURN1 = {
+    "Human": "<|Human|>: 北京今天的气温是多少？再算一下 (6000-4800)/6000*100<eoh>\n",
+    "Inner Thoughts": "<|Inner Thoughts|>: 需要搜索天气，并计算百分比<eot>\n",
+    "Commands": '<|Commands|>: Search("北京 今天 气温"), Calculate("(6000-4800)/6000*100")<eoc>\n',
+    "Tool Responses": "<|Results|>:\nSearch(\"北京 今天 气温\") =>\n<|1|>: '北京今日晴，气温 3 到 12 度'\n"
+    "Calculate(\"(6000-4800)/6000*100\") => '20.0'\n<eor>\n",
+    "MOSS": "<|MOSS|>: 北京今天晴，3 到 12 度<sup><|1|></sup>；结果是 20.0%。<eom>\n",
+}
+TURN2 = {
+    "Human": "<|Human|>: Thanks! Say it in English.<eoh>\n",
+    "Inner Thoughts": "<|Inner Thoughts|>: None<eot>\n",
+    "Commands": "<|Commands|>: None<eoc>\n",
+    "Tool Responses": "<|Results|>:\nNone\n<eor>\n",
+    "MOSS": "<|MOSS|>: Sunny in Beijing, 3 to 12 degrees; the result is 20.0%.<eom>\n",
+}
+RECORD = {
+    "conversation_id": 7,
+    "meta_instruction": META,
+    "num_turns": 2,
+    "chat": {"turn_1": TURN1, "turn_2": TURN2},
+    "category": "tool",
+}
+
+
+def _expected_trained(turn, train_human):
+    """Built by hand from the field strings, independently of the code under test."""
+    thoughts = turn["Inner Thoughts"][len("<|Inner Thoughts|>:") :]
+    moss = turn["MOSS"][len("<|MOSS|>:") :]
+    results = "<|Results|>:" + "<eor>\n"
+    if train_human:
+        return turn["Human"] + turn["Inner Thoughts"] + turn["Commands"] + results + turn["MOSS"]
+    return thoughts + turn["Commands"] + results + moss
+
+
+@pytest.mark.parametrize("train_human", [False, True])
+def test_trained_tokens_are_exactly_the_model_written_parts(vocab_path, train_human):
+    vocab = load_vocabulary(vocab_path)
+    ids, weights = encode_conversation(RECORD, vocab, max_len=4096, options=MaskOptions(train_human=train_human))
+    assert len(ids) == len(weights)
+    full = META + "".join(TURN1.values()) + "".join(TURN2.values())
+    assert vocab.decode(ids) == full
+    trained = [i for i, w in zip(ids, weights, strict=True) if w == 1.0]
+    assert vocab.decode(trained) == _expected_trained(TURN1, train_human) + _expected_trained(TURN2, train_human)
+    assert set(weights) <= {0.0, 1.0}
+    # The meta instruction and the tool result contents are never trained.
+    meta_len = len(vocab.encode(META))
+    assert not any(weights[:meta_len])
+    assert "北京今日晴" not in vocab.decode(trained)
+
+
+def test_truncation_keeps_whole_turns_and_counts(vocab_path):
+    vocab = load_vocabulary(vocab_path)
+    full_ids, _ = encode_conversation(RECORD, vocab, max_len=4096)
+    one_turn = RECORD | {"chat": {"turn_1": TURN1}, "num_turns": 1}
+    one_ids, _ = encode_conversation(one_turn, vocab, max_len=4096)
+    stats = ConversionStats()
+    cut = encode_conversation(RECORD, vocab, max_len=len(full_ids) - 1, stats=stats)
+    assert cut[0] == one_ids and stats.truncated == 1 and stats.turns_cut == 1
+    assert encode_conversation(RECORD, vocab, max_len=len(one_ids) - 1, stats=stats) is None
+    assert stats.dropped_too_long == 1 and stats.examples == 1
+    assert "1 dropped" in stats.report()
+
+
+def test_plain_sft_turns_without_tools(vocab_path):
+    vocab = load_vocabulary(vocab_path)
+    record = {"meta_instruction": META, "chat": {"turn_1": {"Human": TURN2["Human"], "MOSS": TURN2["MOSS"]}}}
+    ids, weights = encode_conversation(record, vocab, max_len=1024)
+    trained = vocab.decode([i for i, w in zip(ids, weights, strict=True) if w])
+    assert trained == TURN2["MOSS"][len("<|MOSS|>:") :]
+    assert np.isclose(sum(weights), len(vocab.encode(trained)), atol=2)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"chat": {}}, "missing or empty 'chat'"),
+        ({"chat": {"turn_2": TURN1}}, "numbered"),
+        ({"chat": {"turn_1": {"MOSS": TURN1["MOSS"]}}}, "missing field 'Human'"),
+        ({"chat": {"turn_1": TURN1 | {"Humans": "x"}}}, "unknown field"),
+        ({"chat": {"turn_1": TURN1 | {"MOSS": "<|MOSS|>: no end token"}}}, "end token"),
+        ({"chat": {"turn_1": TURN1 | {"Human": "Human: hi<eoh>"}}}, "does not start with"),
+        ({"chat": {"turn_1": TURN1}, "num_turns": 3}, "num_turns=3"),
+    ],
+)
+def test_malformed_records_name_the_problem(vocab_path, bad, message):
+    vocab = load_vocabulary(vocab_path)
+    with pytest.raises(ConversationError, match=message):
+        encode_conversation({"conversation_id": 42, "meta_instruction": META} | bad, vocab, max_len=512)
