@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (TensorBoard writer) start-up noise
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (TensorBoard writer) start-up noise (cuInit on CPU hosts)
 
 STAGES = ("pretrain",)
 

@@ -30,4 +30,4 @@ if [ ! -f "$_moss_stamp" ]; then
 fi
 export PATH="$_moss_root/.venv/bin:$PATH"
 export TPU_WORKER_HOSTNAMES="${TPU_WORKER_HOSTNAMES:-localhost}"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
