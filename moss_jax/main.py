@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (TensorBoard writer) start-up noise (cuInit on CPU hosts)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow (TensorBoard writer) start-up
 
 STAGES = ("pretrain",)
 
