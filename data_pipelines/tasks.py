@@ -1,0 +1,219 @@
+"""SeqIO tasks and mixtures for MOSS: pre-training (English, Chinese, code) and SFT.
+
+Nothing is registered at import time: call `register_pretrain_tasks(corpus_dir, vocab_path)`
+and `register_sft_tasks(vocab_path, sft_files=..., plugin_files=...)` with local paths (the
+embedded corpus from `python -m data_pipelines.corpus`, the vocabulary from
+`python -m data_pipelines.vocab`, moss-003-sft-data style JSONL). Task names:
+
+    moss_pretrain_en, moss_pretrain_zh, moss_pretrain_code  -> mixture moss_pretrain
+    moss_sft, moss_sft_plugin                               (conversations with loss masks)
+
+Every example has `targets` (token ids) and `loss_weights_plus_one` (see
+feature_converter.py); `WeightedLMFeatureConverter` packs them into the engine's features.
+Splits: "train" and "validation" (every `VALIDATION_EVERY`-th document, held out).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import seqio
+import tensorflow as tf
+
+from data_pipelines import conversation as conv
+from data_pipelines.feature_converter import WEIGHTS_FEATURE, add_weights_feature
+from data_pipelines.vocab import load_vocabulary
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_LANGUAGES = ("en", "zh", "code")
+# MOSS_SPEC section 4: 360B English, 100B Chinese, 220B code tokens.
+DEFAULT_PRETRAIN_RATES = {"en": 360.0, "zh": 100.0, "code": 220.0}
+VALIDATION_EVERY = 100
+TASK_ID_FEATURE = "task_id"  # kept on unpacked examples so mixtures can be audited
+
+
+class DataFormatError(ValueError):
+    """A malformed input line (the message names the file and line)."""
+
+
+def _in_split(index: int, split: str) -> bool:
+    held_out = index % VALIDATION_EVERY == VALIDATION_EVERY - 1
+    return held_out if split == "validation" else not held_out
+
+
+def iter_jsonl(
+    paths: Sequence[str | os.PathLike], skip_malformed: bool = False, counter: dict | None = None
+) -> Iterator[tuple[str, int, dict]]:
+    """Yields (path, line number, object); malformed lines raise, or are counted when skipped."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as e:
+                    if not skip_malformed:
+                        raise DataFormatError(f"{path}:{lineno}: malformed JSON line ({e})") from None
+                    if counter is not None:
+                        counter["malformed"] = counter.get("malformed", 0) + 1
+                    log.warning("%s:%d: skipped malformed JSON line (%s)", path, lineno, e)
+                    continue
+                yield str(path), lineno, obj
+
+
+def _text_dataset(path: str, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # one file per language; example order is shuffled downstream
+
+    def gen():
+        for i, (p, lineno, obj) in enumerate(iter_jsonl([path])):
+            if not isinstance(obj.get("text"), str):
+                raise DataFormatError(f"{p}:{lineno}: no string field 'text'")
+            if _in_split(i, split):
+                yield {"text": obj["text"]}
+
+    return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
+
+
+def _with_task_id(task_id: int):
+    def fn(ds: tf.data.Dataset) -> tf.data.Dataset:
+        return ds.map(lambda ex: {**ex, TASK_ID_FEATURE: tf.constant(task_id, tf.int32)})
+
+    return fn
+
+
+def _add_weights(ds: tf.data.Dataset) -> tf.data.Dataset:
+    return ds.map(add_weights_feature, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _output_features(vocab: seqio.Vocabulary, add_eos: bool) -> dict[str, seqio.Feature]:
+    """targets, plus the weights and task id that must survive the task's feature trimming."""
+    return {
+        "targets": seqio.Feature(vocab, add_eos=add_eos),
+        WEIGHTS_FEATURE: seqio.Feature(seqio.PassThroughVocabulary(3), add_eos=False),
+        TASK_ID_FEATURE: seqio.Feature(seqio.PassThroughVocabulary(1 << 16), add_eos=False, rank=0, required=False),
+    }
+
+
+def _register_task(name: str, **kwargs) -> seqio.Task:
+    if name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(name, **kwargs)
+
+
+def _register_mixture(name: str, tasks: list[tuple[str, float]]) -> seqio.Mixture:
+    if name in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(name)
+    return seqio.MixtureRegistry.add(name, tasks)
+
+
+def register_pretrain_tasks(
+    corpus_dir: str | os.PathLike,
+    vocab_path: str | os.PathLike,
+    rates: Mapping[str, float] = DEFAULT_PRETRAIN_RATES,
+) -> seqio.Mixture:
+    """Registers moss_pretrain_{en,zh,code} over `<corpus_dir>/<lang>.jsonl` and the mixture."""
+    vocab = load_vocabulary(vocab_path)
+    features = _output_features(vocab, add_eos=True)
+    missing = [lang for lang in PRETRAIN_LANGUAGES if not (Path(corpus_dir) / f"{lang}.jsonl").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{corpus_dir}: missing {[m + '.jsonl' for m in missing]} (build them with python -m data_pipelines.corpus)"
+        )
+    if set(rates) != set(PRETRAIN_LANGUAGES) or any(r <= 0 for r in rates.values()):
+        raise ValueError(f"pre-training rates must be positive for exactly {PRETRAIN_LANGUAGES}, got {dict(rates)}")
+    for task_id, lang in enumerate(PRETRAIN_LANGUAGES):
+        _register_task(
+            f"moss_pretrain_{lang}",
+            source=seqio.FunctionDataSource(
+                functools.partial(_text_dataset, str(Path(corpus_dir) / f"{lang}.jsonl")),
+                splits=("train", "validation"),
+            ),
+            preprocessors=[
+                functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+                seqio.preprocessors.tokenize,
+                seqio.preprocessors.append_eos_after_trim,
+                _add_weights,
+                _with_task_id(task_id),
+            ],
+            output_features=features,
+        )
+    return _register_mixture(
+        "moss_pretrain", [(f"moss_pretrain_{lang}", float(rates[lang])) for lang in PRETRAIN_LANGUAGES]
+    )
+
+
+def _conversation_dataset(
+    paths: Sequence[str],
+    vocab_path: str,
+    options: conv.MaskOptions,
+    max_len: int,
+    skip_malformed: bool,
+    split: str,
+    shuffle_files: bool,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    del shuffle_files, seed
+
+    def gen():
+        vocab = load_vocabulary(vocab_path)
+        stats, counter = conv.ConversionStats(), {}
+        for i, (path, lineno, record) in enumerate(iter_jsonl(paths, skip_malformed, counter)):
+            if not _in_split(i, split):
+                continue
+            try:
+                encoded = conv.encode_conversation(record, vocab, max_len, options, stats, where=f"{path}:{lineno}")
+            except conv.ConversationError as e:
+                if not skip_malformed:
+                    raise
+                counter["malformed"] = counter.get("malformed", 0) + 1
+                log.warning("skipped: %s", e)
+                continue
+            if encoded is not None:
+                ids, weights = encoded
+                yield {"targets": ids, WEIGHTS_FEATURE: [int(w) + 1 for w in weights]}
+        log.warning("conversations (%s): %s; %d malformed skipped", split, stats.report(), counter.get("malformed", 0))
+
+    spec = {"targets": tf.TensorSpec((None,), tf.int32), WEIGHTS_FEATURE: tf.TensorSpec((None,), tf.int32)}
+    return tf.data.Dataset.from_generator(gen, output_signature=spec)
+
+
+def register_sft_tasks(
+    vocab_path: str | os.PathLike,
+    sft_files: Sequence[str | os.PathLike] = (),
+    plugin_files: Sequence[str | os.PathLike] = (),
+    max_len: int = 2048,
+    options: conv.MaskOptions | None = None,
+    skip_malformed: bool = False,
+) -> list[seqio.Task]:
+    """Registers moss_sft / moss_sft_plugin over moss-003-sft-data style JSONL files."""
+    options = options or conv.MaskOptions()
+    vocab = load_vocabulary(vocab_path)
+    features = _output_features(vocab, add_eos=False)  # conversations end with <eom>
+    tasks = []
+    for task_id, (name, files) in enumerate((("moss_sft", sft_files), ("moss_sft_plugin", plugin_files))):
+        if not files:
+            continue
+        for f in files:
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"{name}: {f} does not exist")
+        fn = functools.partial(
+            _conversation_dataset, [str(f) for f in files], str(vocab_path), options, max_len, skip_malformed
+        )
+        tasks.append(
+            _register_task(
+                name,
+                source=seqio.FunctionDataSource(fn, splits=("train", "validation")),
+                preprocessors=[_with_task_id(10 + task_id)],
+                output_features=features,
+            )
+        )
+    return tasks

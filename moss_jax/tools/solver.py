@@ -1,0 +1,154 @@
+"""Solve("2/5*x+3/5*x=130"): validate in-process, solve with sympy in a killable worker.
+
+sympy has no timeout and its string parsers call `eval`, so:
+  - the text is checked here by the calculator's front end (`expression.py`), equation by equation;
+  - every constant sub-expression is evaluated by the bounded calculator first, which refuses
+    `9**9**9`, `factorial(10**6)` and `1/0` before sympy sees them, and powers of unknowns are capped
+    at MAX_DEGREE (a degree-10**9 polynomial is a denial of service, not an equation);
+  - the checked AST is turned into plain tuples and sent (as JSON) to `solve_worker`, which builds
+    sympy objects with constructors only, in a child process that is killed at the deadline.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from moss_jax.tools import calculator, expression
+from moss_jax.tools.errors import ToolError
+
+MAX_EQUATIONS = 8
+MAX_UNKNOWNS = 8
+MAX_DEGREE = 64
+# Functions whose symbolic meaning differs from the calculator's (gcd of polynomials, ...).
+UNSUPPORTED = ("round", "gcd", "lcm")
+# The directory that holds the moss_jax package, put first on the worker's import path.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_WORKER_CODE = (
+    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); from moss_jax.tools import solve_worker; solve_worker.main()"
+)
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
+
+
+def solve(equations: str, *, timeout_s: float = 5.0) -> str:
+    """Solves equations separated by `;` for all their unknowns.
+
+    Args:
+      equations: e.g. "2/5*x+3/5*x=130" or "x+y=10;x-y=2" (full-width ＝ and ； accepted). An
+        equation without `=` means `expression = 0`.
+      timeout_s: wall-clock limit of the solving worker.
+
+    Returns:
+      One `name = value` line per unknown (per solution, for several), values in sympy's
+      15-digit evalf style: "x = 130.000000000000".
+
+    Raises:
+      ToolError: rejected input, no solution, worker failure or timeout.
+    """
+    trees, names = prepare(equations)
+    return _run_worker(trees, names, timeout_s)
+
+
+def prepare(equations: str) -> tuple[list[tuple], list[str]]:
+    """Validates the equations; returns (one `lhs - rhs` tuple tree per equation, sorted unknowns)."""
+    text = expression.normalize(equations, allowed="=;")
+    parts = [part.strip() for part in text.split(";") if part.strip()]
+    if not parts:
+        raise ToolError("no equation given")
+    if len(parts) > MAX_EQUATIONS:
+        raise ToolError(f"{len(parts)} equations; the limit is {MAX_EQUATIONS}")
+    deadline = time.monotonic() + 1.0
+    trees, names = [], set()
+    for part in parts:
+        sides = part.replace("==", "=").split("=")
+        if len(sides) > 2:
+            raise ToolError(f"equation {part!r} has more than one '='")
+        nodes = [expression.parse(side, variables=True) for side in sides]
+        for node in nodes:
+            _check_bounds(node, deadline)
+            names |= expression.variable_names(node)
+        trees.append(_to_tree(nodes[0]) if len(nodes) == 1 else ("bin", "-", _to_tree(nodes[0]), _to_tree(nodes[1])))
+    if not names:
+        raise ToolError("no unknown to solve for")
+    if len(names) > MAX_UNKNOWNS:
+        raise ToolError(f"{len(names)} unknowns; the limit is {MAX_UNKNOWNS}")
+    return trees, sorted(names)
+
+
+def _has_unknowns(node: ast.expr) -> bool:
+    return bool(expression.variable_names(node))
+
+
+def _check_bounds(node: ast.expr, deadline: float) -> None:
+    if not _has_unknowns(node):
+        calculator.evaluate(node, deadline=deadline)  # raises on 9**9**9, 1/0, huge factorials
+        return
+    if isinstance(node, ast.Call) and node.func.id in UNSUPPORTED:
+        raise ToolError(f"{node.func.id}() is not supported in equations")
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div | ast.FloorDiv | ast.Mod):
+        if not _has_unknowns(node.right) and calculator.evaluate(node.right, deadline=deadline) == 0:
+            raise ToolError("division by zero")
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and not _has_unknowns(node.right):
+        degree = calculator.evaluate(node.right, deadline=deadline)
+        if abs(degree) > MAX_DEGREE:
+            raise ToolError(f"power {degree} of an unknown; the limit is {MAX_DEGREE}")
+        _check_bounds(node.left, deadline)
+        return
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.expr) and not (isinstance(node, ast.Call) and child is node.func):
+            _check_bounds(child, deadline)
+
+
+def _to_tree(node: ast.expr) -> tuple:
+    if isinstance(node, ast.Constant):
+        # repr() of a float is the shortest text that reads back exactly: 0.4 -> "0.4".
+        return ("int", node.value) if isinstance(node.value, int) else ("float", repr(node.value))
+    if isinstance(node, ast.Name):
+        return ("const", node.id) if node.id in expression.CONSTANTS else ("var", node.id)
+    if isinstance(node, ast.UnaryOp):
+        operand = _to_tree(node.operand)
+        return ("neg", operand) if isinstance(node.op, ast.USub) else operand
+    if isinstance(node, ast.BinOp):
+        return ("bin", _OPS[type(node.op)], _to_tree(node.left), _to_tree(node.right))
+    if isinstance(node, ast.Call):
+        if node.func.id in UNSUPPORTED:
+            raise ToolError(f"{node.func.id}() is not supported in equations")
+        return ("call", node.func.id, [_to_tree(arg) for arg in node.args])
+    raise ToolError(f"{type(node).__name__} is not allowed")  # unreachable after expression.parse
+
+
+def _run_worker(trees: list[tuple], names: list[str], timeout_s: float) -> str:
+    """Runs `solve_worker` in a fresh interpreter and kills it at the deadline.
+
+    A fresh `python -I` process rather than multiprocessing: fork would copy a multi-threaded
+    parent (JAX runtime threads can deadlock the child), and spawn/forkserver re-import the
+    caller's __main__ script in the child. -I keeps the working directory and PYTHON* variables
+    out of the child's import path. The cost is the interpreter and sympy start-up (~0.4 s), which
+    counts against timeout_s. The worker's CPU rlimit ends it even if this process is interrupted.
+    """
+    request = json.dumps({"equations": trees, "names": names, "cpu_seconds": math.ceil(timeout_s) + 1})
+    with subprocess.Popen(
+        [sys.executable, "-I", "-c", _WORKER_CODE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        try:
+            out, err = proc.communicate(request.encode(), timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()  # reap it: no zombie left behind
+            raise ToolError(f"solving took longer than {timeout_s:g} s") from None
+    try:
+        answer = json.loads(out)
+    except ValueError:
+        tail = err.decode(errors="replace")[-300:]
+        raise ToolError(f"solver worker failed (exit code {proc.returncode}): {tail}") from None
+    if "ok" not in answer:
+        raise ToolError(f"no result: {answer.get('error', 'unknown error')}")
+    return answer["ok"]

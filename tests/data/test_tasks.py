@@ -1,0 +1,82 @@
+import json
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from data_pipelines import corpus as corpus_lib
+from data_pipelines.feature_converter import WEIGHTS_FEATURE
+from data_pipelines.seqio_input import SeqioPipeline
+from data_pipelines.tasks import (
+    TASK_ID_FEATURE,
+    DataFormatError,
+    register_pretrain_tasks,
+    register_sft_tasks,
+)
+from data_pipelines.vocab import load_vocabulary
+from tests.data.test_conversation import RECORD, TURN1, TURN2, _expected_trained
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    corpus_lib.write_corpus(out, corpus_lib.gather(max_chars=150_000))
+    return out
+
+
+def test_mixture_rates_match_configuration(corpus_dir, vocab_path):
+    mixture = register_pretrain_tasks(corpus_dir, vocab_path)
+    ds = mixture.get_dataset({"targets": 32, WEIGHTS_FEATURE: 32}, shuffle=True, seed=1, num_epochs=None)
+    counts = np.zeros(3)
+    for ex in ds.take(10_000).as_numpy_iterator():
+        counts[ex[TASK_ID_FEATURE]] += 1
+    expected = np.array([360, 100, 220]) / 680
+    assert np.abs(counts / counts.sum() - expected).max() < 0.02, counts / counts.sum()
+
+
+def test_packed_pipeline_is_deterministic_and_resumable(corpus_dir, vocab_path):
+    register_pretrain_tasks(corpus_dir, vocab_path)
+    a = SeqioPipeline("moss_pretrain", seq_len=64, batch_size=4, seed=3)
+    first = [next(a) for _ in range(3)]
+    for batch in first:
+        assert batch["decoder_input_tokens"].shape == (4, 64)
+        seg, pos, w = batch["decoder_segment_ids"], batch["decoder_positions"], batch["decoder_loss_weights"]
+        assert not w[seg == 0].any() and w[seg > 0].all()  # pre-training trains every real token
+        starts = (np.diff(seg, axis=1) != 0) & (seg[:, 1:] > 0)
+        assert (pos[:, 1:][starts] == 0).all()
+    state = a.get_state()
+    expected = next(a)
+    b = SeqioPipeline("moss_pretrain", seq_len=64, batch_size=4, seed=3)
+    assert all(np.array_equal(x["decoder_target_tokens"], y["decoder_target_tokens"])
+               for x, y in zip(first, [next(b) for _ in range(3)], strict=True))
+    c = SeqioPipeline("moss_pretrain", seq_len=64, batch_size=4, seed=3)
+    c.set_state(state)
+    got = next(c)
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k])
+
+
+def test_sft_task_keeps_the_loss_mask_through_packing(tmp_path, vocab_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps(RECORD, ensure_ascii=False) + "\n")
+    register_sft_tasks(vocab_path, plugin_files=[path], max_len=1024)
+    vocab = load_vocabulary(vocab_path)
+    ds = seqio.get_dataset("moss_sft_plugin", {"targets": 1024, WEIGHTS_FEATURE: 1024},
+                           feature_converter=__import__("data_pipelines.feature_converter",
+                                                        fromlist=["x"]).WeightedLMFeatureConverter(pack=True),
+                           shuffle=False)
+    row = next(ds.as_numpy_iterator())
+    trained = row["decoder_target_tokens"][row["decoder_loss_weights"] == 1]
+    assert vocab.decode(trained.tolist()) == _expected_trained(TURN1, False) + _expected_trained(TURN2, False)
+
+
+def test_malformed_sft_line_is_named_or_counted(tmp_path, vocab_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(RECORD, ensure_ascii=False) + "\n{oops\n")
+    register_sft_tasks(vocab_path, sft_files=[path])
+    with pytest.raises((DataFormatError, tf.errors.OpError), match=r"bad\.jsonl:2: malformed JSON"):
+        list(seqio.get_mixture_or_task("moss_sft").source.get_dataset("train").as_numpy_iterator())
+    register_sft_tasks(vocab_path, sft_files=[path], skip_malformed=True)
+    examples = list(seqio.get_mixture_or_task("moss_sft").source.get_dataset("train").as_numpy_iterator())
+    assert len(examples) == 1

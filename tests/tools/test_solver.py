@@ -1,0 +1,100 @@
+"""Solve: equations and systems in MOSS's evalf output format, solved in a killable worker."""
+
+import time
+
+import pytest
+
+from moss_jax.tools import ToolError, solve
+from moss_jax.tools.solver import prepare
+from tests.tools.conftest import child_pids
+
+# A 4-unknown polynomial system sympy grinds on for far longer than the test timeouts.
+SLOW_SYSTEM = "x**4+y**3*z+w=1;y**4+z*w**2+x=2;z**4+w*x**2+y=3;w**4+x*y+z=4"
+
+
+@pytest.mark.parametrize(
+    "equations, expected",
+    [
+        # The released data's own example.
+        ("2/5*x+3/5*x=130", "x = 130.000000000000"),
+        # Integers, fractions, decimals, negatives.
+        ("x/3 + x/4 = 14", "x = 24.0000000000000"),
+        ("0.5*x=1/3", "x = 0.666666666666667"),
+        ("-2*x = 9", "x = -4.50000000000000"),
+        ("1.2*x - 0.7 = 0.5", "x = 1.00000000000000"),
+        ("2x+3=7", "x = 2.00000000000000"),
+        ("3(x-1) = 2(x+1)", "x = 5.00000000000000"),
+        ("x - 5", "x = 5.00000000000000"),  # no '=' means "= 0"
+        # Polynomials: one line per solution.
+        ("x^2-5x+6=0", "x = 2.00000000000000\nx = 3.00000000000000"),
+        ("x**2=2", "x = -1.41421356237310\nx = 1.41421356237310"),
+        ("x**2 = -4", "x = -2.0*I\nx = 2.0*I"),
+        # Functions.
+        ("sqrt(x)=3", "x = 9.00000000000000"),
+        ("2**x=8", "x = 3.00000000000000"),
+        ("log(x, 10) = 2", "x = 100.000000000000"),
+        ("exp(x) = 1", "x = 0"),
+        # Systems: one line per unknown, unknowns in alphabetical order.
+        ("x+y=10;x-y=2", "x = 6.00000000000000\ny = 4.00000000000000"),
+        ("x+y+z=6; x-y=0; 2z=4", "x = 2.00000000000000\ny = 2.00000000000000\nz = 2.00000000000000"),
+        ("x+y=10", "x = 10.0 - y"),  # underdetermined: the free unknown stays symbolic
+        # 鸡兔同笼 (chickens and rabbits: 35 heads, 94 legs), as emitted for a Chinese question.
+        ("x+y=35;2x+4y=94", "x = 23.0000000000000\ny = 12.0000000000000"),
+        # Full-width =, ; and digits from Chinese input.
+        ("3a+2b=１２；a-b＝-1", "a = 2.00000000000000\nb = 3.00000000000000"),
+        ("２x＋１＝７", "x = 3.00000000000000"),
+        # Names are sympy Symbols, never looked up: `os` is just an unknown.
+        ("os + 1 = 6", "os = 5.00000000000000"),
+    ],
+)
+def test_table(equations, expected):
+    assert solve(equations) == expected
+
+
+@pytest.mark.parametrize(
+    "equations, reason",
+    [
+        ("x=x", "no solution"),
+        ("x+1=x", "no solution"),
+        ("0=1", "no unknown"),
+        ("x=1=2", "more than one '='"),
+        ("x/0=1", "division by zero"),
+        ("x/(2-2)=1", "division by zero"),
+        ("x**100=1", "power 100 of an unknown"),
+        ("round(x)=1", "not supported"),
+        (";", "no equation"),
+        ("a+b+c+d+e1+f+g+h+i=1", "unknowns"),
+        ("x=1;" * 9, "equations"),
+        ("ｘ=1", "not allowed"),
+    ],
+)
+def test_rejected_or_unsolvable(equations, reason):
+    with pytest.raises(ToolError, match=reason):
+        solve(equations)
+
+
+def test_prepare_builds_plain_data_without_sympy():
+    trees, names = prepare("2/5*x+0.6*x=130")
+    assert names == ["x"]
+    assert trees == [
+        (
+            "bin",
+            "-",
+            (
+                "bin",
+                "+",
+                ("bin", "*", ("bin", "/", ("int", 2), ("int", 5)), ("var", "x")),
+                ("bin", "*", ("float", "0.6"), ("var", "x")),
+            ),
+            ("int", 130),
+        )
+    ]
+
+
+def test_timeout_kills_the_worker():
+    before = child_pids()
+    start = time.perf_counter()
+    with pytest.raises(ToolError, match="longer than 1 s"):
+        solve(SLOW_SYSTEM, timeout_s=1.0)
+    assert time.perf_counter() - start < 2.0
+    assert child_pids() == before  # killed and reaped: no worker, no zombie
