@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "sympy==1.14.0",  # Solve tool
     "bm25s==0.3.16",  # offline BM25 search index
     "jieba==0.42.1",  # Chinese segmentation for search
+    "tokenizers==0.23.3",  # reads the released MOSS byte-level BPE files
 ]
 
 EXTRAS = {
