@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "bm25s==0.3.16",  # offline BM25 search index
     "jieba==0.42.1",  # Chinese segmentation for search
     "tokenizers==0.23.3",  # reads the released MOSS byte-level BPE files
+    "importlib_resources==7.1.0",  # tensorflow-datasets builders import it without declaring it
 ]
 
 EXTRAS = {

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+import tensorflow_datasets as tfds
+
+from data_pipelines.tfds_builders import LocalTextCorpus, MossSftConversations
+from tests.data.test_conversation import RECORD
+
+
+def _prepare(builder_cls, tmp_path, manual, config="strict"):
+    builder = builder_cls(data_dir=str(tmp_path / f"tfds_{config}"), config=config)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    return builder
+
+
+def test_sft_builder_reads_conversations(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    lines = [json.dumps(RECORD | {"conversation_id": i}, ensure_ascii=False) for i in range(3)]
+    (manual / "part1.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    builder = _prepare(MossSftConversations, tmp_path, manual)
+    examples = list(tfds.as_numpy(builder.as_dataset(split="train")))
+    assert len(examples) == 3
+    ex = examples[0]
+    assert json.loads(ex["chat_json"].decode()) == RECORD["chat"]
+    assert ex["num_turns"] == 2 and ex["meta_instruction"].decode() == RECORD["meta_instruction"]
+
+
+def test_malformed_line_error_names_file_and_line_or_is_counted(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    good = json.dumps(RECORD, ensure_ascii=False)
+    (manual / "data.jsonl").write_text(f"{good}\n{{broken\n{good}\n" + json.dumps({"chat": {}}) + "\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: malformed JSON"):
+        _prepare(MossSftConversations, tmp_path, manual)
+    builder = _prepare(MossSftConversations, tmp_path, manual, config="skip_malformed")
+    assert len(list(builder.as_dataset(split="train"))) == 2
+    assert builder.info.metadata["malformed_lines"] == 2
+    reloaded = MossSftConversations(data_dir=str(tmp_path / "tfds_skip_malformed"), config="skip_malformed")
+    assert reloaded.info.metadata["malformed_lines"] == 2
+
+
+def test_text_corpus_builder(tmp_path):
+    manual = tmp_path / "manual"
+    (manual / "sub").mkdir(parents=True)
+    (manual / "a.txt").write_text("English prose.\n", encoding="utf-8")
+    (manual / "sub" / "b.py").write_text("def f():\n\treturn 1\n", encoding="utf-8")
+    (manual / "c.jsonl").write_text(json.dumps({"text": "中文文本"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    builder = _prepare(LocalTextCorpus, tmp_path, manual)
+    texts = sorted(ex["text"].decode() for ex in tfds.as_numpy(builder.as_dataset(split="train")))
+    assert texts == sorted(["English prose.\n", "def f():\n\treturn 1\n", "中文文本"])
+    (manual / "d.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: not a JSON object with a string 'text'"):
+        _prepare(LocalTextCorpus, tmp_path / "again", manual)
