@@ -28,6 +28,7 @@ meta instruction plus first turn does not fit is dropped and counted in `Convers
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -96,8 +97,13 @@ def _split_field(field: str, text: str, where: str) -> tuple[str, str, str]:
     return marker, text[len(marker) : end_at], text[end_at:]
 
 
-def turn_segments(turn: Mapping[str, str], options: MaskOptions, where: str = "turn") -> list[Segment]:
-    """Segments of one turn with their loss weights (see module docstring)."""
+def turn_segments(
+    turn: Mapping[str, str], options: MaskOptions, where: str = "turn", tag: str | None = None
+) -> list[Segment]:
+    """Segments of one turn with their loss weights (see module docstring).
+
+    `tag` (a preference tag token) is placed right after `<|MOSS|>:`, with loss weight 0.
+    """
     unknown = set(turn) - set(TURN_FIELDS)
     if unknown:
         raise ConversationError(f"{where}: unknown field(s) {sorted(unknown)}; expected {TURN_FIELDS}")
@@ -126,11 +132,10 @@ def turn_segments(turn: Mapping[str, str], options: MaskOptions, where: str = "t
             out += [Segment(marker, 1.0, "commands"), Segment(body, 1.0, "commands"), Segment(end, 1.0, "commands")]
         else:
             kind = "thoughts" if field == "Inner Thoughts" else "moss"
-            out += [
-                Segment(marker, 1.0 if released else 0.0, kind + "_marker"),
-                Segment(body, 1.0, kind),
-                Segment(end, 1.0, kind),
-            ]
+            out.append(Segment(marker, 1.0 if released else 0.0, kind + "_marker"))
+            if kind == "moss" and tag is not None:
+                out.append(Segment(tag, 0.0, "tag"))
+            out += [Segment(body, 1.0, kind), Segment(end, 1.0, kind)]
     return [s for s in out if s.text]
 
 
@@ -159,10 +164,13 @@ def encode_conversation(
     options: MaskOptions = MaskOptions(),
     stats: ConversionStats | None = None,
     where: str | None = None,
+    tags: Mapping[int, str] | None = None,
 ) -> tuple[list[int], list[float]] | None:
     """Token ids and loss weights of a whole conversation, cut at whole turns to `max_len`.
 
-    Returns None (and counts it in `stats`) if not even the first turn fits.
+    `tags` maps a turn number (1-based) to the preference tag token placed after its
+    `<|MOSS|>:` (see `tag_for_turn`). Returns None (and counts it in `stats`) if not even the
+    first turn fits.
     """
     where = where or f"conversation {record.get('conversation_id', '?')}"
     meta = record.get("meta_instruction", "")
@@ -174,7 +182,7 @@ def encode_conversation(
     kept = 0
     for i, turn in enumerate(turns, 1):
         t_ids, t_w = [], []
-        for seg in turn_segments(turn, options, f"{where} turn_{i}"):
+        for seg in turn_segments(turn, options, f"{where} turn_{i}", tag=(tags or {}).get(i)):
             piece = list(vocab.encode(seg.text))
             t_ids += piece
             t_w += [seg.weight] * len(piece)
@@ -192,3 +200,73 @@ def encode_conversation(
                 stats.truncated += 1
                 stats.turns_cut += len(turns) - kept
     return (ids, weights) if kept else None
+
+
+def tag_for_turn(tag_index: int, conversation_id: Any, turn: int, dropout: float, seed: int) -> str | None:
+    """The tag token for a turn, or None when tag dropout removes it (deterministic per seed).
+
+    Dropout (5-10% in preference-aware training) keeps the model usable without a tag.
+    """
+    if not 0 <= tag_index < len(sp.QUALITY_TAGS):
+        raise ConversationError(
+            f"conversation {conversation_id} turn {turn}: tag {tag_index} is outside [0, {len(sp.QUALITY_TAGS)})"
+        )
+    if dropout and random.Random(f"{seed}:{conversation_id}:{turn}").random() < dropout:
+        return None
+    return sp.QUALITY_TAGS[tag_index]
+
+
+def encode_pair(
+    record: Mapping[str, Any],
+    vocab: Vocab,
+    max_len: int,
+    options: MaskOptions = MaskOptions(),
+    stats: ConversionStats | None = None,
+    where: str | None = None,
+) -> dict[str, tuple[list[int], list[float]]] | None:
+    """A preference pair: the shared context with the chosen and the rejected final reply.
+
+    Record: a conversation whose last turn has no "MOSS" field, plus "chosen" and "rejected"
+    MOSS fields (`<|MOSS|>: ...<eom>\n`). Weights are 1 only on the final reply's text and end
+    token (the response whose log-probability the reward model and DPO score). Context turns are
+    dropped from the front, whole turns at a time, to fit `max_len`; a pair whose last turn alone
+    does not fit is dropped and counted.
+    """
+    where = where or f"pair {record.get('conversation_id', '?')}"
+    turns = record_turns(record, where)
+    if "MOSS" in turns[-1]:
+        raise ConversationError(f"{where}: the last turn must not have a 'MOSS' field (it comes from chosen/rejected)")
+    out = {}
+    for side in ("chosen", "rejected"):
+        reply = record.get(side)
+        if not isinstance(reply, str):
+            raise ConversationError(f"{where}: missing string field {side!r}")
+        sides = []
+        for i, turn in enumerate(turns, 1):
+            full = dict(turn) | ({"MOSS": reply} if i == len(turns) else {})
+            segs = turn_segments(full, options, f"{where} turn_{i}")
+            if i < len(turns):
+                segs = [Segment(s.text, 0.0, s.kind) for s in segs]
+            else:
+                segs = [Segment(s.text, s.weight if s.kind == "moss" else 0.0, s.kind) for s in segs]
+            ids, weights = [], []
+            for seg in segs:
+                piece = list(vocab.encode(seg.text))
+                ids += piece
+                weights += [seg.weight] * len(piece)
+            sides.append((ids, weights))
+        meta = record.get("meta_instruction", "")
+        meta_ids = list(vocab.encode(meta)) if meta else []
+        start = 0  # drop context turns from the front until it fits
+        while start < len(sides) - 1 and len(meta_ids) + sum(len(t[0]) for t in sides[start:]) > max_len:
+            start += 1
+        ids = meta_ids + [i for t in sides[start:] for i in t[0]]
+        weights = [0.0] * len(meta_ids) + [w for t in sides[start:] for w in t[1]]
+        if len(ids) > max_len:
+            if stats is not None:
+                stats.dropped_too_long += 1
+            return None
+        out[side] = (ids, weights)
+    if stats is not None:
+        stats.examples += 1
+    return out

@@ -55,3 +55,57 @@ class WeightedLMFeatureConverter(seqio.LMFeatureConverter):
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
         return dict(super().get_model_feature_lengths({"targets": task_feature_lengths["targets"]}))
+
+
+class PairFeatureConverter(seqio.FeatureConverter):
+    """Preference pairs -> padded (unpacked) model features per side.
+
+    For side in (chosen, rejected): `{side}_decoder_input_tokens`, `_target_tokens`,
+    `_loss_weights` (1 on the final reply only), `_segment_ids` (1 on real tokens, 0 on
+    padding) and `_positions`, all of the task's length.
+    """
+
+    TASK_FEATURES = {
+        k: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+        for side in ("chosen", "rejected")
+        for k in (side, f"{side}_{WEIGHTS_FEATURE}")
+    }
+    MODEL_FEATURES = {
+        f"{side}_{k}": seqio.FeatureConverter.FeatureSpec(dtype=tf.float32 if k == "decoder_loss_weights" else tf.int32)
+        for side in ("chosen", "rejected")
+        for k in (
+            "decoder_input_tokens",
+            "decoder_target_tokens",
+            "decoder_loss_weights",
+            "decoder_segment_ids",
+            "decoder_positions",
+        )
+    }
+    PACKING_FEATURE_DTYPES = {}
+
+    def __init__(self, **kwargs):
+        super().__init__(pack=False, **kwargs)
+
+    def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        ds = self._pack_or_pad(ds, task_feature_lengths)
+
+        def convert(ex):
+            out = {}
+            for side in ("chosen", "rejected"):
+                targets = ex[side]
+                real = tf.cast(tf.not_equal(ex[f"{side}_{WEIGHTS_FEATURE}"], 0), tf.int32)
+                out[f"{side}_decoder_target_tokens"] = targets
+                out[f"{side}_decoder_input_tokens"] = seqio.utils.make_autoregressive_inputs(
+                    targets, bos_id=self.bos_id
+                )
+                out[f"{side}_decoder_loss_weights"] = tf.cast(
+                    tf.maximum(ex[f"{side}_{WEIGHTS_FEATURE}"] - 1, 0), tf.float32
+                )
+                out[f"{side}_decoder_segment_ids"] = real
+                out[f"{side}_decoder_positions"] = tf.range(tf.shape(targets)[0], dtype=tf.int32) * real
+            return out
+
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        return {k: task_feature_lengths[k.split("_")[0]] for k in self.MODEL_FEATURES}

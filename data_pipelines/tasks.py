@@ -151,12 +151,34 @@ def register_pretrain_tasks(
     )
 
 
+def load_tags(path: str | os.PathLike) -> dict[tuple[str, int], int]:
+    """Reads a tags file: one {"conversation_id": ..., "turn": n, "tag": k} per line.
+
+    Written by the preference-aware `tag` stage (tag k = quantile bucket of the preference
+    model's score, 0 = lowest). Errors name the file and line.
+    """
+    tags = {}
+    for p, lineno, obj in iter_jsonl([path]):
+        try:
+            key = (str(obj["conversation_id"]), int(obj["turn"]))
+            tag = int(obj["tag"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataFormatError(f"{p}:{lineno}: a tag line needs conversation_id, turn and tag ({e!r})") from None
+        if key in tags:
+            raise DataFormatError(f"{p}:{lineno}: duplicate tag for conversation {key[0]} turn {key[1]}")
+        tags[key] = tag
+    return tags
+
+
 def _conversation_dataset(
     paths: Sequence[str],
     vocab_path: str,
     options: conv.MaskOptions,
     max_len: int,
     skip_malformed: bool,
+    tags_file: str | None,
+    tag_dropout: float,
+    tag_seed: int,
     split: str,
     shuffle_files: bool,
     seed: int | None = None,
@@ -165,12 +187,24 @@ def _conversation_dataset(
 
     def gen():
         vocab = load_vocabulary(vocab_path)
+        all_tags = load_tags(tags_file) if tags_file else None
         stats, counter = conv.ConversionStats(), {}
         for i, (path, lineno, record) in enumerate(iter_jsonl(paths, skip_malformed, counter)):
             if not _in_split(i, split):
                 continue
             try:
-                encoded = conv.encode_conversation(record, vocab, max_len, options, stats, where=f"{path}:{lineno}")
+                tags = None
+                if all_tags is not None:
+                    cid = record.get("conversation_id", f"{path}:{lineno}")
+                    tags = {}
+                    for turn in range(1, len(record.get("chat") or {}) + 1):
+                        if (str(cid), turn) in all_tags:
+                            token = conv.tag_for_turn(all_tags[(str(cid), turn)], cid, turn, tag_dropout, tag_seed)
+                            if token is not None:
+                                tags[turn] = token
+                encoded = conv.encode_conversation(
+                    record, vocab, max_len, options, stats, where=f"{path}:{lineno}", tags=tags
+                )
             except conv.ConversationError as e:
                 if not skip_malformed:
                     raise
@@ -193,20 +227,40 @@ def register_sft_tasks(
     max_len: int = 2048,
     options: conv.MaskOptions | None = None,
     skip_malformed: bool = False,
+    tags_file: str | os.PathLike | None = None,
+    tag_dropout: float = 0.1,
+    tag_seed: int = 0,
 ) -> list[seqio.Task]:
-    """Registers moss_sft / moss_sft_plugin over moss-003-sft-data style JSONL files."""
+    """Registers moss_sft / moss_sft_plugin over moss-003-sft-data style JSONL files, and
+    moss_sft_tagged over both when a tags file is given (tag after `<|MOSS|>:`, masked from the
+    loss, dropped for a `tag_dropout` fraction of turns)."""
     options = options or conv.MaskOptions()
     vocab = load_vocabulary(vocab_path)
     features = _output_features(vocab, add_eos=False)  # conversations end with <eom>
     tasks = []
-    for task_id, (name, files) in enumerate((("moss_sft", sft_files), ("moss_sft_plugin", plugin_files))):
+    if not 0.0 <= tag_dropout < 1.0:
+        raise ValueError(f"tag_dropout must be in [0, 1), got {tag_dropout}")
+    groups = [("moss_sft", list(sft_files), None), ("moss_sft_plugin", list(plugin_files), None)]
+    if tags_file is not None:
+        if not Path(tags_file).is_file():
+            raise FileNotFoundError(f"moss_sft_tagged: tags file {tags_file} does not exist")
+        groups.append(("moss_sft_tagged", list(sft_files) + list(plugin_files), str(tags_file)))
+    for task_id, (name, files, tags) in enumerate(groups):
         if not files:
             continue
         for f in files:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"{name}: {f} does not exist")
         fn = functools.partial(
-            _conversation_dataset, [str(f) for f in files], str(vocab_path), options, max_len, skip_malformed
+            _conversation_dataset,
+            [str(f) for f in files],
+            str(vocab_path),
+            options,
+            max_len,
+            skip_malformed,
+            tags,
+            tag_dropout,
+            tag_seed,
         )
         tasks.append(
             _register_task(
@@ -217,3 +271,69 @@ def register_sft_tasks(
             )
         )
     return tasks
+
+
+PAIR_SIDES = ("chosen", "rejected")
+
+
+def _pairs_dataset(
+    paths: Sequence[str],
+    vocab_path: str,
+    max_len: int,
+    skip_malformed: bool,
+    split: str,
+    shuffle_files: bool,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    del shuffle_files, seed
+
+    def gen():
+        vocab = load_vocabulary(vocab_path)
+        stats, counter = conv.ConversionStats(), {}
+        for i, (path, lineno, record) in enumerate(iter_jsonl(paths, skip_malformed, counter)):
+            if not _in_split(i, split):
+                continue
+            try:
+                pair = conv.encode_pair(record, vocab, max_len, stats=stats, where=f"{path}:{lineno}")
+            except conv.ConversationError as e:
+                if not skip_malformed:
+                    raise
+                counter["malformed"] = counter.get("malformed", 0) + 1
+                log.warning("skipped: %s", e)
+                continue
+            if pair is not None:
+                out = {}
+                for side in PAIR_SIDES:
+                    ids, weights = pair[side]
+                    out[side] = ids
+                    out[f"{side}_{WEIGHTS_FEATURE}"] = [int(w) + 1 for w in weights]
+                yield out
+        log.warning(
+            "preference pairs (%s): %s; %d malformed skipped", split, stats.report(), counter.get("malformed", 0)
+        )
+
+    spec = {k: tf.TensorSpec((None,), tf.int32) for side in PAIR_SIDES for k in (side, f"{side}_{WEIGHTS_FEATURE}")}
+    return tf.data.Dataset.from_generator(gen, output_signature=spec)
+
+
+def register_preference_pairs_task(
+    vocab_path: str | os.PathLike,
+    pair_files: Sequence[str | os.PathLike],
+    max_len: int = 2048,
+    skip_malformed: bool = False,
+) -> seqio.Task:
+    """Registers moss_preference_pairs (chosen/rejected replies sharing a context) for the
+    preference model and DPO; see `conversation.encode_pair` for the record layout."""
+    vocab = load_vocabulary(vocab_path)
+    for f in pair_files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"moss_preference_pairs: {f} does not exist")
+    weights = seqio.Feature(seqio.PassThroughVocabulary(3), add_eos=False)
+    features = {side: seqio.Feature(vocab, add_eos=False) for side in PAIR_SIDES}
+    features.update({f"{side}_{WEIGHTS_FEATURE}": weights for side in PAIR_SIDES})
+    fn = functools.partial(_pairs_dataset, [str(f) for f in pair_files], str(vocab_path), max_len, skip_malformed)
+    return _register_task(
+        "moss_preference_pairs",
+        source=seqio.FunctionDataSource(fn, splits=("train", "validation")),
+        output_features=features,
+    )

@@ -48,8 +48,10 @@ def test_packed_pipeline_is_deterministic_and_resumable(corpus_dir, vocab_path):
     state = a.get_state()
     expected = next(a)
     b = SeqioPipeline("moss_pretrain", seq_len=64, batch_size=4, seed=3)
-    assert all(np.array_equal(x["decoder_target_tokens"], y["decoder_target_tokens"])
-               for x, y in zip(first, [next(b) for _ in range(3)], strict=True))
+    assert all(
+        np.array_equal(x["decoder_target_tokens"], y["decoder_target_tokens"])
+        for x, y in zip(first, [next(b) for _ in range(3)], strict=True)
+    )
     c = SeqioPipeline("moss_pretrain", seq_len=64, batch_size=4, seed=3)
     c.set_state(state)
     got = next(c)
@@ -62,10 +64,14 @@ def test_sft_task_keeps_the_loss_mask_through_packing(tmp_path, vocab_path):
     path.write_text(json.dumps(RECORD, ensure_ascii=False) + "\n")
     register_sft_tasks(vocab_path, plugin_files=[path], max_len=1024)
     vocab = load_vocabulary(vocab_path)
-    ds = seqio.get_dataset("moss_sft_plugin", {"targets": 1024, WEIGHTS_FEATURE: 1024},
-                           feature_converter=__import__("data_pipelines.feature_converter",
-                                                        fromlist=["x"]).WeightedLMFeatureConverter(pack=True),
-                           shuffle=False)
+    ds = seqio.get_dataset(
+        "moss_sft_plugin",
+        {"targets": 1024, WEIGHTS_FEATURE: 1024},
+        feature_converter=__import__("data_pipelines.feature_converter", fromlist=["x"]).WeightedLMFeatureConverter(
+            pack=True
+        ),
+        shuffle=False,
+    )
     row = next(ds.as_numpy_iterator())
     trained = row["decoder_target_tokens"][row["decoder_loss_weights"] == 1]
     assert vocab.decode(trained.tolist()) == _expected_trained(TURN1, False) + _expected_trained(TURN2, False)
@@ -80,3 +86,90 @@ def test_malformed_sft_line_is_named_or_counted(tmp_path, vocab_path):
     register_sft_tasks(vocab_path, sft_files=[path], skip_malformed=True)
     examples = list(seqio.get_mixture_or_task("moss_sft").source.get_dataset("train").as_numpy_iterator())
     assert len(examples) == 1
+
+
+def _task_examples(name):
+    return list(seqio.get_mixture_or_task(name).get_dataset({"targets": 2048}, shuffle=False).as_numpy_iterator())
+
+
+def test_tagged_task_places_masked_tag_after_moss_marker(tmp_path, vocab_path):
+    from data_pipelines.specials import QUALITY_TAGS
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps(RECORD, ensure_ascii=False) + "\n")
+    tags = tmp_path / "tags.jsonl"
+    tags.write_text(
+        json.dumps({"conversation_id": 7, "turn": 1, "tag": 2})
+        + "\n"
+        + json.dumps({"conversation_id": 7, "turn": 2, "tag": 0})
+        + "\n"
+    )
+    register_sft_tasks(vocab_path, sft_files=[path], tags_file=tags, tag_dropout=0.0)
+    vocab = load_vocabulary(vocab_path)
+    (ex,) = _task_examples("moss_sft_tagged")
+    text = vocab.decode(ex["targets"].tolist())
+    assert f"<|MOSS|>:{QUALITY_TAGS[2]} 北京" in text and f"<|MOSS|>:{QUALITY_TAGS[0]} Sunny" in text
+    weights = ex[WEIGHTS_FEATURE] - 1
+    tag_ids = {vocab.encode(QUALITY_TAGS[2])[0], vocab.encode(QUALITY_TAGS[0])[0]}
+    assert all(w == 0 for t, w in zip(ex["targets"], weights, strict=True) if t in tag_ids)
+    trained = [t for t, w in zip(ex["targets"].tolist(), weights, strict=True) if w == 1]
+    assert vocab.decode(trained) == _expected_trained(TURN1, False) + _expected_trained(TURN2, False)
+
+
+def test_tag_dropout_rate_and_determinism(tmp_path, vocab_path):
+    from data_pipelines.specials import QUALITY_TAGS
+
+    path, tags = tmp_path / "sft.jsonl", tmp_path / "tags.jsonl"
+    records = [RECORD | {"conversation_id": i} for i in range(300)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    tags.write_text(
+        "".join(json.dumps({"conversation_id": i, "turn": t, "tag": 1}) + "\n" for i in range(300) for t in (1, 2))
+    )
+    vocab = load_vocabulary(vocab_path)
+    tag_id = vocab.encode(QUALITY_TAGS[1])[0]
+    counts = []
+    for _ in range(2):
+        register_sft_tasks(vocab_path, sft_files=[path], tags_file=tags, tag_dropout=0.3, tag_seed=5)
+        counts.append([int((ex["targets"] == tag_id).sum()) for ex in _task_examples("moss_sft_tagged")])
+    assert counts[0] == counts[1]
+    kept = sum(counts[0]) / (2 * len(counts[0]))  # the validation split holds 1 in 100 out
+    assert abs(kept - 0.7) < 0.06, kept
+    bad = tmp_path / "bad_tags.jsonl"
+    bad.write_text('{"conversation_id": 1, "turn": "x", "tag": 1}\n')
+    register_sft_tasks(vocab_path, sft_files=[path], tags_file=bad)
+    with pytest.raises((DataFormatError, tf.errors.OpError), match=r"bad_tags\.jsonl:1"):
+        _task_examples("moss_sft_tagged")
+
+
+def test_preference_pairs_share_context_and_mask_all_but_the_reply(tmp_path, vocab_path):
+    from data_pipelines.feature_converter import PairFeatureConverter
+    from data_pipelines.tasks import register_preference_pairs_task
+
+    chosen = "<|MOSS|>: Sunny, 3 to 12 degrees.<eom>\n"
+    rejected = "<|MOSS|>: I don't know.<eom>\n"
+    last = {k: v for k, v in TURN2.items() if k != "MOSS"}
+    record = {
+        "conversation_id": 1,
+        "meta_instruction": RECORD["meta_instruction"],
+        "chat": {"turn_1": TURN1, "turn_2": last},
+        "chosen": chosen,
+        "rejected": rejected,
+    }
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n")
+    register_preference_pairs_task(vocab_path, [path], max_len=512)
+    vocab = load_vocabulary(vocab_path)
+    ds = seqio.get_dataset(
+        "moss_preference_pairs",
+        {k: 512 for k in PairFeatureConverter.TASK_FEATURES},
+        feature_converter=PairFeatureConverter(),
+        shuffle=False,
+    )
+    (ex,) = list(ds.as_numpy_iterator())
+    for side, reply in (("chosen", chosen), ("rejected", rejected)):
+        targets, weights = ex[f"{side}_decoder_target_tokens"], ex[f"{side}_decoder_loss_weights"]
+        assert vocab.decode(targets[weights == 1].tolist()) == reply[len("<|MOSS|>:") :]
+        real = ex[f"{side}_decoder_segment_ids"] == 1
+        assert not weights[~real].any()
+    n = int((ex["chosen_decoder_loss_weights"] == 0).argmin())  # first trained position
+    np.testing.assert_array_equal(ex["chosen_decoder_target_tokens"][:n], ex["rejected_decoder_target_tokens"][:n])
