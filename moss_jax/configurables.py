@@ -13,7 +13,7 @@ from typing import Any
 
 import gin
 
-from data_pipelines import byte_text
+from data_pipelines import byte_text, seqio_input
 from moss_jax import config as config_lib
 from moss_jax import sharding
 from moss_jax.train import optimizer as optimizer_lib
@@ -26,6 +26,7 @@ gin.external_configurable(optimizer_lib.OptimizerConfig, module="moss_jax.train"
 gin.external_configurable(trainer_lib.TrainConfig, module="moss_jax.train")
 gin.external_configurable(trainer_lib.MeshConfig, module="moss_jax.train")
 gin.external_configurable(byte_text.stdlib_byte_text, module="data_pipelines.byte_text")
+gin.external_configurable(seqio_input.embedded_pretrain_data, module="data_pipelines.seqio_input")
 
 
 @gin.configurable(module="moss_jax")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Quick start, command 1: set up, then run the main job on the embedded default (CPU):
 #   1. the model smoke demo (presets, KV-cache decoding, sharded forward on 8 virtual devices);
-#   2. the tiny pre-training experiment (experiments/debug/pretrain_tiny_cpu.gin) in a fresh
-#      run directory under runs/, printing the loss falling.
+#   2. the tiny cross-lingual pre-training experiment (experiments/debug/pretrain_tiny_cpu.gin) on
+#      the embedded English/Chinese/code mixture, in a fresh run directory under runs/, printing
+#      the loss falling. The corpus and vocabulary are built under data/ on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
