@@ -173,3 +173,29 @@ def test_preference_pairs_share_context_and_mask_all_but_the_reply(tmp_path, voc
         assert not weights[~real].any()
     n = int((ex["chosen_decoder_loss_weights"] == 0).argmin())  # first trained position
     np.testing.assert_array_equal(ex["chosen_decoder_target_tokens"][:n], ex["rejected_decoder_target_tokens"][:n])
+
+
+def test_seqio_packed_row_logits_equal_each_example_alone(corpus_dir, vocab_path):
+    import jax
+    import jax.numpy as jnp
+
+    from moss_jax.config import PRESETS
+    from moss_jax.model import MossLM, init_params
+
+    register_pretrain_tasks(corpus_dir, vocab_path)
+    pipe = SeqioPipeline("moss_pretrain_zh", seq_len=256, batch_size=1, seed=0)
+    batch = next(b for b in (next(pipe) for _ in range(20)) if b["decoder_segment_ids"].max() >= 3)
+    seg = batch["decoder_segment_ids"][0]
+    cfg = PRESETS["debug"].replace(vocab_size=load_vocabulary(vocab_path).vocab_size)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    model = MossLM(cfg)
+    packed = model.apply(
+        {"params": params},
+        jnp.asarray(batch["decoder_input_tokens"]),
+        positions_BxL=jnp.asarray(batch["decoder_positions"]),
+        segment_ids_BxL=jnp.asarray(batch["decoder_segment_ids"]),
+    )[0]
+    for s in range(1, seg.max() + 1):
+        idx = np.flatnonzero(seg == s)
+        alone = model.apply({"params": params}, jnp.asarray(batch["decoder_input_tokens"][0, idx])[None])[0]
+        np.testing.assert_allclose(packed[idx], alone, atol=1e-5, rtol=0)
