@@ -170,6 +170,27 @@ def load_tags(path: str | os.PathLike) -> dict[tuple[str, int], int]:
     return tags
 
 
+def _encoded_records(paths: Sequence[str], split: str, skip_malformed: bool, encode, what: str) -> Iterator:
+    """Runs `encode(record, stats, where)` over the split's JSON lines; malformed lines and
+    records raise (naming file and line) or, with `skip_malformed`, are skipped and counted.
+    Examples too long to keep are counted by `encode` in the stats, reported at the end."""
+    stats, counter = conv.ConversionStats(), {}
+    for i, (path, lineno, record) in enumerate(iter_jsonl(paths, skip_malformed, counter)):
+        if not _in_split(i, split):
+            continue
+        try:
+            encoded = encode(record, stats, f"{path}:{lineno}")
+        except conv.ConversationError as e:
+            if not skip_malformed:
+                raise
+            counter["malformed"] = counter.get("malformed", 0) + 1
+            log.warning("skipped: %s", e)
+            continue
+        if encoded is not None:
+            yield encoded
+    log.warning("%s (%s): %s; %d malformed skipped", what, split, stats.report(), counter.get("malformed", 0))
+
+
 def _conversation_dataset(
     paths: Sequence[str],
     vocab_path: str,
@@ -188,33 +209,21 @@ def _conversation_dataset(
     def gen():
         vocab = load_vocabulary(vocab_path)
         all_tags = load_tags(tags_file) if tags_file else None
-        stats, counter = conv.ConversionStats(), {}
-        for i, (path, lineno, record) in enumerate(iter_jsonl(paths, skip_malformed, counter)):
-            if not _in_split(i, split):
-                continue
-            try:
-                tags = None
-                if all_tags is not None:
-                    cid = record.get("conversation_id", f"{path}:{lineno}")
-                    tags = {}
-                    for turn in range(1, len(record.get("chat") or {}) + 1):
-                        if (str(cid), turn) in all_tags:
-                            token = conv.tag_for_turn(all_tags[(str(cid), turn)], cid, turn, tag_dropout, tag_seed)
-                            if token is not None:
-                                tags[turn] = token
-                encoded = conv.encode_conversation(
-                    record, vocab, max_len, options, stats, where=f"{path}:{lineno}", tags=tags
-                )
-            except conv.ConversationError as e:
-                if not skip_malformed:
-                    raise
-                counter["malformed"] = counter.get("malformed", 0) + 1
-                log.warning("skipped: %s", e)
-                continue
-            if encoded is not None:
-                ids, weights = encoded
-                yield {"targets": ids, WEIGHTS_FEATURE: [int(w) + 1 for w in weights]}
-        log.warning("conversations (%s): %s; %d malformed skipped", split, stats.report(), counter.get("malformed", 0))
+
+        def encode(record, stats, where):
+            tags = None
+            if all_tags is not None:
+                cid = record.get("conversation_id", where)
+                tags = {}
+                for turn in range(1, len(record.get("chat") or {}) + 1):
+                    if (str(cid), turn) in all_tags:
+                        token = conv.tag_for_turn(all_tags[(str(cid), turn)], cid, turn, tag_dropout, tag_seed)
+                        if token is not None:
+                            tags[turn] = token
+            return conv.encode_conversation(record, vocab, max_len, options, stats, where=where, tags=tags)
+
+        for ids, weights in _encoded_records(paths, split, skip_malformed, encode, "conversations"):
+            yield {"targets": ids, WEIGHTS_FEATURE: [int(w) + 1 for w in weights]}
 
     spec = {"targets": tf.TensorSpec((None,), tf.int32), WEIGHTS_FEATURE: tf.TensorSpec((None,), tf.int32)}
     return tf.data.Dataset.from_generator(gen, output_signature=spec)
@@ -289,28 +298,17 @@ def _pairs_dataset(
 
     def gen():
         vocab = load_vocabulary(vocab_path)
-        stats, counter = conv.ConversionStats(), {}
-        for i, (path, lineno, record) in enumerate(iter_jsonl(paths, skip_malformed, counter)):
-            if not _in_split(i, split):
-                continue
-            try:
-                pair = conv.encode_pair(record, vocab, max_len, stats=stats, where=f"{path}:{lineno}")
-            except conv.ConversationError as e:
-                if not skip_malformed:
-                    raise
-                counter["malformed"] = counter.get("malformed", 0) + 1
-                log.warning("skipped: %s", e)
-                continue
-            if pair is not None:
-                out = {}
-                for side in PAIR_SIDES:
-                    ids, weights = pair[side]
-                    out[side] = ids
-                    out[f"{side}_{WEIGHTS_FEATURE}"] = [int(w) + 1 for w in weights]
-                yield out
-        log.warning(
-            "preference pairs (%s): %s; %d malformed skipped", split, stats.report(), counter.get("malformed", 0)
-        )
+
+        def encode(record, stats, where):
+            return conv.encode_pair(record, vocab, max_len, stats=stats, where=where)
+
+        for pair in _encoded_records(paths, split, skip_malformed, encode, "preference pairs"):
+            out = {}
+            for side in PAIR_SIDES:
+                ids, weights = pair[side]
+                out[side] = ids
+                out[f"{side}_{WEIGHTS_FEATURE}"] = [int(w) + 1 for w in weights]
+            yield out
 
     spec = {k: tf.TensorSpec((None,), tf.int32) for side in PAIR_SIDES for k in (side, f"{side}_{WEIGHTS_FEATURE}")}
     return tf.data.Dataset.from_generator(gen, output_signature=spec)
