@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "bm25s==0.3.16",  # offline BM25 search index
     "jieba==0.42.1",  # Chinese segmentation for search
     "tokenizers==0.23.3",  # reads the released MOSS byte-level BPE files
+    "starlette==1.10.0",  # OpenAI-compatible HTTP server (moss_jax.serve)
+    "uvicorn==0.54.0",  # ASGI server for moss_jax.serve
     "importlib_resources==7.1.0",  # tensorflow-datasets builders import it without declaring it
 ]
 
@@ -36,6 +38,7 @@ EXTRAS = {
         "pytest-xdist>=3.5",
         "torch==2.13.0",
         "transformers==5.24.0",
+        "httpx==0.28.1",  # HTTP client of the server tests
         "ruff>=0.6",
     ],
     # libtpu matching the pinned jax: runs on TPU VMs, and compiles (not runs) TPU programs on CPU hosts.

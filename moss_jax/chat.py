@@ -1,0 +1,91 @@
+"""Terminal chat with a MOSS model, streaming the reply as it is generated.
+
+    python -m moss_jax.chat --checkpoint ckpt/ --tokenizer vocab/moss_sp.model [--tools] [--temperature 0.7]
+
+Commands: /reset (forget the conversation), /tools on|off (the plugin loop: inner thoughts,
+commands, results), /quit (or end of input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from moss_jax.inference.chat_session import ChatSession
+from moss_jax.inference.cli_args import add_model_args, add_sampling_args, load_from_args, sampling_from_args
+from moss_jax.inference.local import LocalGenerator
+
+HELP = "commands: /reset, /tools on|off, /quit"
+
+
+def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, show_tools: bool = False) -> None:
+    """Reads messages and commands from `stdin` until /quit or end of input."""
+    print(f"MOSS chat. {HELP}", file=stdout, flush=True)
+    while True:
+        print("\n<|Human|>: ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        message = line.rstrip("\n")
+        command = message.strip()
+        if command in ("/quit", "/exit"):
+            break
+        if command == "/reset":
+            session.reset()
+            print("[conversation reset]", file=stdout, flush=True)
+            continue
+        if command.startswith("/tools"):
+            arg = command[len("/tools") :].strip()
+            if arg not in ("on", "off"):
+                print("usage: /tools on|off", file=stdout, flush=True)
+                continue
+            try:
+                session.set_tools(arg == "on")
+                print(f"[tools {arg}]", file=stdout, flush=True)
+            except ValueError as e:
+                print(f"[{e}]", file=stdout, flush=True)
+            continue
+        if command.startswith("/"):
+            print(f"unknown command {command!r}; {HELP}", file=stdout, flush=True)
+            continue
+        if not command:
+            continue
+        print("<|MOSS|>: ", end="", file=stdout, flush=True)
+        reply = session.send(message, on_text=lambda delta: print(delta, end="", file=stdout, flush=True))
+        print(file=stdout, flush=True)
+        if show_tools and reply.turn.commands is not None:
+            print(f"[thoughts] {reply.turn.thoughts}\n[commands] {reply.turn.commands}", file=stdout)
+            print(f"[results] {reply.turn.results}", file=stdout, flush=True)
+        if reply.finish_reason == "length":
+            print("[reply cut at --max_new_tokens]", file=stdout, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_sampling_args(parser)
+    parser.add_argument("--tools", action="store_true", help="start with tools on")
+    parser.add_argument("--show_tools", action="store_true", help="print inner thoughts, commands and results")
+    parser.add_argument("--search_index_dir", help="local BM25 index for the Search tool")
+    args = parser.parse_args(argv)
+
+    from moss_jax.tools import ToolRegistry, ToolsConfig
+
+    config, params, tokenizer, mesh = load_from_args(args)
+    tools_cfg = ToolsConfig(enable_search=args.search_index_dir is not None, search_index_dir=args.search_index_dir)
+    session = ChatSession(
+        LocalGenerator(params, config, tokenizer.decode, mesh=mesh),
+        tokenizer,
+        config.max_len,
+        tools=ToolRegistry(tools_cfg),
+        tools_on=args.tools,
+        sampling=sampling_from_args(args),
+        max_new_tokens=args.max_new_tokens,
+    )
+    run_repl(session, sys.stdin, sys.stdout, show_tools=args.show_tools)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

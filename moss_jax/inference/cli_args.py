@@ -1,0 +1,58 @@
+"""Command-line flags shared by `python -m moss_jax.chat` and `python -m moss_jax.serve`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from moss_jax.config import MossConfig
+from moss_jax.inference.sampling import MOSS_DEFAULTS, SamplingParams
+from moss_jax.inference.tokenizer import Tokenizer, load_tokenizer
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="moss_jax checkpoint dir (save_params) or a HF dir")
+    parser.add_argument(
+        "--tokenizer", required=True, help="SentencePiece .model file, or a dir with the released BPE files"
+    )
+    parser.add_argument("--tensor_parallel", type=int, default=1, help="devices to shard the model over (heads/mlp)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = MOSS_DEFAULTS
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=d.top_k, help="0 = off")
+    parser.add_argument("--top_p", type=float, default=d.top_p)
+    parser.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[MossConfig, Any, Tokenizer, Any]:
+    """(config, params, tokenizer, mesh or None); checks the tokenizer fits the model."""
+    from moss_jax.inference.local import load_model
+
+    mesh = None
+    if args.tensor_parallel > 1:
+        import jax
+
+        from moss_jax.sharding import make_mesh
+
+        mesh = make_mesh(data=1, fsdp=1, tensor=args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
+    config, params = load_model(args.checkpoint, mesh)
+    tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise SystemExit(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}: wrong pair?"
+        )
+    return config, params, tokenizer, mesh

@@ -1,0 +1,201 @@
+"""The OpenAI chat-completions wire format: request validation and response objects.
+
+Supported request fields: `messages` (system / user / assistant, string content or a list of
+text parts), `model`, `stream`, `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`,
+`seed`, `stop` (string or up to 4 strings), `n` (1 only), `user`; extensions `top_k`,
+`repetition_penalty` and `ignore_eos`. Settings not given default to MOSS's (MOSS_SPEC
+section 5), not OpenAI's. Fields that change behaviour and are not implemented (tools,
+logprobs, n > 1, ...) are rejected with 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from moss_jax.inference.prompt import Turn
+from moss_jax.inference.sampling import MOSS_DEFAULTS, SamplingParams
+
+# Accepted but without effect here (they only describe the client or its billing).
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "stream_options"}
+KNOWN_FIELDS = {
+    "messages",
+    "model",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "n",
+    "ignore_eos",
+} | IGNORED_FIELDS
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(ValueError):
+    """A malformed request (answered with HTTP 400 and this message)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    system: str | None
+    turns: list[Turn]  # the last one pending
+    stream: bool
+    max_tokens: int | None
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    model: str | None
+
+
+def _number(body: Mapping, name: str, lo: float, hi: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise RequestError(f"'{name}' must be {kind} in [{lo}, {hi}], got {value!r}", name)
+    return value
+
+
+def _content(message: Mapping, i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": "..."}]
+        parts = []
+        for part in content:
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise RequestError(f"messages[{i}].content: only text parts are supported", "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def parse_messages(messages: Any) -> tuple[str | None, list[Turn]]:
+    """(system text, turns): each user message opens a turn, an assistant message closes it."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", "messages")
+    system_parts: list[str] = []
+    turns: list[Turn] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise RequestError(f"messages[{i}] must be an object", "messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {ROLES}, got {role!r}", "messages")
+        text = _content(m, i)
+        if role == "system":
+            if turns:
+                raise RequestError(f"messages[{i}]: system messages must come first", "messages")
+            system_parts.append(text)
+        elif role == "user":
+            if turns and turns[-1].moss is None:  # two user messages in a row: one turn
+                turns[-1].human += "\n" + text
+            else:
+                turns.append(Turn(human=text))
+        else:
+            if not turns or turns[-1].moss is not None:
+                raise RequestError(f"messages[{i}]: an assistant message must follow a user message", "messages")
+            turns[-1].moss = text
+    if not turns or turns[-1].moss is not None:
+        raise RequestError("the last message must be from the user", "messages")
+    return ("\n".join(system_parts) if system_parts else None), turns
+
+
+def parse_request(body: Any) -> ChatRequest:
+    """Validates a chat-completions request body; raises RequestError."""
+    if not isinstance(body, Mapping):
+        raise RequestError("the request body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise RequestError(f"unsupported field(s) {unknown}", unknown[0])
+    system, turns = parse_messages(body.get("messages"))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", "stream")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise RequestError(f"only n=1 is supported, got {n!r}", "n")
+    max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, 1 << 20, integer=True)
+    temperature = _number(body, "temperature", 0, 2)
+    top_p = _number(body, "top_p", 0, 1)
+    if top_p == 0:
+        raise RequestError("'top_p' must be > 0", "top_p")
+    top_k = _number(body, "top_k", 0, 1 << 20, integer=True)
+    penalty = _number(body, "repetition_penalty", 0.01, 100)
+    seed = _number(body, "seed", -(1 << 63), (1 << 63) - 1, integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise RequestError("'stop' must be a string or a list of at most 4 strings", "stop")
+    if any(not s for s in stops):
+        raise RequestError("'stop' strings must be non-empty", "stop")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise RequestError("'ignore_eos' must be a boolean", "ignore_eos")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("'model' must be a string", "model")
+    sampling = SamplingParams(
+        temperature=float(MOSS_DEFAULTS.temperature if temperature is None else temperature),
+        top_k=int(MOSS_DEFAULTS.top_k if top_k is None else top_k),
+        top_p=float(MOSS_DEFAULTS.top_p if top_p is None else top_p),
+        repetition_penalty=float(MOSS_DEFAULTS.repetition_penalty if penalty is None else penalty),
+        seed=int(seed) if seed is not None else uuid.uuid4().int % (1 << 31),
+    )
+    return ChatRequest(system, turns, stream, max_tokens, sampling, stops, ignore_eos, model)
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def new_completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def chunk_object(completion_id: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict:
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+def completion_object(
+    completion_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> dict:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
