@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moss_jax.convert.checkpoint_io import load_hf_checkpoint, load_params, save_hf_checkpoint, save_params
+from moss_jax.convert.checkpoint_io import (
+    export_params_from_run,
+    load_hf_checkpoint,
+    load_params,
+    save_hf_checkpoint,
+    save_params,
+)
 from moss_jax.convert.mapping import CheckpointError
 
 
@@ -37,12 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max_shard_size", default="2GB", type=_size)
     b.add_argument("--model_type", default="codegen", choices=("codegen", "moss"))
     b.add_argument("--overwrite", action="store_true")
+    c = sub.add_parser("export", help="a training run's checkpoint -> params checkpoint (for chat/serve/eval)")
+    c.add_argument("--run_dir", required=True, help="the training workdir (holds checkpoints/)")
+    c.add_argument("--out_dir", required=True)
+    c.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    c.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "hf2orbax":
             config, params = load_hf_checkpoint(args.hf_dir, dtype=args.dtype)
             save_params(args.out_dir, params, config, overwrite=args.overwrite)
             print(f"wrote {args.out_dir} ({config.num_params / 1e6:.1f}M parameters)")
+        elif args.command == "export":
+            step, out = export_params_from_run(args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite)
+            print(f"wrote {out} (parameters of step {step})")
         else:
             config, params = load_params(args.ckpt_dir)
             save_hf_checkpoint(

@@ -214,3 +214,24 @@ def _first_leaf(params: Any):
     import jax
 
     return jax.tree_util.tree_leaves(params)[0]
+
+
+def export_params_from_run(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None, overwrite: bool = False
+) -> tuple[int, Path]:
+    """Copies the parameters of a training run's checkpoint (latest, or `step`) into a
+    params checkpoint (`save_params` layout) that chat, serve, eval and `init_from` read."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = Path(run_dir).absolute() / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: no checkpoints directory (is {run_dir} a training workdir?)")
+    with ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "model")) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise CheckpointError(f"{ckpt_dir}: no checkpoint for step {step}; have {sorted(manager.all_steps())}")
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), model=ocp.args.JsonRestore())
+        )
+    config = MossConfig(**restored["model"])
+    return step, save_params(out_dir, restored["state"]["params"], config, overwrite=overwrite)

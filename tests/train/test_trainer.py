@@ -193,3 +193,18 @@ def test_unknown_gin_binding_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "stepz" in proc.stderr and "error: gin configuration" in proc.stderr
+
+
+def test_export_run_params_for_chat_and_serve(tmp_path):
+    from moss_jax.convert.__main__ import main as convert_main
+    from moss_jax.convert.checkpoint_io import load_params
+
+    run = train(CFG, OPT, _cfg(tmp_path / "run", steps=2), DATA, ONE)
+    assert convert_main(["export", "--run_dir", str(tmp_path / "run"), "--out_dir", str(tmp_path / "ckpt")]) == 0
+    config, params = load_params(tmp_path / "ckpt")
+    assert config == CFG
+    _assert_trees_close(params, run["state"].params, atol=0)
+    assert (
+        convert_main(["export", "--run_dir", str(tmp_path / "run"), "--out_dir", str(tmp_path / "x"), "--step", "7"])
+        == 2
+    )
