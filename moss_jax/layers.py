@@ -58,7 +58,12 @@ def apply_rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, rotary_dim: int
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with partial rotary; optional KV cache for one layer."""
+    """Multi-head self-attention with partial rotary; optional KV cache.
+
+    The cache is the whole stacked [Y, B, S, H, K] pair plus this layer's index: the layer
+    writes its new keys/values into its own slot in place (a carried buffer, so XLA updates it
+    without copying the cache every step) and reads its slice back for attention.
+    """
 
     config: MossConfig
 
@@ -68,9 +73,9 @@ class Attention(nn.Module):
         x_BxLxD: jax.Array,
         positions_BxL: jax.Array,
         segment_ids_BxL: jax.Array | None,
-        kv_cache: tuple[jax.Array, jax.Array] | None,
+        kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None,
         decode: tuple[jax.Array, jax.Array] | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None]:
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         d, h, k = cfg.d_model, cfg.n_heads, cfg.head_dim
@@ -101,26 +106,28 @@ class Attention(nn.Module):
             )
             new_cache = None
         else:
-            # Write this chunk's keys/values at the shared slot index, attend over the whole cache.
+            # Write this chunk's keys/values at the shared slot index of this layer, attend over
+            # the layer's whole cache.
             cache_segment_ids_BxS, index = decode
-            k_cache_BxSxHxK, v_cache_BxSxHxK = kv_cache
-            k_cache_BxSxHxK = lax.dynamic_update_slice(
-                k_cache_BxSxHxK, k_BxLxHxK.astype(k_cache_BxSxHxK.dtype), (0, index, 0, 0)
+            k_cache_YxBxSxHxK, v_cache_YxBxSxHxK, layer = kv_cache
+            start = (layer, 0, index, 0, 0)
+            k_cache_YxBxSxHxK = lax.dynamic_update_slice(
+                k_cache_YxBxSxHxK, k_BxLxHxK.astype(k_cache_YxBxSxHxK.dtype)[None], start
             )
-            v_cache_BxSxHxK = lax.dynamic_update_slice(
-                v_cache_BxSxHxK, v_BxLxHxK.astype(v_cache_BxSxHxK.dtype), (0, index, 0, 0)
+            v_cache_YxBxSxHxK = lax.dynamic_update_slice(
+                v_cache_YxBxSxHxK, v_BxLxHxK.astype(v_cache_YxBxSxHxK.dtype)[None], start
             )
             out_BxLxHxK = attention(
                 q_BxLxHxK,
-                k_cache_BxSxHxK.astype(dtype),
-                v_cache_BxSxHxK.astype(dtype),
+                lax.dynamic_index_in_dim(k_cache_YxBxSxHxK, layer, keepdims=False).astype(dtype),
+                lax.dynamic_index_in_dim(v_cache_YxBxSxHxK, layer, keepdims=False).astype(dtype),
                 q_segment_ids=segment_ids_BxL,
                 kv_segment_ids=cache_segment_ids_BxS,
                 causal=True,
                 q_offset=index,
                 impl=cfg.attention_impl,
             )
-            new_cache = (k_cache_BxSxHxK, v_cache_BxSxHxK)
+            new_cache = (k_cache_YxBxSxHxK, v_cache_YxBxSxHxK, layer + 1)
         y_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK.astype(dtype), w_o.astype(dtype))
         return y_BxLxD, new_cache
 
@@ -147,21 +154,16 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One GPT-J parallel block. Signature fits `nn.scan`: (carry, *xs) -> (carry, ys)."""
+    """One GPT-J parallel block. Signature fits `nn.scan`: (carry, *broadcast) -> (carry, None),
+    with carry = (x, cache), cache = None or (stacked k, stacked v, layer index)."""
 
     config: MossConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(
-        self,
-        x_BxLxD: jax.Array,
-        positions_BxL: jax.Array,
-        segment_ids_BxL: jax.Array | None,
-        kv_cache: Any,
-        decode: Any,
-    ):
+    def __call__(self, carry: Any, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None, decode: Any):
         cfg = self.config
+        x_BxLxD, kv_cache = carry
         x_BxLxD = with_constraint(x_BxLxD, ("batch", "length", "embed"))
         h_BxLxD = layer_norm(cfg, "ln")(x_BxLxD).astype(jnp.dtype(cfg.dtype))
         attn_BxLxD, new_cache = Attention(cfg, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, kv_cache, decode)
@@ -170,4 +172,4 @@ class Block(nn.Module):
         if cfg.dropout_rate:
             branch_BxLxD = nn.Dropout(cfg.dropout_rate)(branch_BxLxD, deterministic=self.deterministic)
         out_BxLxD = (x_BxLxD + branch_BxLxD).astype(jnp.dtype(cfg.dtype))
-        return with_constraint(out_BxLxD, ("batch", "length", "embed")), new_cache
+        return (with_constraint(out_BxLxD, ("batch", "length", "embed")), new_cache), None

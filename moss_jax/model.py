@@ -146,28 +146,26 @@ class MossLM(nn.Module):
         block_cls = Block
         if cfg.remat_policy != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        kv = None if cache is None else (cache.k, cache.v)
+        kv = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
         if cfg.scan_layers:
             stack = nn.scan(
                 block_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, new_kv = stack(cfg, deterministic, name="layers")(
-                x_BxLxD, positions_BxL, segment_ids_BxL, kv, decode
+            (x_BxLxD, new_kv), _ = stack(cfg, deterministic, name="layers")(
+                (x_BxLxD, kv), positions_BxL, segment_ids_BxL, decode
             )
         else:
-            layer_kvs = []
+            carry = (x_BxLxD, kv)
             for i in range(cfg.n_layers):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BxLxD, layer_kv = block_cls(cfg, deterministic, name=f"layers_{i}")(
-                    x_BxLxD, positions_BxL, segment_ids_BxL, layer_kv, decode
+                carry, _ = block_cls(cfg, deterministic, name=f"layers_{i}")(
+                    carry, positions_BxL, segment_ids_BxL, decode
                 )
-                layer_kvs.append(layer_kv)
-            new_kv = None if kv is None else tuple(jnp.stack([c[j] for c in layer_kvs]) for j in range(2))
+            x_BxLxD, new_kv = carry
 
         x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
         if return_hidden:
