@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     config = PRESETS["tiny"]
     tx, schedule = make_optimizer(OptimizerConfig(total_steps=1000, warmup_steps=10))
     params = init_params(config, jax.random.PRNGKey(0))
-    state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.PRNGKey(1))
+    state = TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(1)
+    )
     step = jax.jit(make_train_step(config, tx, schedule), donate_argnums=0)
     device_batches = [jax.device_put(b) for b in batches[:10]]
     for b in device_batches[:2]:
@@ -75,11 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch * args.seq_len
     data_tps = tokens * args.batches / data_s
     train_tps = tokens * n / train_s
-    print(json.dumps({
-        "bench": "data_throughput", "config": "tiny", "seq_len": args.seq_len, "batch": args.batch,
-        "pipeline_tokens_per_s": round(data_tps, 1), "train_step_tokens_per_s": round(train_tps, 1),
-        "ratio": round(data_tps / train_tps, 2), "packing_fill": round(fill, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "data_throughput",
+                "config": "tiny",
+                "seq_len": args.seq_len,
+                "batch": args.batch,
+                "pipeline_tokens_per_s": round(data_tps, 1),
+                "train_step_tokens_per_s": round(train_tps, 1),
+                "ratio": round(data_tps / train_tps, 2),
+                "packing_fill": round(fill, 3),
+            }
+        )
+    )
     return 0
 
 

@@ -10,14 +10,29 @@ implementations:
   given (0 marks padding; packed sequences use 1, 2, ...).
 
 Scores and softmax are computed in float32; the output has the dtype of `v`.
+
+Implementations (`impl`, also `MossConfig.attention_impl`):
+
+* "xla": the reference below; materialises the [B, H, L, S] scores.
+* "blockwise": XLA loops over key blocks with an online softmax (moss_jax/kernels/blockwise.py).
+* "pallas_tpu" / "pallas_gpu": Pallas flash-attention kernels (Mosaic / Triton); a one-token
+  query (the KV-cache decode step) uses the decode kernel instead. Off their platform they run
+  in the Pallas interpreter, which is how the tests check them on CPU.
+* "auto": "pallas_tpu" when lowered for TPU, "pallas_gpu" for CUDA, "blockwise" elsewhere,
+  chosen at lowering time (so an ahead-of-time TPU compile on a CPU host gets the kernel).
+
+See docs/kernels.md for the design and measurements.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from moss_jax.kernels import blockwise, common, decode_gpu, decode_tpu, flash_gpu, flash_tpu, partition
 
 _IMPLS: dict[str, Callable[..., jax.Array]] = {}
 
@@ -87,6 +102,98 @@ def xla_attention(
         probs_BxHxLxS = jnp.where(mask, probs_BxHxLxS, 0.0)
     out = jnp.einsum("bhls,bshk->blhk", probs_BxHxLxS, v_BxSxHxK.astype(jnp.float32))
     return out.astype(v_BxSxHxK.dtype)
+
+
+def _kernel_attention(flash: Callable[..., jax.Array], decode: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """A Pallas implementation: flash kernel, or the decode kernel for one query per row."""
+
+    def local(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset, *, causal):
+        batch, q_len = q_BxLxHxK.shape[:2]
+        if q_len > 1:
+            return flash(
+                q_BxLxHxK,
+                k_BxSxHxK,
+                v_BxSxHxK,
+                q_segment_ids=q_segment_ids,
+                kv_segment_ids=kv_segment_ids,
+                causal=causal,
+                q_offset=offset,
+            )
+        # Causal with one query at absolute index `offset`: keys 0..offset are visible.
+        length = offset + 1 if causal else k_BxSxHxK.shape[1]
+        out_BxHxK = decode(
+            q_BxLxHxK[:, 0],
+            k_BxSxHxK,
+            v_BxSxHxK,
+            jnp.broadcast_to(jnp.asarray(length, jnp.int32), (batch,)),
+            q_segment_ids_B=None if q_segment_ids is None else q_segment_ids[:, 0],
+            kv_segment_ids_BxS=kv_segment_ids,
+        )
+        return out_BxHxK[:, None]
+
+    def impl(
+        q_BxLxHxK: jax.Array,
+        k_BxSxHxK: jax.Array,
+        v_BxSxHxK: jax.Array,
+        *,
+        q_segment_ids: jax.Array | None = None,
+        kv_segment_ids: jax.Array | None = None,
+        causal: bool = True,
+        q_offset: jax.Array | int = 0,
+    ) -> jax.Array:
+        common.check_segment_ids(q_segment_ids, kv_segment_ids)
+        return partition.shard_map_attention(
+            functools.partial(local, causal=causal),
+            q_BxLxHxK,
+            k_BxSxHxK,
+            v_BxSxHxK,
+            q_segment_ids,
+            kv_segment_ids,
+            q_offset,
+        )
+
+    return impl
+
+
+register("blockwise")(blockwise.blockwise_attention)
+pallas_tpu_attention = register("pallas_tpu")(
+    _kernel_attention(flash_tpu.flash_attention_tpu, decode_tpu.decode_attention_tpu)
+)
+pallas_gpu_attention = register("pallas_gpu")(
+    _kernel_attention(flash_gpu.flash_attention_gpu, decode_gpu.decode_attention_gpu)
+)
+
+
+@register("auto")
+def auto_attention(
+    q_BxLxHxK: jax.Array,
+    k_BxSxHxK: jax.Array,
+    v_BxSxHxK: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """The TPU kernel on TPU, the GPU kernel on CUDA, blockwise XLA elsewhere (at lowering time)."""
+
+    def branch(fn):
+        def run(q, k, v, q_seg, kv_seg, offset):
+            return fn(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal, q_offset=offset)
+
+        return run
+
+    return jax.lax.platform_dependent(
+        q_BxLxHxK,
+        k_BxSxHxK,
+        v_BxSxHxK,
+        q_segment_ids,
+        kv_segment_ids,
+        jnp.asarray(q_offset, jnp.int32),
+        tpu=branch(pallas_tpu_attention),
+        cuda=branch(pallas_gpu_attention),
+        default=branch(blockwise.blockwise_attention),
+    )
 
 
 def available_impls() -> tuple[str, ...]:

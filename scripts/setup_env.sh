@@ -30,4 +30,6 @@ if [ ! -f "$_moss_stamp" ]; then
 fi
 export PATH="$_moss_root/.venv/bin:$PATH"
 export TPU_WORKER_HOSTNAMES="${TPU_WORKER_HOSTNAMES:-localhost}"
+# libtpu (the `tpu` extra) takes an exclusive lock meant for TPU hosts; CPU hosts only compile for TPU.
+export ALLOW_MULTIPLE_LIBTPU_LOAD="${ALLOW_MULTIPLE_LIBTPU_LOAD:-1}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"

@@ -1,0 +1,153 @@
+"""Pieces shared by every attention implementation in this package.
+
+Masking follows `moss_jax.attention` exactly: query row i (absolute key index `q_offset + i`)
+sees key j iff `q_offset + i >= j` (when causal) and the segment ids match (when given).
+Sequences are padded to whole blocks inside the wrappers; a padded key column is hidden by
+`kv_len` (the real key count) and a padded query row is sliced off the output, so its
+cotangent is zero and it adds nothing to dK/dV.
+
+The online softmax keeps a running row max `m`, a running sum `row_sum` and an unnormalised fp32
+accumulator. Masked scores are set to -inf and `m` starts at a large finite negative value,
+so a masked entry contributes exactly 0 and a fully masked row ends with row_sum == 0, which we map
+to an output of 0: the reference's convention for a query with no visible key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Start value of the running max: finite, so exp(m_prev - m_next) never computes inf - inf.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes: query rows x key columns for the forward and for both backward kernels."""
+
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def fit_block(block: int, length: int, align: int) -> int:
+    """The block actually used: `block`, or the aligned length when the sequence is shorter."""
+    if block % align:
+        raise ValueError(f"block size {block} must be a multiple of {align} here")
+    return min(block, round_up(length, align))
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value: int | float = 0) -> jax.Array:
+    """Pads `x` along `axis` at the end up to `size`."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def check_segment_ids(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None) -> bool:
+    """True when segment ids are given; both or neither, as in `moss_jax.attention.make_mask`."""
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    return q_segment_ids is not None
+
+
+def offset_array(q_offset: jax.Array | int) -> jax.Array:
+    """`q_offset` as int32[1]: a scalar-prefetch operand on TPU, a 1-element ref on GPU."""
+    return jnp.reshape(jnp.asarray(q_offset, jnp.int32), (1,))
+
+
+def visible(
+    row_pos: jax.Array,
+    col_pos: jax.Array,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+    *,
+    causal: bool,
+    kv_len: int | None,
+) -> jax.Array | None:
+    """Which (query, key) pairs may attend; positions are absolute key indices. None = all."""
+    mask = None
+
+    def both(a, b):
+        return b if a is None else jnp.logical_and(a, b)
+
+    if causal:
+        mask = both(mask, row_pos >= col_pos)
+    if q_seg is not None:
+        mask = both(mask, q_seg == kv_seg)
+    if kv_len is not None:
+        mask = both(mask, col_pos < kv_len)
+    return mask
+
+
+def softmax_update(
+    m_prev: jax.Array, l_prev: jax.Array, s: jax.Array, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One online-softmax step on fp32 scores `s` [..., rows, cols] with state [..., rows, 1].
+
+    Returns (m_next, l_next, p, alpha): the caller rescales its accumulator by `alpha` and
+    adds `p @ v`.
+    """
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_next)
+    p = jnp.exp(s - m_next)
+    l_next = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+    return m_next, l_next, p, alpha
+
+
+def softmax_finish(m: jax.Array, row_sum: jax.Array, acc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(normalised output, log-sum-exp); a row that saw no key gets output 0."""
+    l_safe = jnp.where(row_sum == 0.0, 1.0, row_sum)
+    return acc / l_safe, m + jnp.log(l_safe)
+
+
+def softmax_grad(
+    s: jax.Array, mask: jax.Array | None, lse: jax.Array, dp: jax.Array, delta: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Recomputed probabilities and dScores from fp32 scores, saved lse and delta = rowsum(dO * O).
+
+    Returns (p, ds) with ds = p * (dp - delta), the gradient w.r.t. the scaled scores.
+    """
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    p = jnp.exp(s - lse)
+    return p, p * (dp - delta)
+
+
+def dot_precision(dtype: jnp.dtype) -> jax.lax.Precision | None:
+    """fp32 inputs ask for full fp32 matmuls (TPU would otherwise use one bf16 pass)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def on_platform(fn, *args, platform: str, interpret: bool | None):
+    """Runs `fn(*args, interpret=...)`: compiled where the program is lowered for `platform`,
+    interpreted elsewhere, unless `interpret` forces one.
+
+    The choice is made at lowering time (`lax.platform_dependent`), not from the host's
+    default backend, so a CPU host compiling ahead of time for a TPU topology gets the
+    compiled kernel.
+    """
+    if interpret is not None:
+        return fn(*args, interpret=interpret)
+    return jax.lax.platform_dependent(
+        *args, default=functools.partial(fn, interpret=True), **{platform: functools.partial(fn, interpret=False)}
+    )
