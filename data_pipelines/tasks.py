@@ -16,7 +16,6 @@ Splits: "train" and "validation" (every `VALIDATION_EVERY`-th document, held out
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +26,7 @@ import tensorflow as tf
 
 from data_pipelines import conversation as conv
 from data_pipelines.feature_converter import WEIGHTS_FEATURE, add_weights_feature
+from data_pipelines.jsonl import DataFormatError, iter_jsonl
 from data_pipelines.vocab import load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -38,36 +38,9 @@ VALIDATION_EVERY = 100
 TASK_ID_FEATURE = "task_id"  # kept on unpacked examples so mixtures can be audited
 
 
-class DataFormatError(ValueError):
-    """A malformed input line (the message names the file and line)."""
-
-
 def _in_split(index: int, split: str) -> bool:
     held_out = index % VALIDATION_EVERY == VALIDATION_EVERY - 1
     return held_out if split == "validation" else not held_out
-
-
-def iter_jsonl(
-    paths: Sequence[str | os.PathLike], skip_malformed: bool = False, counter: dict | None = None
-) -> Iterator[tuple[str, int, dict]]:
-    """Yields (path, line number, object); malformed lines raise, or are counted when skipped."""
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict):
-                        raise ValueError("not a JSON object")
-                except ValueError as e:
-                    if not skip_malformed:
-                        raise DataFormatError(f"{path}:{lineno}: malformed JSON line ({e})") from None
-                    if counter is not None:
-                        counter["malformed"] = counter.get("malformed", 0) + 1
-                    log.warning("%s:%d: skipped malformed JSON line (%s)", path, lineno, e)
-                    continue
-                yield str(path), lineno, obj
 
 
 def _text_dataset(path: str, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_pipelines.jsonl import iter_jsonl
+
 log = logging.getLogger(__name__)
 
 
@@ -47,22 +49,12 @@ def _files(manual_dir: Path, patterns: tuple[str, ...]) -> list[Path]:
 
 class _JsonLinesMixin:
     def _json_lines(self, path: Path):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    problem = self._check(obj)
-                except json.JSONDecodeError as e:
-                    problem = f"malformed JSON ({e.msg} at column {e.colno})"
-                if problem:
-                    if not self.builder_config.skip_malformed:
-                        raise ValueError(f"{path}:{lineno}: {problem}")
-                    self._malformed += 1
-                    log.warning("%s:%d: skipped: %s", path, lineno, problem)
-                    continue
-                yield lineno, obj
+        counter = {}
+        for _, lineno, obj in iter_jsonl(
+            [path], skip_malformed=self.builder_config.skip_malformed, counter=counter, check=self._check
+        ):
+            yield lineno, obj
+        self._malformed += counter.get("malformed", 0)
 
     def _record_skipped(self) -> None:
         self.info.metadata["malformed_lines"] = self._malformed
@@ -95,8 +87,6 @@ class MossSftConversations(_JsonLinesMixin, tfds.core.GeneratorBasedBuilder):
         )
 
     def _check(self, obj) -> str | None:
-        if not isinstance(obj, dict):
-            return "not a JSON object"
         chat = obj.get("chat")
         if not isinstance(chat, dict) or not chat:
             return "missing or empty 'chat' object"
@@ -139,7 +129,7 @@ class LocalTextCorpus(_JsonLinesMixin, tfds.core.GeneratorBasedBuilder):
         )
 
     def _check(self, obj) -> str | None:
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        if not isinstance(obj.get("text"), str):
             return "not a JSON object with a string 'text' field"
         return None
 

@@ -1,0 +1,47 @@
+"""Reading JSON-lines files: one object per line, malformed lines named by file and line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class DataFormatError(ValueError):
+    """A malformed input line (the message names the file and line)."""
+
+
+def iter_jsonl(
+    paths: Sequence[str | os.PathLike],
+    skip_malformed: bool = False,
+    counter: dict | None = None,
+    check: Callable[[dict], str | None] | None = None,
+) -> Iterator[tuple[str, int, dict]]:
+    """Yields (path, line number, object) for every non-blank line.
+
+    A line that is not a JSON object, or for which `check(obj)` returns a problem, raises
+    `DataFormatError`; with `skip_malformed` it is logged and counted in `counter["malformed"]`.
+    """
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    problem = None if isinstance(obj, dict) else "malformed JSON line (not a JSON object)"
+                except json.JSONDecodeError as e:
+                    problem = f"malformed JSON line ({e.msg} at column {e.colno})"
+                if problem is None and check is not None:
+                    problem = check(obj)
+                if problem:
+                    if not skip_malformed:
+                        raise DataFormatError(f"{path}:{lineno}: {problem}")
+                    if counter is not None:
+                        counter["malformed"] = counter.get("malformed", 0) + 1
+                    log.warning("%s:%d: skipped: %s", path, lineno, problem)
+                    continue
+                yield str(path), lineno, obj
