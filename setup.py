@@ -39,6 +39,7 @@ EXTRAS = {
         "torch==2.13.0",
         "transformers==5.24.0",
         "httpx==0.28.1",  # HTTP client of the server tests
+        "selenium==4.51.0",  # drives Debian's headless chromium in tests/web (scripts/test.sh installs it)
         "ruff>=0.6",
     ],
     # libtpu matching the pinned jax: runs on TPU VMs, and compiles (not runs) TPU programs on CPU hosts.
@@ -70,6 +71,7 @@ setup(
     packages=find_packages(
         include=["moss_jax", "moss_jax.*", "data_pipelines", "data_pipelines.*", "tpu_setup", "tpu_setup.*"]
     ),
+    package_data={"moss_jax.inference": ["static/*"]},  # the web chat page served at /
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )
