@@ -1,0 +1,180 @@
+"""`python -m moss_jax.eval --checkpoint CKPT --tokenizer TOK --suite mmlu,ceval,... --out report.json`.
+
+Writes a JSON report (suites, settings, timings) and prints a short table. Exit status 2 for
+bad input (a dataset folder in the wrong layout, a checkpoint that does not match its config
+or the tokenizer), with the message naming the file, line or field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from moss_jax.eval.lm import EvalError, EvalModel
+
+SUITES = ("mmlu", "ceval", "humaneval", "bpb", "format", "tools")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moss_jax.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="moss_jax params checkpoint or HF CodeGen/MOSS directory")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model or a directory with the MOSS BPE files")
+    p.add_argument("--suite", required=True, help=f"comma-separated, from {','.join(SUITES)}")
+    p.add_argument("--out", default=None, help="JSON report path (default: print only)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per subject/problem set/file")
+    # multiple choice
+    p.add_argument("--mmlu_dir", help="hendrycks MMLU: [data/]{dev,val,test}/<subject>_<split>.csv")
+    p.add_argument("--ceval_dir", help="C-Eval: {dev,val,test}/<subject>_<split>.csv with header")
+    p.add_argument("--split", default=None, help="default: test for MMLU, val for C-Eval (test answers are hidden)")
+    p.add_argument("--shots", type=int, default=0)
+    p.add_argument("--method", default="loglikelihood", choices=("loglikelihood", "generate"))
+    p.add_argument("--chat", action="store_true", help="wrap questions in a MOSS chat turn")
+    p.add_argument("--subjects", default=None, help="comma-separated subset")
+    # code
+    p.add_argument("--humaneval", help="HumanEval JSON lines")
+    p.add_argument("--n_samples", type=int, default=1)
+    p.add_argument("--k", default="1", help="comma-separated k for pass@k")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--timeout_s", type=float, default=10.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--require_kernel_isolation", action="store_true", help="refuse to run code without Landlock+seccomp"
+    )
+    # bits per byte
+    p.add_argument("--text_dir", help="<lang>.jsonl / <lang>.txt held-out text")
+    p.add_argument("--corpus_dir", help="embedded corpus dir: score its held-out (validation) documents")
+    p.add_argument("--max_chars", type=int, default=20_000, help="per document, with --corpus_dir")
+    # conversations
+    p.add_argument("--conversations", help="held-out conversations (moss-003-sft JSON lines or {'human': ...})")
+    p.add_argument("--plugin", action="store_true", help="format checks with tools on")
+    p.add_argument("--tool_questions", help="held-out tool questions for the 'tools' suite")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown or not suites:
+        raise EvalError(f"unknown suite(s) {unknown or suites}; known: {', '.join(SUITES)}")
+    needs = {"mmlu": "mmlu_dir", "ceval": "ceval_dir", "humaneval": "humaneval", "format": "conversations"}
+    for suite, flag in needs.items():
+        if suite in suites and not getattr(args, flag):
+            raise EvalError(f"suite '{suite}' needs --{flag}")
+    if "bpb" in suites and not (args.text_dir or args.corpus_dir):
+        raise EvalError("suite 'bpb' needs --text_dir or --corpus_dir")
+    if "tools" in suites and not args.tool_questions:
+        raise EvalError("suite 'tools' needs --tool_questions")
+
+    model = EvalModel.from_checkpoint(args.checkpoint, args.tokenizer, batch_size=args.batch_size)
+    report: dict = {"checkpoint": str(args.checkpoint), "tokenizer": str(args.tokenizer), "suites": {}, "seconds": {}}
+    subjects = args.subjects.split(",") if args.subjects else None
+    for suite in suites:
+        start = time.perf_counter()
+        if suite in ("mmlu", "ceval"):
+            from moss_jax.eval import multiple_choice as mc
+
+            root = args.mmlu_dir if suite == "mmlu" else args.ceval_dir
+            data = mc.load_dataset(suite, root, args.split, args.shots, subjects)
+            result = mc.evaluate(model, data, method=args.method, chat=args.chat, limit=args.limit)
+        elif suite == "humaneval":
+            from moss_jax.eval import code
+            from moss_jax.eval.sandbox import SandboxLimits
+
+            problems = code.load_problems(args.humaneval)[: args.limit]
+            limits = SandboxLimits(
+                timeout_s=args.timeout_s,
+                cpu_seconds=max(1, int(args.timeout_s)),
+                require_kernel_isolation=args.require_kernel_isolation,
+            )
+            result = code.evaluate(
+                model,
+                problems,
+                n_samples=args.n_samples,
+                ks=[int(k) for k in args.k.split(",")],
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                limits=limits,
+                workers=args.workers,
+            )
+        elif suite == "bpb":
+            from moss_jax.eval import bits_per_byte as bpb
+
+            if args.text_dir:
+                texts = bpb.read_texts(args.text_dir, max_docs=args.limit)
+            else:
+                texts = bpb.heldout_corpus(args.corpus_dir, max_docs=args.limit, max_chars=args.max_chars)
+            result = bpb.evaluate(model, texts)
+        elif suite == "format":
+            from moss_jax.eval import format_checks
+
+            messages = format_checks.read_messages(args.conversations, args.limit)
+            end_ids = [_token_id(model, "<eoc>"), _token_id(model, "<eom>")] if args.plugin else []
+            end_ids += [_token_id(model, "<eom>")]
+            result = format_checks.evaluate(model, messages, plugin=args.plugin, end_ids=end_ids)
+        else:
+            result = _tools_suite(model, args)
+        report["suites"][suite] = result
+        report["seconds"][suite] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def _token_id(model: EvalModel, piece: str) -> int:
+    ids = model.encode(piece)
+    if len(ids) != 1:
+        raise EvalError(
+            f"{piece!r} is not one token in this tokenizer (got {ids}); format checks need MOSS's end tokens"
+        )
+    return ids[0]
+
+
+def _tools_suite(model: EvalModel, args: argparse.Namespace) -> dict:
+    try:
+        from moss_jax.eval import tool_use
+    except ImportError as e:
+        raise EvalError("suite 'tools' needs moss_jax/eval/tool_use.py (the alignment demo's tool accuracy)") from e
+    return tool_use.evaluate(model, args.tool_questions, limit=args.limit)
+
+
+def table(report: dict) -> str:
+    """A short text table of the headline figures."""
+    rows = []
+    for suite, r in report["suites"].items():
+        if suite in ("mmlu", "ceval"):
+            extra = f" (hard {r['hard_average']:.3f})" if "hard_average" in r else ""
+            label = f"{r['method']}, {r['shots']}-shot, {len(r['subjects'])} subjects"
+            rows.append((suite, "accuracy", f"{r['average']:.3f}{extra}", label))
+        elif suite == "humaneval":
+            for k, v in r["pass@k"].items():
+                rows.append((suite, k, f"{v:.3f}", f"{len(r['problems'])} problems, n={r['n_samples']}"))
+        elif suite == "bpb":
+            for lang, v in r.items():
+                rows.append((suite, f"{lang} bits/byte", f"{v['bits_per_byte']:.3f}", f"ppl {v['perplexity']:.1f}"))
+        elif suite == "format":
+            rows.append((suite, "compliance", f"{r['compliance']:.3f}", f"{r['mode']}, {r['replies']} replies"))
+        else:
+            for key, value in r.items():
+                if isinstance(value, float):
+                    rows.append((suite, key, f"{value:.3f}", ""))
+    widths = [max(len(row[i]) for row in rows + [("suite", "metric", "value", "")]) for i in range(4)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(("suite", "metric", "value", ""), widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(table(report))
+    return 0
