@@ -3,7 +3,7 @@
     python -m moss_jax.chat --checkpoint ckpt/ --tokenizer vocab/moss_sp.model [--tools] [--temperature 0.7]
 
 Commands: /reset (forget the conversation), /tools on|off (the plugin loop: inner thoughts,
-commands, results), /quit (or end of input).
+commands, results), /tag best|none|N (the preference tag after <|MOSS|>:), /quit (or end of input).
 """
 
 from __future__ import annotations
@@ -13,13 +13,26 @@ import sys
 from typing import TextIO
 
 from moss_jax.inference.chat_session import ChatSession
-from moss_jax.inference.cli_args import add_model_args, add_sampling_args, load_from_args, sampling_from_args
+from moss_jax.inference.cli_args import (
+    add_model_args,
+    add_sampling_args,
+    load_from_args,
+    sampling_from_args,
+    tag_from_args,
+)
 from moss_jax.inference.local import LocalGenerator
+from moss_jax.inference.tags import PreferenceTags, TagError, check_tag_token, resolve_tag
 
-HELP = "commands: /reset, /tools on|off, /quit"
+HELP = "commands: /reset, /tools on|off, /tag best|none|N, /quit"
 
 
-def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, show_tools: bool = False) -> None:
+def run_repl(
+    session: ChatSession,
+    stdin: TextIO,
+    stdout: TextIO,
+    show_tools: bool = False,
+    preference_tags: PreferenceTags | None = None,
+) -> None:
     """Reads messages and commands from `stdin` until /quit or end of input."""
     print(f"MOSS chat. {HELP}", file=stdout, flush=True)
     while True:
@@ -44,6 +57,15 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, show_tools: bo
                 session.set_tools(arg == "on")
                 print(f"[tools {arg}]", file=stdout, flush=True)
             except ValueError as e:
+                print(f"[{e}]", file=stdout, flush=True)
+            continue
+        if command.startswith("/tag"):
+            try:
+                tag = resolve_tag(command[len("/tag") :].strip(), preference_tags)
+                check_tag_token(tag, session.tokenizer)
+                session.tag = tag
+                print(f"[tag {tag or 'none'}]", file=stdout, flush=True)
+            except TagError as e:
                 print(f"[{e}]", file=stdout, flush=True)
             continue
         if command.startswith("/"):
@@ -73,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from moss_jax.tools import ToolRegistry, ToolsConfig
 
     config, params, tokenizer, mesh = load_from_args(args)
+    tags, tag = tag_from_args(args, tokenizer)
     tools_cfg = ToolsConfig(enable_search=args.search_index_dir is not None, search_index_dir=args.search_index_dir)
     session = ChatSession(
         LocalGenerator(params, config, tokenizer.decode, mesh=mesh),
@@ -82,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         tools_on=args.tools,
         sampling=sampling_from_args(args),
         max_new_tokens=args.max_new_tokens,
+        tag=tag,
     )
-    run_repl(session, sys.stdin, sys.stdout, show_tools=args.show_tools)
+    run_repl(session, sys.stdin, sys.stdout, show_tools=args.show_tools, preference_tags=tags)
     return 0
 
 

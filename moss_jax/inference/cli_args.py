@@ -7,6 +7,7 @@ from typing import Any
 
 from moss_jax.config import MossConfig
 from moss_jax.inference.sampling import MOSS_DEFAULTS, SamplingParams
+from moss_jax.inference.tags import PreferenceTags, TagError, check_tag_token, load_preference_tags, resolve_tag
 from moss_jax.inference.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -16,6 +17,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", required=True, help="SentencePiece .model file, or a dir with the released BPE files"
     )
     parser.add_argument("--tensor_parallel", type=int, default=1, help="devices to shard the model over (heads/mlp)")
+    parser.add_argument(
+        "--tag",
+        default="auto",
+        help="preference tag after <|MOSS|>: best, none, or an index (0 = worst); "
+        "auto = best when the checkpoint has preference_tags.json, else none",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +43,17 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
+
+
+def tag_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> tuple[PreferenceTags | None, str | None]:
+    """(the checkpoint's preference tags or None, the tag token `--tag` picks or None); exits on a bad choice."""
+    try:
+        tags = load_preference_tags(args.checkpoint)
+        tag = resolve_tag(args.tag, tags)
+        check_tag_token(tag, tokenizer)
+    except TagError as e:
+        raise SystemExit(f"--tag {args.tag}: {e}") from None
+    return tags, tag
 
 
 def load_from_args(args: argparse.Namespace) -> tuple[MossConfig, Any, Tokenizer, Any]:

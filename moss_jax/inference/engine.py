@@ -7,6 +7,8 @@ already decoding when their prompt fits before the shared write slot and their b
 after it (see decoder.py); otherwise they wait until the batch drains, first come first served.
 
 Callbacks run on the engine thread and must be quick (the server forwards them to its event loop).
+`EngineGenerator` is the blocking `TextGenerator` over the engine that the server's tool loop
+(ChatSession, on a worker thread) uses, so its generations join the same batch.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import collections
 import dataclasses
 import itertools
 import logging
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from moss_jax.inference.chat_session import Generation
 from moss_jax.inference.decoder import Decoder
 from moss_jax.inference.sampling import SamplingParams
 from moss_jax.inference.streaming import SequenceStream
@@ -257,3 +261,60 @@ class BatchEngine:
         # The device state may be half-updated: start the next batch from a clean one.
         if self._thread is not None and not self._stopping:
             self._state = self.decoder.init_state()
+
+
+class GenerationCancelled(RuntimeError):
+    """The request was cancelled (its client left) while a generation was running."""
+
+
+class EngineGenerator:
+    """A blocking `TextGenerator` over a started `BatchEngine`, for one request's generations.
+
+    Call from a worker thread, never the engine thread. `cancel()` (from any thread) ends the
+    running generation and makes later ones raise `GenerationCancelled`. Token counts of every
+    generation are summed in `prompt_tokens` / `completion_tokens`.
+    """
+
+    def __init__(self, engine: BatchEngine):
+        self.engine = engine
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._cancelled = threading.Event()
+        self._handle: Handle | None = None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        handle = self._handle
+        if handle is not None:
+            handle.cancel()
+
+    def generate_text(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        stop_strings: Sequence[str],
+        sampling: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        if self._cancelled.is_set():
+            raise GenerationCancelled("the request was cancelled")
+        request = Request(list(prompt_ids), max_new_tokens, sampling, tuple(stop_ids), tuple(stop_strings))
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        handle = self._handle = self.engine.submit(request, events.put)
+        if self._cancelled.is_set():  # cancel() ran between the check above and the submit
+            handle.cancel()
+        while True:
+            event = events.get()
+            if event.text and on_text is not None:
+                on_text(event.text)
+            if event.finish_reason is not None:
+                break
+        if event.finish_reason == "cancelled":
+            raise GenerationCancelled("the request was cancelled")
+        if event.finish_reason == "error":
+            raise RuntimeError(f"generation failed: {event.error}")
+        self.prompt_tokens += len(prompt_ids)
+        self.completion_tokens += len(handle.stream.tokens)
+        return Generation(handle.stream.text, list(handle.stream.tokens), event.finish_reason)

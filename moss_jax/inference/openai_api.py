@@ -6,11 +6,19 @@ text parts), `model`, `stream`, `max_tokens` / `max_completion_tokens`, `tempera
 `repetition_penalty` and `ignore_eos`. Settings not given default to MOSS's (MOSS_SPEC
 section 5), not OpenAI's. Fields that change behaviour and are not implemented (tools,
 logprobs, n > 1, ...) are rejected with 400 rather than silently ignored.
+
+MOSS extensions: `moss_tools` ({"search", "calculate", "solve", "text2image"} -> bool) runs
+MOSS's own tool loop on the server (not OpenAI function calling; the result comes back in a
+`moss_tool_pass` field, see `tool_pass_object`); `moss_tag` ("best", "none", "auto" or an
+index) picks the preference tag written after `<|MOSS|>:`.
 """
 
 from __future__ import annotations
 
+import ast
+import base64
 import dataclasses
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,6 +26,7 @@ from typing import Any
 
 from moss_jax.inference.prompt import Turn
 from moss_jax.inference.sampling import MOSS_DEFAULTS, SamplingParams
+from moss_jax.inference.tags import TagChoice, TagError, parse_tag_choice
 
 # Accepted but without effect here (they only describe the client or its billing).
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "stream_options"}
@@ -35,7 +44,16 @@ KNOWN_FIELDS = {
     "stop",
     "n",
     "ignore_eos",
+    "moss_tools",
+    "moss_tag",
 } | IGNORED_FIELDS
+# moss_tools keys -> ToolsConfig enable fields.
+TOOL_SWITCHES = {
+    "search": "enable_search",
+    "calculate": "enable_calculate",
+    "solve": "enable_solve",
+    "text2image": "enable_text2image",
+}
 ROLES = ("system", "user", "assistant")
 
 
@@ -57,6 +75,8 @@ class ChatRequest:
     stop: tuple[str, ...]
     ignore_eos: bool
     model: str | None
+    tools: dict[str, bool] | None = None  # moss_tools; None: plain chat, no tool loop
+    tag: TagChoice | None = None  # moss_tag; None: the server's default
 
 
 def _number(body: Mapping, name: str, lo: float, hi: float, integer: bool = False):
@@ -156,6 +176,23 @@ def parse_request(body: Any) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("'model' must be a string", "model")
+    tools = body.get("moss_tools")
+    if tools is not None:
+        if not isinstance(tools, Mapping) or not all(isinstance(v, bool) for v in tools.values()):
+            raise RequestError("'moss_tools' must be an object of booleans", "moss_tools")
+        unknown_tools = sorted(set(tools) - set(TOOL_SWITCHES))
+        if unknown_tools:
+            known = list(TOOL_SWITCHES)
+            raise RequestError(f"'moss_tools': unknown tool(s) {unknown_tools}; known: {known}", "moss_tools")
+        if ignore_eos:
+            raise RequestError("'ignore_eos' cannot be combined with 'moss_tools'", "ignore_eos")
+        tools = {name: bool(tools.get(name, False)) for name in TOOL_SWITCHES}
+    tag = body.get("moss_tag")
+    if tag is not None:
+        try:
+            tag = parse_tag_choice(tag)
+        except TagError as e:
+            raise RequestError(f"'moss_tag': {e}", "moss_tag") from None
     sampling = SamplingParams(
         temperature=float(MOSS_DEFAULTS.temperature if temperature is None else temperature),
         top_k=int(MOSS_DEFAULTS.top_k if top_k is None else top_k),
@@ -163,7 +200,7 @@ def parse_request(body: Any) -> ChatRequest:
         repetition_penalty=float(MOSS_DEFAULTS.repetition_penalty if penalty is None else penalty),
         seed=int(seed) if seed is not None else uuid.uuid4().int % (1 << 31),
     )
-    return ChatRequest(system, turns, stream, max_tokens, sampling, stops, ignore_eos, model)
+    return ChatRequest(system, turns, stream, max_tokens, sampling, stops, ignore_eos, model, tools, tag)
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
@@ -198,4 +235,63 @@ def completion_object(
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         },
+    }
+
+
+_SNIPPET_LINE = re.compile(r"<\|(\d+)\|>: (.*)")
+
+
+def _snippets(call_text: str) -> list[dict]:
+    """[{"ref": n, "text": ...}] from a Search result block (`<|n|>: 'snippet'` lines, Python-repr quoted)."""
+    out = []
+    for line in call_text.split("\n")[1:]:
+        m = _SNIPPET_LINE.fullmatch(line)
+        if m is None:
+            continue
+        try:
+            text = ast.literal_eval(m.group(2))  # a string literal only; literal_eval never runs code
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(text, str):
+            out.append({"ref": int(m.group(1)), "text": text})
+    return out
+
+
+def _image_data_uri(path: Any) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+    except OSError:
+        return None
+
+
+def tool_pass_object(turn: Turn, tool_result: Any) -> dict:
+    """The `moss_tool_pass` extension: what the model thought and ran, and what the tools gave back.
+
+    {"thoughts", "commands", "results" (the <|Results|> body the model read), "error" (unparsable
+    commands, else null), "calls": [{"name", "argument", "ok", "error", "text", "snippets":
+    [{"ref", "text"}], "image": "data:image/png;base64,..." or null}]}. A failed call's "error"
+    is the tool's reason (the model itself only reads "No result.").
+    """
+    calls = []
+    for call in getattr(tool_result, "calls", ()):
+        calls.append(
+            {
+                "name": call.command.name,
+                "argument": call.command.argument,
+                "ok": call.ok,
+                "error": call.error,
+                "text": call.text,
+                "snippets": _snippets(call.text) if call.ok and call.command.name == "Search" else [],
+                "image": _image_data_uri(call.image_path),
+            }
+        )
+    return {
+        "thoughts": turn.thoughts,
+        "commands": turn.commands,
+        "results": turn.results,
+        "error": getattr(tool_result, "parse_error", None),
+        "calls": calls,
     }

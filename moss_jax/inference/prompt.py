@@ -9,8 +9,12 @@
 
 A prompt always ends with the role the model must write next (`<|MOSS|>:`, or
 `<|Inner Thoughts|>:` when tools are on): the released demos left it out and the model then
-invented role names. The meta instruction text is ours (MOSS_SPEC: do not copy the released
-one); its capability list has one line per tool and the inner-thoughts switch, as in the SFT data.
+invented role names. A preference tag (tags.py) goes right after the `<|MOSS|>:` the model
+continues from, with no space, as in preference-aware training; earlier turns are rendered
+without tags (the server only knows their text, and training drops some tags too).
+
+The meta instruction text is ours (MOSS_SPEC: do not copy the released one); its capability
+list has one line per tool and the inner-thoughts switch, as in the SFT data.
 """
 
 from __future__ import annotations
@@ -56,25 +60,29 @@ def _results_block(body: str) -> str:
     return f"{sp.ROLE_RESULTS}:\n{body}\n{sp.END_OF_RESULTS}\n"
 
 
-def render_turn(turn: Turn, *, tools: bool, collapse_results: bool = False) -> str:
+def render_turn(turn: Turn, *, tools: bool, collapse_results: bool = False, tag: str | None = None) -> str:
     """One turn as text; a pending turn (moss None) ends with the role the model writes next.
 
     Args:
-      tools: render the inner-thoughts/commands/results fields (the plugin format).
+      tools: render the inner-thoughts/commands/results fields (the plugin format). A finished
+        turn without them (e.g. an earlier reply sent to the server) gets "None" for each.
       collapse_results: replace the results body with "None" (earlier turns, to save context,
         as the deployed MOSS service did).
+      tag: preference tag token written right after a pending turn's `<|MOSS|>:`.
     """
     out = f"{sp.ROLE_HUMAN}: {turn.human}{sp.END_OF_HUMAN}\n"
     if tools:
-        if turn.thoughts is None:
+        if turn.thoughts is None and turn.moss is None:
             return out + f"{sp.ROLE_THOUGHTS}:"
-        out += f"{sp.ROLE_THOUGHTS}: {turn.thoughts}{sp.END_OF_THOUGHTS}\n"
+        out += f"{sp.ROLE_THOUGHTS}: {turn.thoughts or NONE}{sp.END_OF_THOUGHTS}\n"
         out += f"{sp.ROLE_COMMANDS}: {turn.commands or NONE}{sp.END_OF_COMMANDS}\n"
         results = NONE if collapse_results or turn.results is None else turn.results
         out += _results_block(results)
     out += f"{sp.ROLE_MOSS}:"
     if turn.moss is not None:
         out += f" {turn.moss}{sp.END_OF_MOSS}\n"
+    elif tag is not None:
+        out += tag
     return out
 
 
@@ -89,15 +97,21 @@ def build_prompt(
     tools: bool,
     count_tokens: Callable[[str], int],
     max_tokens: int,
+    tag: str | None = None,
 ) -> tuple[str, int]:
     """The prompt text and how many leading turns were dropped to fit `max_tokens`.
 
     History is cut at whole turns (each starts at `<|Human|>`), oldest first; the last turn
-    is the pending one and is never dropped.
+    is the pending one and is never dropped. `tag` follows the pending turn's `<|MOSS|>:`
+    (not its `<|Inner Thoughts|>:`: the tag belongs to the reply).
     """
     if not turns or turns[-1].moss is not None:
         raise ValueError("the last turn must be the pending one (moss=None)")
-    rendered = [render_turn(t, tools=tools, collapse_results=i < len(turns) - 1) for i, t in enumerate(turns)]
+    last = len(turns) - 1
+    rendered = [
+        render_turn(t, tools=tools, collapse_results=i < last, tag=tag if i == last else None)
+        for i, t in enumerate(turns)
+    ]
     for dropped in range(len(turns)):
         text = meta + "".join(rendered[dropped:])
         if count_tokens(text) <= max_tokens:

@@ -3,39 +3,66 @@
     POST /v1/chat/completions   (stream: true -> server-sent events, ends with `data: [DONE]`)
     GET  /v1/models
     GET  /health
+    GET  /moss/info             (what the web page needs: tools available, tags, defaults)
+    GET  /                      (the web chat page, static/index.html)
 
 Every error is a JSON body `{"error": {"message", "type", "param", "code"}}`: 400 for a
-malformed request, 404/405 for a wrong path or method, 413 for an oversized body. A streaming
-client that disconnects cancels its request, which frees its batch slot.
+malformed request, 404/405 for a wrong path or method, 413 for an oversized body, 503 when
+`max_pending` requests already wait. A streaming client that disconnects cancels its request,
+which frees its batch slot.
+
+A request with `moss_tools` runs MOSS's tool loop here (ChatSession on a worker thread, its
+generations batched by the engine through EngineGenerator): inner thoughts and commands to
+`<eoc>`, the tools, `<|Results|>`, the reply to `<eom>`. Streaming sends the first pass as
+`moss_tool_pass: {"stage": "thoughts", "delta"}` chunks and the tool results as one
+`moss_tool_pass: {"stage": "results", ...}` chunk before the reply's content deltas; a
+non-streaming answer carries `moss_tool_pass` next to `choices`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
+import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from data_pipelines import specials as sp
-from moss_jax.inference.engine import BatchEngine, Event, Request
+from moss_jax.inference.chat_session import ChatSession
+from moss_jax.inference.engine import BatchEngine, EngineGenerator, Event, GenerationCancelled, Request
 from moss_jax.inference.openai_api import (
+    TOOL_SWITCHES,
+    ChatRequest,
     RequestError,
     chunk_object,
     completion_object,
     error_body,
     new_completion_id,
     parse_request,
+    tool_pass_object,
 )
 from moss_jax.inference.prompt import IDENTITY, PromptTooLongError, build_prompt, meta_instruction
+from moss_jax.inference.sampling import MOSS_DEFAULTS
+from moss_jax.inference.tags import PreferenceTags, TagChoice, TagError, check_tag_token, resolve_tag
+from moss_jax.tools import ToolRegistry, ToolsConfig
 from moss_jax.tools.registry import TOOLS
+from moss_jax.tools.search_tool import make_backend
+
+logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
@@ -47,13 +74,60 @@ def _sse(obj: Any) -> str:
 
 
 def create_app(
-    engine: BatchEngine, tokenizer: Any, max_len: int, model_name: str, default_max_tokens: int = 512
+    engine: BatchEngine,
+    tokenizer: Any,
+    max_len: int,
+    model_name: str,
+    default_max_tokens: int = 512,
+    *,
+    tools_config: ToolsConfig | None = None,
+    preference_tags: PreferenceTags | None = None,
+    default_tag: TagChoice = "auto",
+    max_pending: int | None = None,
+    make_generator: Callable[[], EngineGenerator] | None = None,
 ) -> Starlette:
-    """The ASGI app. `engine` must be started; `max_len` is the model's context length."""
+    """The ASGI app. `engine` must be started; `max_len` is the model's context length.
+
+    Args:
+      tools_config: the tools requests may switch on (`moss_tools`); default Calculate and Solve.
+      preference_tags: the checkpoint's preference_tags.json (tags.load_preference_tags), if any.
+      default_tag: the tag choice of requests without `moss_tag` ("auto": best when tags exist).
+      max_pending: answer 503 while this many requests already wait for a slot (None: no limit).
+      make_generator: the tool loop's generator per request (default `EngineGenerator(engine)`).
+    """
     created = int(time.time())
     eom_id = tokenizer.eom_id
+    base_tools = tools_config or ToolsConfig()
+    available = {name: bool(getattr(base_tools, field)) for name, field in TOOL_SWITCHES.items()}
+    search_backend = make_backend(base_tools) if base_tools.enable_search else None
+    default_tag_token = resolve_tag(default_tag, preference_tags)  # TagError at start-up, not per request
+    check_tag_token(default_tag_token, tokenizer)
+    make_generator = make_generator or (lambda: EngineGenerator(engine))
+
+    def request_tag(req: ChatRequest) -> str | None:
+        if req.tag is None:
+            return default_tag_token
+        tag = resolve_tag(req.tag, preference_tags)
+        check_tag_token(tag, tokenizer)
+        return tag
+
+    def request_tools(req: ChatRequest) -> ToolRegistry:
+        missing = [name for name, on in req.tools.items() if on and not available[name]]
+        if missing:
+            raise RequestError(
+                f"'moss_tools': {missing} not available on this server (Search needs --search_index_dir, "
+                "Text2Image --txt2img_url)",
+                "moss_tools",
+            )
+        config = dataclasses.replace(base_tools, **{TOOL_SWITCHES[name]: on for name, on in req.tools.items()})
+        return ToolRegistry(config, search_backend=search_backend)
 
     async def chat_completions(http: HTTPRequest):
+        if max_pending is not None and engine.load()["pending"] >= max_pending:
+            message = "the server is overloaded: too many requests are waiting; try again shortly"
+            response = _error(503, message, kind="server_overloaded")
+            response.headers["Retry-After"] = "5"
+            return response
         declared = http.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
@@ -70,7 +144,10 @@ def create_app(
             if max_tokens >= max_len:
                 raise RequestError(f"'max_tokens' must be below the context length {max_len}", "max_tokens")
             identity = IDENTITY if req.system is None else req.system.rstrip("\n") + "\n"
-            # Tool calls are a chat-CLI feature; the server's model is told every tool is off.
+            tag = request_tag(req)
+            if req.tools is not None:
+                return await _tool_completion(http, req, identity, max_tokens, tag, request_tools(req))
+            # Without `moss_tools` the model is told every tool is off.
             meta = meta_instruction([f"{t.label}: disabled." for t in TOOLS], False, identity=identity)
             text, _ = build_prompt(
                 req.turns,
@@ -78,6 +155,7 @@ def create_app(
                 tools=False,
                 count_tokens=lambda s: len(tokenizer.encode(s)),
                 max_tokens=max_len - max_tokens,
+                tag=tag,
             )
             prompt_ids = tokenizer.encode(text)
             request = Request(
@@ -90,6 +168,8 @@ def create_app(
             engine.check(request)
         except PromptTooLongError as e:
             return _error(400, str(e), "messages")
+        except TagError as e:
+            return _error(400, f"'moss_tag': {e}", "moss_tag")
         except RequestError as e:
             return _error(400, str(e), e.param)
         except ValueError as e:
@@ -146,6 +226,125 @@ def create_app(
             completion_object(completion_id, model, text, ev.finish_reason, len(prompt_ids), len(handle.stream.tokens))
         )
 
+    async def _tool_completion(
+        http: HTTPRequest, req: ChatRequest, identity: str, max_tokens: int, tag: str | None, registry: ToolRegistry
+    ):
+        """The tool loop for one request: ChatSession on a worker thread, events to this coroutine."""
+        generator = make_generator()
+        session = ChatSession(
+            generator,
+            tokenizer,
+            max_len,
+            tools=registry,
+            tools_on=True,
+            sampling=req.sampling,
+            max_new_tokens=max_tokens,
+            tag=tag,
+            stop_strings=req.stop,
+            identity=identity,
+        )
+        session.history = list(req.turns[:-1])
+        message = req.turns[-1].human
+        prompt_ids = session.prompt_ids(message)  # PromptTooLongError -> 400 before anything runs
+        engine.check(Request(prompt_ids, max(1, min(max_tokens, max_len // 2, max_len - len(prompt_ids)))))
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def put(kind: str, payload: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                generator.cancel()
+
+        def work() -> None:
+            try:
+                reply = session.send(
+                    message,
+                    on_text=lambda delta: put("text", delta),
+                    on_thoughts=lambda delta: put("thoughts", delta),
+                    on_tools=lambda turn, result: put("tools", tool_pass_object(turn, result)),
+                )
+                put("done", reply)
+            except GenerationCancelled:
+                put("cancelled", None)
+            except Exception as e:  # noqa: BLE001 -- becomes an error event for this request only
+                logger.exception("tool loop failed")
+                put("error", f"{type(e).__name__}: {e}")
+
+        threading.Thread(target=work, name="moss-tool-loop", daemon=True).start()
+        completion_id = new_completion_id()
+        model = req.model or model_name
+
+        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+            return _sse({**chunk_object(completion_id, model, created, delta, finish), **extra})
+
+        if req.stream:
+
+            async def stream():
+                try:
+                    yield chunk({"role": "assistant", "content": ""})
+                    while True:
+                        kind, payload = await events.get()
+                        if kind == "text":
+                            yield chunk({"content": payload})
+                        elif kind == "thoughts":
+                            yield chunk({}, moss_tool_pass={"stage": "thoughts", "delta": payload})
+                        elif kind == "tools":
+                            yield chunk({}, moss_tool_pass={"stage": "results", **payload})
+                        else:
+                            if kind == "done":
+                                yield chunk({}, payload.finish_reason)
+                            elif kind == "error":
+                                yield _sse(error_body(payload, kind="server_error"))
+                            yield "data: [DONE]\n\n"
+                            return
+                finally:
+                    generator.cancel()  # a no-op when finished; frees the slot when the client left
+
+            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        tool_pass = None
+        try:
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        return _error(499, "client closed the request")
+                    continue
+                if kind == "tools":
+                    tool_pass = payload
+                elif kind in ("done", "error", "cancelled"):
+                    break
+        finally:
+            generator.cancel()
+        if kind != "done":
+            return _error(500, payload or "the request was cancelled", kind="server_error")
+        used = (generator.prompt_tokens, generator.completion_tokens)
+        body = completion_object(completion_id, model, payload.text, payload.finish_reason, *used)
+        body["moss_tool_pass"] = tool_pass
+        return JSONResponse(body)
+
+    async def info(_: HTTPRequest):
+        return JSONResponse(
+            {
+                "model": model_name,
+                "max_len": max_len,
+                "default_max_tokens": min(default_max_tokens, max_len // 2),
+                "sampling_defaults": {"temperature": MOSS_DEFAULTS.temperature, "top_p": MOSS_DEFAULTS.top_p},
+                "tools": available,
+                "tags": {
+                    "tokens": list(preference_tags.tokens) if preference_tags else None,
+                    "best": preference_tags.best if preference_tags else None,
+                    "default": default_tag_token,
+                },
+            }
+        )
+
+    async def index(_: HTTPRequest):
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
     async def models(_: HTTPRequest):
         return JSONResponse(
             {
@@ -165,6 +364,9 @@ def create_app(
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/moss/info", info, methods=["GET"]),
+            Route("/", index, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         exception_handlers={HTTPException: http_error},
     )
