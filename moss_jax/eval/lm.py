@@ -56,6 +56,18 @@ def _score_fn(logits_fn: LogitsFn):
     return score
 
 
+def _last_fn(logits_fn: LogitsFn):
+    @jax.jit
+    def last(ids_BxL, seg_BxL):
+        """log-softmax over the vocabulary after each row's last real token: [B, V]."""
+        logits_BxLxV = logits_fn(ids_BxL, seg_BxL).astype(jnp.float32)
+        last_B = jnp.sum(seg_BxL != 0, axis=1) - 1
+        logits_BxV = jnp.take_along_axis(logits_BxLxV, last_B[:, None, None], axis=1)[:, 0]
+        return jax.nn.log_softmax(logits_BxV, axis=-1)
+
+    return last
+
+
 def moss_logits_fn(config: MossConfig, params: Any) -> LogitsFn:
     from moss_jax.model import MossLM
 
@@ -104,6 +116,7 @@ class EvalModel:
         self.batch_size = batch_size
         self.name = name
         self._score = _score_fn(logits_fn)
+        self._last = _last_fn(logits_fn)
         self._generate = generate_fn
 
     # Construction ----------------------------------------------------------------------
@@ -150,15 +163,14 @@ class EvalModel:
         return cls.from_params(config, params, load_tokenizer(tokenizer), name=str(checkpoint), **kw)
 
     # Scoring ---------------------------------------------------------------------------
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
-        """Scores every token after the first of each sequence (at most max_len tokens each)."""
+    def _batches(self, sequences: Sequence[Sequence[int]], min_len: int):
+        """Yields (row indices, ids_BxL, segment_ids_BxL): longest first, padded to buckets."""
         for i, seq in enumerate(sequences):
-            if len(seq) < 2:
-                raise EvalError(f"sequence {i} has {len(seq)} token(s); scoring needs at least 2")
+            if len(seq) < min_len:
+                raise EvalError(f"sequence {i} has {len(seq)} token(s); this needs at least {min_len}")
             if len(seq) > self.max_len:
                 raise EvalError(f"sequence {i} has {len(seq)} tokens, over the model's max_len {self.max_len}")
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-        out: list[TokenScores | None] = [None] * len(sequences)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             length = min(bucket_len(max(len(sequences[i]) for i in rows)), self.max_len)
@@ -168,11 +180,31 @@ class EvalModel:
                 seq = np.asarray(sequences[i], np.int32)
                 ids[r, : len(seq)] = seq
                 seg[r, : len(seq)] = 1
-            logp, greedy = jax.device_get(self._score(jnp.asarray(ids), jnp.asarray(seg)))
+            yield rows, jnp.asarray(ids), jnp.asarray(seg)
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
+        """Scores every token after the first of each sequence (at most max_len tokens each)."""
+        out: list[TokenScores | None] = [None] * len(sequences)
+        for rows, ids, seg in self._batches(sequences, 2):
+            logp, greedy = jax.device_get(self._score(ids, seg))
             for r, i in enumerate(rows):
                 n = len(sequences[i]) - 1
                 out[i] = TokenScores(logp[r, :n].astype(np.float64), greedy[r, :n].astype(bool))
         return out  # type: ignore[return-value]
+
+    def next_token_logprobs(self, contexts: Sequence[Sequence[int]], candidates: Sequence[int]) -> np.ndarray:
+        """[N, C] log p(candidate | context): one forward pass per context for single-token choices.
+
+        Contexts too long for the model lose tokens from the left.
+        """
+        contexts = [(list(c) or [self.start_id])[-self.max_len :] for c in contexts]
+        cand = np.asarray(candidates, np.int64)
+        out = np.zeros((len(contexts), len(cand)))
+        for rows, ids, seg in self._batches(contexts, 1):
+            logp_BxV = np.asarray(jax.device_get(self._last(ids, seg)))
+            for r, i in enumerate(rows):
+                out[i] = logp_BxV[r, cand]
+        return out
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
         """(sum log p(continuation | context), whether greedy decoding gives the continuation).

@@ -24,6 +24,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from moss_jax.eval.lm import EvalError, EvalModel
 
 LETTERS = ("A", "B", "C", "D")
@@ -252,7 +254,12 @@ def evaluate(
         prompts = [build_prompt(data.benchmark, data.names[subject], data.shots[subject], q) for q in questions]
         if chat:
             prompts = [chat_wrap(p) for p in prompts]
-        if method == "loglikelihood":
+        letter_ids = [model.encode(continuation(data.benchmark, letter)) for letter in LETTERS]
+        if method == "loglikelihood" and all(len(ids) == 1 for ids in letter_ids):
+            # Every choice is one token: one forward pass per question reads all four.
+            ll = model.next_token_logprobs([model.encode(p) for p in prompts], [ids[0] for ids in letter_ids])
+            picks = [LETTERS[int(np.argmax(row))] for row in ll]
+        elif method == "loglikelihood":
             requests = []
             for p in prompts:
                 ctx = model.encode(p)
