@@ -63,20 +63,20 @@ def check_reply(reply: str, plugin: bool = False) -> list[str]:
     """The format problems of one generated reply (empty list: compliant)."""
     problems = []
     text = QUALITY_TAG.sub("", reply).rstrip()
-    if plugin and sp.END_OF_COMMANDS in text and not text.endswith(sp.END_OF_MOSS):
-        if not text.endswith(sp.END_OF_COMMANDS):
-            problems.append("does not end with <eoc>")
-        if sp.END_OF_THOUGHTS + "\n" + sp.ROLE_COMMANDS + ":" not in text:
-            problems.append("no '<eot>\\n<|Commands|>:' before the commands")
-        allowed_roles, allowed_ends = {sp.ROLE_COMMANDS}, {sp.END_OF_THOUGHTS, sp.END_OF_COMMANDS}
-    elif plugin and sp.ROLE_MOSS in text:
+    if plugin and sp.ROLE_MOSS in text:  # answered in the first pass
         if not text.endswith(sp.END_OF_MOSS):
             problems.append("does not end with <eom>")
         allowed_roles = {sp.ROLE_MOSS, sp.ROLE_COMMANDS, sp.ROLE_RESULTS}
         allowed_ends = {sp.END_OF_THOUGHTS, sp.END_OF_COMMANDS, sp.END_OF_RESULTS, sp.END_OF_MOSS}
+    elif plugin:  # thoughts and commands
+        if not text.endswith(sp.END_OF_COMMANDS):
+            problems.append("does not end with <eoc>")
+        elif sp.END_OF_THOUGHTS + "\n" + sp.ROLE_COMMANDS + ":" not in text:
+            problems.append("no '<eot>\\n<|Commands|>:' before the commands")
+        allowed_roles, allowed_ends = {sp.ROLE_COMMANDS}, {sp.END_OF_THOUGHTS, sp.END_OF_COMMANDS}
     else:
         if not text.endswith(sp.END_OF_MOSS):
-            problems.append("does not end with <eoc>" if plugin else "does not end with <eom>")
+            problems.append("does not end with <eom>")
         allowed_roles, allowed_ends = set(), {sp.END_OF_MOSS}
     for marker in ROLE_MARKER.findall(text):
         if marker not in KNOWN_ROLES:
