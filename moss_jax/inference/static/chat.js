@@ -312,4 +312,5 @@
   setBusy(false);
   loadInfo();
   input.focus();
+  window.MossChat = { renderReply }; // for the browser tests of the citation links
 })();
