@@ -70,57 +70,77 @@ def run(args: argparse.Namespace) -> dict:
     if "tools" in suites and not args.tool_questions:
         raise EvalError("suite 'tools' needs --tool_questions")
 
+    inputs = {suite: _load_inputs(suite, args) for suite in suites}  # bad data fails before the model loads
     model = EvalModel.from_checkpoint(args.checkpoint, args.tokenizer, batch_size=args.batch_size)
     report: dict = {"checkpoint": str(args.checkpoint), "tokenizer": str(args.tokenizer), "suites": {}, "seconds": {}}
-    subjects = args.subjects.split(",") if args.subjects else None
     for suite in suites:
         start = time.perf_counter()
-        if suite in ("mmlu", "ceval"):
-            from moss_jax.eval import multiple_choice as mc
-
-            root = args.mmlu_dir if suite == "mmlu" else args.ceval_dir
-            data = mc.load_dataset(suite, root, args.split, args.shots, subjects)
-            result = mc.evaluate(model, data, method=args.method, chat=args.chat, limit=args.limit)
-        elif suite == "humaneval":
-            from moss_jax.eval import code
-            from moss_jax.eval.sandbox import SandboxLimits
-
-            problems = code.load_problems(args.humaneval)[: args.limit]
-            limits = SandboxLimits(
-                timeout_s=args.timeout_s,
-                cpu_seconds=max(1, int(args.timeout_s)),
-                require_kernel_isolation=args.require_kernel_isolation,
-            )
-            result = code.evaluate(
-                model,
-                problems,
-                n_samples=args.n_samples,
-                ks=[int(k) for k in args.k.split(",")],
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                limits=limits,
-                workers=args.workers,
-            )
-        elif suite == "bpb":
-            from moss_jax.eval import bits_per_byte as bpb
-
-            if args.text_dir:
-                texts = bpb.read_texts(args.text_dir, max_docs=args.limit)
-            else:
-                texts = bpb.heldout_corpus(args.corpus_dir, max_docs=args.limit, max_chars=args.max_chars)
-            result = bpb.evaluate(model, texts)
-        elif suite == "format":
-            from moss_jax.eval import format_checks
-
-            messages = format_checks.read_messages(args.conversations, args.limit)
-            end_ids = [_token_id(model, "<eoc>"), _token_id(model, "<eom>")] if args.plugin else []
-            end_ids += [_token_id(model, "<eom>")]
-            result = format_checks.evaluate(model, messages, plugin=args.plugin, end_ids=end_ids)
-        else:
-            result = _tools_suite(model, args)
-        report["suites"][suite] = result
+        report["suites"][suite] = _run_suite(suite, model, inputs[suite], args)
         report["seconds"][suite] = round(time.perf_counter() - start, 2)
     return report
+
+
+def _load_inputs(suite: str, args: argparse.Namespace):
+    if suite in ("mmlu", "ceval"):
+        from moss_jax.eval import multiple_choice as mc
+
+        root = args.mmlu_dir if suite == "mmlu" else args.ceval_dir
+        subjects = args.subjects.split(",") if args.subjects else None
+        return mc.load_dataset(suite, root, args.split, args.shots, subjects)
+    if suite == "humaneval":
+        from moss_jax.eval import code
+
+        return code.load_problems(args.humaneval)[: args.limit]
+    if suite == "bpb":
+        from moss_jax.eval import bits_per_byte as bpb
+
+        if args.text_dir:
+            return bpb.read_texts(args.text_dir, max_docs=args.limit)
+        return bpb.heldout_corpus(args.corpus_dir, max_docs=args.limit, max_chars=args.max_chars)
+    if suite == "format":
+        from moss_jax.eval import format_checks
+
+        return format_checks.read_messages(args.conversations, args.limit)
+    return args.tool_questions
+
+
+def _run_suite(suite: str, model: EvalModel, inputs, args: argparse.Namespace) -> dict:
+    if suite in ("mmlu", "ceval"):
+        from moss_jax.eval import multiple_choice as mc
+
+        return mc.evaluate(model, inputs, method=args.method, chat=args.chat, limit=args.limit)
+    if suite == "humaneval":
+        from moss_jax.eval import code
+        from moss_jax.eval.sandbox import SandboxLimits
+
+        limits = SandboxLimits(
+            timeout_s=args.timeout_s,
+            cpu_seconds=max(1, int(args.timeout_s)),
+            require_kernel_isolation=args.require_kernel_isolation,
+        )
+        ks = [int(k) for k in args.k.split(",")]
+        return code.evaluate(
+            model,
+            inputs,
+            n_samples=args.n_samples,
+            ks=ks,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            limits=limits,
+            workers=args.workers,
+        )
+    if suite == "bpb":
+        from moss_jax.eval import bits_per_byte as bpb
+
+        return bpb.evaluate(model, inputs)
+    if suite == "format":
+        from moss_jax.eval import format_checks
+
+        end_ids = [_token_id(model, "<eom>")] + ([_token_id(model, "<eoc>")] if args.plugin else [])
+        return format_checks.evaluate(
+            model, inputs, plugin=args.plugin, end_ids=end_ids, max_new_tokens=min(args.max_new_tokens, 128)
+        )
+    return _tools_suite(model, args)
 
 
 def _token_id(model: EvalModel, piece: str) -> int:
