@@ -79,3 +79,51 @@ def test_real_model_streams_its_reply(chat_model, tokenizer):
     assert reply.finish_reason in ("stop", "length") and len(session.history) == 1
     again = ChatSession(generator, tokenizer, config.max_len, sampling=SamplingParams(), max_new_tokens=12)
     assert again.send("Write a haiku about JAX.").text == reply.text  # greedy: reproducible
+
+
+class StopAwareScript(ScriptedGenerator):
+    """A ScriptedGenerator that also records the stop strings and cuts its text at the first one."""
+
+    def generate_text(self, prompt_ids, *, max_new_tokens, stop_ids, stop_strings, sampling, on_text=None):
+        gen = super().generate_text(
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            stop_strings=stop_strings,
+            sampling=sampling,
+            on_text=on_text,
+        )
+        self.calls[-1]["stop_strings"] = list(stop_strings)
+        cut = min([gen.text.find(s) for s in stop_strings if s in gen.text], default=len(gen.text))
+        return Generation(gen.text[:cut], [], "stop")
+
+
+def test_tool_loop_with_a_preference_tag_and_tool_pass_callbacks(tokenizer):
+    gen = StopAwareScript([' Compute.<eot>\n<|Commands|>: Calculate("6*7")', " 42."])
+    session = ChatSession(gen, tokenizer, 2048, tools=ToolRegistry(), tools_on=True, tag="<|quality_2|>")
+    thoughts, passes = [], []
+    reply = session.send("6 times 7?", on_thoughts=thoughts.append, on_tools=lambda t, r: passes.append((t, r)))
+    assert "".join(thoughts) == ' Compute.<eot>\n<|Commands|>: Calculate("6*7")'
+    ((turn, result),) = passes
+    assert turn.commands == 'Calculate("6*7")' and result.calls[0].ok and reply.tool_result is result
+    first, second = (tokenizer.decode(c["prompt_ids"]) for c in gen.calls)
+    assert first.endswith("<|Inner Thoughts|>:") and "<|quality_2|>" not in first
+    assert gen.calls[0]["stop_strings"] == ["<|Human|>", "<|MOSS|>:"]  # so the reply starts after the tag
+    assert second.endswith("\n<eor>\n<|MOSS|>:<|quality_2|>") and reply.text == "42."
+    # The model skips its commands and starts answering: cut at `<|MOSS|>:`, the reply comes after the tag.
+    gen.texts += [" Easy.<eot>\n<|MOSS|>: untagged answer<eom>", " Tagged answer."]
+    reply = session.send("hi")
+    assert reply.text == "Tagged answer." and reply.turn.commands == "None"
+    assert tokenizer.decode(gen.calls[-1]["prompt_ids"]).endswith(
+        "<|Human|>: hi<eoh>\n<|Inner Thoughts|>: Easy.<eot>\n<|Commands|>: None<eoc>\n<|Results|>: None<eor>\n"
+        "<|MOSS|>:<|quality_2|>"
+    )
+
+
+def test_plain_chat_with_a_tag_and_extra_stop_strings(tokenizer):
+    gen = StopAwareScript([" Hello there. END more"])
+    session = ChatSession(gen, tokenizer, 2048, tag="<|quality_0|>", stop_strings=["END"], identity="You are Bob.\n")
+    assert session.send("hi").text == "Hello there."
+    prompt = tokenizer.decode(gen.calls[0]["prompt_ids"])
+    assert prompt.startswith("You are Bob.\n") and prompt.endswith("<|Human|>: hi<eoh>\n<|MOSS|>:<|quality_0|>")
+    assert gen.calls[0]["stop_strings"] == ["<|Human|>", "END"]

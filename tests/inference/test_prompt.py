@@ -57,3 +57,25 @@ def test_history_is_cut_at_human_boundaries():
         build_prompt(turns, meta=META, tools=False, count_tokens=count, max_tokens=count(META))
     with pytest.raises(ValueError):
         build_prompt([Turn("a", moss="b")], meta=META, tools=False, count_tokens=count, max_tokens=100)
+
+
+def test_preference_tag_follows_the_pending_moss_marker_only():
+    turns = [Turn("hi", moss="Hello!"), Turn("what is 2+2?")]
+    text, _ = build_prompt(turns, meta=META, tools=False, count_tokens=count, max_tokens=10_000, tag="<|quality_2|>")
+    assert text.endswith("<|Human|>: what is 2+2?<eoh>\n<|MOSS|>:<|quality_2|>")  # no space, as in training
+    assert "<|MOSS|>: Hello!<eom>" in text and text.count("<|quality_2|>") == 1  # history stays untagged
+    # Tools on: the thoughts pass gets no tag; the reply after the results does.
+    text, _ = build_prompt(turns, meta=META, tools=True, count_tokens=count, max_tokens=10_000, tag="<|quality_2|>")
+    assert text.endswith("<|Inner Thoughts|>:") and "<|quality_2|>" not in text
+    pending = Turn("y", thoughts="t", commands='Calculate("2+2")', results="Calculate(\"2+2\") => '4'")
+    text, _ = build_prompt([pending], meta=META, tools=True, count_tokens=count, max_tokens=10_000, tag="<|quality_0|>")
+    assert text.endswith("<|Results|>:\nCalculate(\"2+2\") => '4'\n<eor>\n<|MOSS|>:<|quality_0|>")
+
+
+def test_finished_turn_without_a_tool_pass_renders_none_in_the_plugin_format():
+    # e.g. an earlier reply a server client sends back: only its text is known.
+    text = render_turn(Turn("hi", moss="Hello!"), tools=True)
+    assert text == (
+        "<|Human|>: hi<eoh>\n<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n"
+        "<|Results|>: None<eor>\n<|MOSS|>: Hello!<eom>\n"
+    )
