@@ -35,6 +35,7 @@ SCRIPTS = {
     "DOUBLE": ' I need arithmetic.<eot>\n<|Commands|>: Calculate("330*2")',
     "DIVIDE": ' I will divide.<eot>\n<|Commands|>: Calculate("1/0")',
     "PAINT": ' I will draw it.<eot>\n<|Commands|>: Text2Image("a red square")',
+    "SLOW": ' Let me think slowly about it.<eot>\n<|Commands|>: Calculate("1+1")',  # written over ~2 s
 }
 
 DOCS = [
@@ -65,7 +66,7 @@ class ScriptedFirstPass(EngineGenerator):
                     for i in range(0, len(script), 7):  # streamed in pieces, like real chunks
                         if on_text is not None:
                             on_text(script[i : i + 7])
-                        time.sleep(0.01)
+                        time.sleep(0.2 if word == "SLOW" else 0.01)
                     return Generation(script, [], "stop")
         return super().generate_text(prompt_ids, on_text=on_text, **kw)
 

@@ -3,6 +3,7 @@
 
 import base64
 import json
+import time
 
 import httpx
 import pytest
@@ -220,3 +221,17 @@ def test_preference_tags_in_server_prompts(engine, tokenizer, monkeypatch):
         assert httpx.get(url + "/moss/info", timeout=30).json()["tags"]["default"] == "<|quality_2|>"
     with pytest.raises(TagError):  # a default that cannot work fails at start-up
         create_app(engine, tokenizer, 1024, "moss-test", default_tag="best")
+
+
+def test_a_client_leaving_during_the_tool_pass_cancels_the_reply(tool_server, engine):
+    url, log, _ = tool_server
+    log.clear()
+    admitted = engine.stats["admitted"]
+    body = _ask("SLOW: what is 1+1?", stream=True, moss_tools={"calculate": True})
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"stage": "thoughts"' in line:
+                break  # leave while the model is still writing its thoughts
+    time.sleep(3)  # the scripted pass ends after ~2 s; a reply generation would be admitted then
+    assert log[0][0].endswith("<|Inner Thoughts|>:")  # the scripted pass ran (and the tool after it)
+    assert engine.stats["admitted"] == admitted and engine.load() == {"active": 0, "pending": 0}  # no reply
