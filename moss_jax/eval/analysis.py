@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -81,19 +82,26 @@ def attention_probs(config: MossConfig, params: Any, ids: list[int], layer: int)
     Runs the blocks below `layer` with the model's own Block, then recomputes that layer's
     scores from its LayerNorm, projections and rotary (the model's kernels return no weights).
     """
+    layer_params(params, layer, config.n_layers)  # range check
+    if not ids:
+        raise EvalError("attention_probs needs at least one token")
+    return np.asarray(_attention_probs(config, layer, params, jnp.asarray(ids, jnp.int32)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _attention_probs(config: MossConfig, layer: int, params: Any, ids_L: jax.Array) -> jax.Array:
     from moss_jax.layers import Block, apply_rotary, layer_norm
 
-    x = jnp.asarray(params["embedding"])[jnp.asarray(ids)][None].astype(jnp.float32)
-    pos = jnp.arange(len(ids))[None]
+    x = jnp.asarray(params["embedding"])[ids_L][None].astype(jnp.float32)
+    pos = jnp.arange(ids_L.shape[0])[None]
     for i in range(layer):
-        (x, _), _ = Block(config).apply(
-            {"params": layer_params(params, i, config.n_layers)}, (x, None), pos, None, None
-        )
+        block = {"params": layer_params(params, i, config.n_layers)}
+        (x, _), _ = Block(config).apply(block, (x, None), pos, None, None)
     p = layer_params(params, layer, config.n_layers)
     h = layer_norm(config, "ln").apply({"params": p["ln"]}, x)
     q = apply_rotary(jnp.einsum("bld,dhk->blhk", h, p["attn"]["query"]), pos, config.rotary_dim, config.rotary_base)
     k = apply_rotary(jnp.einsum("bld,dhk->blhk", h, p["attn"]["key"]), pos, config.rotary_dim, config.rotary_base)
     scores = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(config.head_dim)
-    causal = jnp.tril(jnp.ones((len(ids), len(ids)), bool))
+    causal = jnp.tril(jnp.ones((ids_L.shape[0], ids_L.shape[0]), bool))
     scores = jnp.where(causal, scores, -jnp.inf)
-    return np.asarray(jax.nn.softmax(scores, axis=-1)[0])
+    return jax.nn.softmax(scores, axis=-1)[0]
