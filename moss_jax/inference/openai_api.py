@@ -9,8 +9,9 @@ logprobs, n > 1, ...) are rejected with 400 rather than silently ignored.
 
 MOSS extensions: `moss_tools` ({"search", "calculate", "solve", "text2image"} -> bool) runs
 MOSS's own tool loop on the server (not OpenAI function calling; the result comes back in a
-`moss_tool_pass` field, see `tool_pass_object`); `moss_tag` ("best", "none", "auto" or an
-index) picks the preference tag written after `<|MOSS|>:`.
+`moss_tool_pass` field, see `tool_pass_object`); an assistant message may carry its
+`moss_tool_pass` ({"thoughts", "commands"}) back so the history keeps them; `moss_tag`
+("best", "none", "auto" or an index) picks the preference tag written after `<|MOSS|>:`.
 """
 
 from __future__ import annotations
@@ -130,6 +131,17 @@ def parse_messages(messages: Any) -> tuple[str | None, list[Turn]]:
             if not turns or turns[-1].moss is not None:
                 raise RequestError(f"messages[{i}]: an assistant message must follow a user message", "messages")
             turns[-1].moss = text
+            tool_pass = m.get("moss_tool_pass")  # an earlier reply's thoughts and commands, sent back
+            if tool_pass is not None:
+                fields = ("thoughts", "commands")
+                if not isinstance(tool_pass, Mapping) or not all(
+                    isinstance(tool_pass.get(f), str | None) for f in fields
+                ):
+                    raise RequestError(
+                        f"messages[{i}].moss_tool_pass must be an object with string 'thoughts' and 'commands'",
+                        "messages",
+                    )
+                turns[-1].thoughts, turns[-1].commands = (tool_pass.get(f) for f in fields)
     if not turns or turns[-1].moss is not None:
         raise RequestError("the last message must be from the user", "messages")
     return ("\n".join(system_parts) if system_parts else None), turns

@@ -153,6 +153,16 @@ def test_plain_requests_are_unchanged(tool_server):
         ({"moss_tag": True}, "moss_tag"),
         ({"moss_tag": 8}, "moss_tag"),
         ({"moss_tag": "best"}, "moss_tag"),  # this server's checkpoint has no preference_tags.json
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b", "moss_tool_pass": {"thoughts": 5}},
+                    {"role": "user", "content": "c"},
+                ]
+            },
+            "messages",
+        ),
     ],
 )
 def test_bad_extension_fields_get_400(tool_server, extra, param):
@@ -235,3 +245,24 @@ def test_a_client_leaving_during_the_tool_pass_cancels_the_reply(tool_server, en
     time.sleep(3)  # the scripted pass ends after ~2 s; a reply generation would be admitted then
     assert log[0][0].endswith("<|Inner Thoughts|>:")  # the scripted pass ran (and the tool after it)
     assert engine.stats["admitted"] == admitted and engine.load() == {"active": 0, "pending": 0}  # no reply
+
+
+def test_history_keeps_the_tool_passes_a_client_sends_back(tool_server):
+    url, log, _ = tool_server
+    earlier = {"thoughts": "I should add.", "commands": 'Calculate("1+1")'}
+    messages = [
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "It is 2.", "moss_tool_pass": earlier},
+        {"role": "user", "content": "and plain?"},
+        {"role": "assistant", "content": "Plain."},
+        {"role": "user", "content": "DOUBLE 330"},
+    ]
+    r = httpx.post(url + "/v1/chat/completions", json=_ask("", messages=messages, moss_tools={"calculate": True}))
+    assert r.status_code == 200
+    prompt, _ = log[-1]
+    assert (
+        '<|Human|>: 1+1?<eoh>\n<|Inner Thoughts|>: I should add.<eot>\n<|Commands|>: Calculate("1+1")<eoc>\n'
+        "<|Results|>: None<eor>\n<|MOSS|>: It is 2.<eom>\n"
+        "<|Human|>: and plain?<eoh>\n<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n"
+        "<|Results|>: None<eor>\n<|MOSS|>: Plain.<eom>\n<|Human|>: DOUBLE 330<eoh>\n"
+    ) in prompt

@@ -124,6 +124,11 @@ def test_chat_page_end_to_end(browser, chat_server, tokenizer, tmp_path, monkeyp
 
     # 4. A generated image is shown inline (the browser decoded the PNG the image server made).
     painted = _send(d, "PAINT me a red square")
+    # The page sent the earlier tool pass back with the history.
+    assert (
+        "<|Inner Thoughts|>: The user asks about the Eiffel Tower; I should search.<eot>\n"
+        '<|Commands|>: Search("Eiffel Tower")<eoc>\n<|Results|>: None<eor>\n<|MOSS|>: '
+    ) in log[-1][0]
     image = painted.find_element(By.CSS_SELECTOR, "details.tool-pass img")
     assert image.get_attribute("src").startswith("data:image/png;base64,")
     assert d.execute_script("return arguments[0].naturalWidth", image) == 12

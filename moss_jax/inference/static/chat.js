@@ -100,7 +100,7 @@
     const content = el("div", { class: "content" });
     const box = el("div", { class: "msg moss", "data-turn": String(turnId) }, el("p", { class: "who" }, "MOSS"), content);
     log.append(box);
-    return { turnId, box, content, text: "", toolBlock: null, thoughts: null };
+    return { turnId, box, content, text: "", toolBlock: null, thoughts: null, pass: null };
   }
 
   function showError(where, message) {
@@ -121,6 +121,7 @@
   }
 
   function renderToolPass(turn, pass) {
+    turn.pass = { thoughts: pass.thoughts, commands: pass.commands }; // sent back with the history
     const details = toolBlock(turn);
     const names = pass.calls.map((c) => c.name);
     const failed = pass.calls.filter((c) => !c.ok).length;
@@ -177,6 +178,12 @@
       body.moss_tag = /^\d+$/.test(tagSelect.value) ? Number(tagSelect.value) : tagSelect.value;
     }
     return body;
+  }
+
+  function assistantMessage(turn) {
+    const message = { role: "assistant", content: turn.text };
+    if (turn.pass) message.moss_tool_pass = turn.pass;
+    return message;
   }
 
   async function errorMessage(response) {
@@ -260,13 +267,13 @@
       }
       if (finish === null) showError(turn.box, "The reply ended early: the connection closed before MOSS finished.");
       if (finish === "length") turn.box.append(el("p", { class: "note" }, "(cut at the max tokens setting)"));
-      if (finish !== "error" && myEpoch === epoch) history = messages.concat([{ role: "assistant", content: turn.text }]);
+      if (finish !== "error" && myEpoch === epoch) history = messages.concat([assistantMessage(turn)]);
       setStatus(finish === "error" ? "" : "Done.");
     } catch (e) {
       if (e.name === "AbortError") {
         if (myEpoch !== epoch) return; // reset: this conversation is gone
         turn.box.append(el("p", { class: "note" }, "(stopped)"));
-        if (turn.text) history = messages.concat([{ role: "assistant", content: turn.text }]);
+        if (turn.text) history = messages.concat([assistantMessage(turn)]);
         setStatus("Stopped.");
       } else {
         showError(turn.box, "Cannot reach the server: " + e.message);
