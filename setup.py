@@ -30,6 +30,10 @@ INSTALL_REQUIRES = [
     "importlib_resources==7.1.0",  # tensorflow-datasets builders import it without declaring it
 ]
 
+# Running the analysis notebooks (python -m moss_jax.eval.notebooks) and their tests.
+NOTEBOOK = ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2"]
+LM_EVAL = ["lm-eval==0.4.13"]
+
 EXTRAS = {
     # Parity references and test tools. torch is pinned to the CPU build available offline;
     # an unpinned torch would pull a multi-GB CUDA build.
@@ -41,6 +45,8 @@ EXTRAS = {
         "httpx==0.28.1",  # HTTP client of the server tests
         "selenium==4.51.0",  # drives Debian's headless chromium in tests/web (scripts/test.sh installs it)
         "ruff>=0.6",
+        *NOTEBOOK,  # tests/notebooks executes every notebook
+        *LM_EVAL,  # tests/eval/test_lm_eval_adapter.py
     ],
     # libtpu matching the pinned jax: runs on TPU VMs, and compiles (not runs) TPU programs on CPU hosts.
     "tpu": ["jax[tpu]==0.10.2"],
@@ -60,7 +66,9 @@ EXTRAS = {
         "google-cloud-bigquery==3.47.0",
         "grpcio-status==1.85.3",
     ],
-    "notebook": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "matplotlib>=3.8"],
+    "notebook": ["jupyter", *NOTEBOOK],
+    # lm-evaluation-harness, for moss_jax.eval.lm_eval_adapter (pulls datasets, pandas, scikit-learn).
+    "lm_eval": LM_EVAL,
 }
 
 setup(
