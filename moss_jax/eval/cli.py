@@ -101,6 +101,11 @@ def _load_inputs(suite: str, args: argparse.Namespace):
         from moss_jax.eval import format_checks
 
         return format_checks.read_messages(args.conversations, args.limit)
+    tool_use = _tool_use()
+    try:
+        tool_use.read_questions(args.tool_questions, args.limit)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--tool_questions: {e}") from e
     return args.tool_questions
 
 
@@ -152,12 +157,17 @@ def _token_id(model: EvalModel, piece: str) -> int:
     return ids[0]
 
 
-def _tools_suite(model: EvalModel, args: argparse.Namespace) -> dict:
+def _tool_use():
     try:
         from moss_jax.eval import tool_use
     except ImportError as e:
         raise EvalError("suite 'tools' needs moss_jax/eval/tool_use.py (the alignment demo's tool accuracy)") from e
-    return tool_use.evaluate(model, args.tool_questions, limit=args.limit)
+    return tool_use
+
+
+def _tools_suite(model: EvalModel, args: argparse.Namespace) -> dict:
+    """Tool-command exact match on held-out tool questions (moss_jax/eval/tool_use.py)."""
+    return _tool_use().evaluate(model, args.tool_questions, limit=args.limit)
 
 
 def table(report: dict) -> str:

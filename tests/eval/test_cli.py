@@ -12,7 +12,7 @@ from moss_jax.config import get_config
 from moss_jax.convert.checkpoint_io import CONFIG_NAME, save_params
 from moss_jax.eval import bits_per_byte as bpb
 from moss_jax.eval.cli import main
-from moss_jax.eval.lm import EvalModel
+from moss_jax.eval.lm import EvalError, EvalModel
 from moss_jax.model import init_params
 
 
@@ -106,3 +106,24 @@ def test_end_to_end_report(tmp_path, checkpoint, sp_model, mmlu_dir, capsys):
     assert report["suites"]["bpb"]["en"]["bits_per_byte"] == pytest.approx(direct["en"]["bits_per_byte"], rel=1e-6)
     table = capsys.readouterr().out
     assert "mmlu" in table and "en bits/byte" in table and "pass@1" in table and "compliance" in table
+
+
+def test_tools_suite_is_wired_to_tool_use(tmp_path):
+    pytest.importorskip("moss_jax.eval.tool_use")
+    from moss_jax.eval.cli import _load_inputs, _run_suite, build_parser
+
+    from .conftest import unigram_model
+
+    questions = tmp_path / "tools.jsonl"
+    rows = [{"human": "What is 1+2?", "command": 'Calculate("1+2")'}, {"human": "Hi", "command": "None"}]
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = build_parser().parse_args(
+        ["--checkpoint", "x", "--tokenizer", "x", "--suite", "tools", "--tool_questions", str(questions)]
+    )
+    replies = iter([' add<eot>\n<|Commands|>: Calculate("1+2")<eoc>', ' greet<eot>\n<|Commands|>: Search("hi")<eoc>'])
+    model = unigram_model("x", generate_fn=lambda ids, n, stops, **kw: [next(replies) for _ in ids])
+    report = _run_suite("tools", model, _load_inputs("tools", args), args)
+    assert report["exact_match"] == 0.5 and report["n"] == 2
+    questions.write_text(json.dumps({"human": "x"}) + "\n")
+    with pytest.raises(EvalError, match="tools.jsonl:1"):
+        _load_inputs("tools", args)
