@@ -174,6 +174,18 @@ def test_server_errors_show_in_the_page(browser, chat_server):
     assert 'Calculate("1/0")' in failed and "failed:" in failed and "zero" in failed.lower()
     assert not moss.find_elements(By.CSS_SELECTOR, "[role=alert]")
 
+    # Stop while MOSS is still thinking: the request ends, the page is ready for the next message.
+    box = d.find_element(By.ID, "message")
+    box.send_keys("SLOW: think about 1+1")
+    box.send_keys(Keys.ENTER)
+    _wait(
+        d, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.moss")[-1].find_elements(By.CSS_SELECTOR, ".thoughts-live")
+    )
+    d.find_element(By.ID, "stop").click()
+    _wait(d, lambda d: d.find_element(By.ID, "status").text == "Stopped.")
+    assert d.find_elements(By.CSS_SELECTOR, ".msg.moss")[-1].find_element(By.CSS_SELECTOR, ".note").text == "(stopped)"
+    assert d.find_element(By.ID, "send").is_enabled() and not d.find_element(By.ID, "stop").is_enabled()
+
     # An overloaded server: a 503 message, and the page stays usable.
     _open(d, busy_url + "/")
     start = time.time()
