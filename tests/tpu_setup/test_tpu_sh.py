@@ -1,0 +1,124 @@
+"""tpu_setup/tpu.sh: the exact gcloud commands it runs (dry run), and clear errors on bad input."""
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tpu_setup" / "tpu.sh"
+VM = ["--name=moss-v5p", "--zone=us-east5-a"]
+
+
+def _sh(*args, dry_run=True):
+    cmd = ["bash", str(SCRIPT), *(["--dry_run"] if dry_run else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_is_clean():
+    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["create", *VM, "--topology=v5p:4x4x4", "--spot"],
+            "gcloud compute tpus tpu-vm create moss-v5p --zone=us-east5-a --type=v5p --topology=4x4x4 "
+            "--version=v2-alpha-tpuv5 --spot",
+        ),
+        (
+            ["create", "--name=moss-v5e", "--zone=us-west4-a", "--topology=v5e:16x16", "--project=p1"],
+            "gcloud compute tpus tpu-vm create moss-v5e --zone=us-west4-a --project=p1 --type=v5litepod "
+            "--topology=16x16 --version=v2-alpha-tpuv5-lite",
+        ),
+        (
+            ["queue", "--name=moss-v4", "--zone=us-central2-b", "--accelerator_type=v4-128", "--reserved"],
+            "gcloud compute tpus queued-resources create moss-v4 --zone=us-central2-b --node-id=moss-v4 "
+            "--accelerator-type=v4-128 --runtime-version=tpu-ubuntu2204-base --reserved",
+        ),
+        (
+            ["queue", *VM, "--topology=v5p:4x4x4", "--spot", "--valid_until_duration=24h", "--version=custom-rt"],
+            "gcloud compute tpus queued-resources create moss-v5p --zone=us-east5-a --node-id=moss-v5p --type=v5p "
+            "--topology=4x4x4 --runtime-version=custom-rt --spot --valid-until-duration=24h",
+        ),
+        (
+            ["copy_data", *VM, "--src=gs://bucket/moss", "--dest=/mnt/moss_data"],
+            "gcloud compute tpus tpu-vm ssh moss-v5p --zone=us-east5-a --worker=all '--command=set -e; sudo mkdir "
+            "-p /mnt/moss_data && sudo chown $(id -u):$(id -g) /mnt/moss_data && gcloud storage rsync --recursive "
+            "gs://bucket/moss /mnt/moss_data'",
+        ),
+        (["status", *VM, "--queued"], "gcloud compute tpus queued-resources describe moss-v5p --zone=us-east5-a"),
+        (["delete", *VM], "gcloud compute tpus tpu-vm delete moss-v5p --zone=us-east5-a --quiet"),
+        (
+            ["delete", *VM, "--queued"],
+            "gcloud compute tpus queued-resources delete moss-v5p --zone=us-east5-a --force --quiet",
+        ),
+    ],
+)
+def test_dry_run_prints_exact_commands(args, expected):
+    proc = _sh(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
+
+
+def test_run_quotes_the_remote_command_like_shlex():
+    remote = ["python", "-m", "moss_jax.main", "--gin_bindings=a.b = 'x y'", "--distributed"]
+    proc = _sh("run", *VM, "--log=/tmp/moss.log", "--", *remote)
+    script = f"cd ~/moss_jax && source scripts/setup_env.sh tpu && {shlex.join(remote)} > /tmp/moss.log 2>&1"
+    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "moss-v5p", "--zone=us-east5-a", "--worker=all"]
+    assert proc.stdout.strip() == shlex.join([*ssh, f"--command={script}"])
+    # What the remote shell receives splits back into the original words.
+    assert shlex.split(shlex.split(proc.stdout)[-1].split(" && ", 2)[2])[: len(remote)] == remote
+
+
+def test_install_archives_head_copies_and_builds_on_every_worker():
+    lines = _sh("install", *VM).stdout.splitlines()
+    assert lines[0] == f"git -C {ROOT} archive --format=tar.gz --output=/tmp/moss_jax-moss-v5p.tar.gz HEAD"
+    assert lines[1] == (
+        "gcloud compute tpus tpu-vm scp /tmp/moss_jax-moss-v5p.tar.gz moss-v5p:moss_jax.tar.gz "
+        "--zone=us-east5-a --worker=all"
+    )
+    assert lines[2].startswith("gcloud compute tpus tpu-vm ssh moss-v5p --zone=us-east5-a --worker=all '--command=")
+    assert "tar -xzf ~/moss_jax.tar.gz -C ~/moss_jax && cd ~/moss_jax && source scripts/setup_env.sh tpu'" in lines[2]
+
+
+def test_dry_run_through_the_environment_variable():
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "delete", *VM],
+        capture_output=True,
+        text=True,
+        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("gcloud compute tpus tpu-vm delete")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["frob", *VM], "unknown command 'frob'"),
+        (["create", "--name=moss-v5p", "--topology=v5p:4x4x4"], "--zone is required"),
+        (["create", "--name=Moss_1", "--zone=z", "--topology=v5p:4x4x4"], "--name 'Moss_1'"),
+        (["create", *VM, "--topology=v9:2x2"], "unknown TPU generation 'v9'"),
+        (["create", *VM, "--topology=v5p-128"], "bad --topology 'v5p-128'"),
+        (["create", *VM], "needs --topology"),
+        (["create", *VM, "--topology=v5p:4x4x4", "--accelerator_type=v5p-128"], "not both"),
+        (["create", *VM, "--accelerator_type=v5p128"], "bad --accelerator_type 'v5p128'"),
+        (["create", *VM, "--topology=v5p:4x4x4", "--bogus=1"], "unknown option '--bogus'"),
+        (["copy_data", *VM, "--src=/local", "--dest=/mnt/d"], "needs --src=gs://"),
+        (["mount", *VM, "--bucket=gs://b", "--dest=/mnt/d"], "without gs://"),
+        (["run", *VM], "run needs the command after --"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args, message):
+    proc = _sh(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert message in proc.stderr
