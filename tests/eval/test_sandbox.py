@@ -44,8 +44,9 @@ def test_infinite_loop_is_stopped(tmp_path):
     assert busy.status == "timeout" and not busy.passed and busy.seconds < 10
     sleeper = run_program("import time\ntime.sleep(60)\n", SandboxLimits(timeout_s=1, cpu_seconds=30))
     assert sleeper.status == "timeout" and sleeper.seconds < 10
-    cpu = run_program("while True:\n    pass\n", SandboxLimits(timeout_s=30, cpu_seconds=1))
-    assert cpu.status == "killed" and cpu.seconds < 10  # RLIMIT_CPU, before the wall clock
+    # RLIMIT_CPU stops it long before the wall clock (one CPU second can take a few wall seconds on a busy machine).
+    cpu = run_program("while True:\n    pass\n", SandboxLimits(timeout_s=120, cpu_seconds=1))
+    assert cpu.status == "killed" and cpu.returncode < 0 and cpu.seconds < 60
     assert list(tmp_path.iterdir()) == []
 
 
