@@ -24,8 +24,8 @@ class TrainState:
     rng: jax.Array  # [2] uint32 raw key (checkpointable); split per step for dropout
 
 
-def _init_fn(model_config: MossConfig, tx: optax.GradientTransformation):
-    model = MossLM(model_config)
+def _init_fn(model_config: MossConfig, tx: optax.GradientTransformation, module: type[nn.Module] = MossLM):
+    model = module(model_config)
 
     def init(rng: jax.Array) -> TrainState:
         param_rng, state_rng = jax.random.split(rng)
@@ -36,35 +36,48 @@ def _init_fn(model_config: MossConfig, tx: optax.GradientTransformation):
     return init
 
 
-def state_shardings(model_config: MossConfig, tx: optax.GradientTransformation, mesh: Mesh, rules=RULES) -> Any:
-    """NamedShardings of every TrainState leaf (scalars and the rng replicated)."""
-    abstract = jax.eval_shape(_init_fn(model_config, tx), jax.random.PRNGKey(0))
+def state_shardings(
+    model_config: MossConfig, tx: optax.GradientTransformation, mesh: Mesh, rules=RULES, module=MossLM
+) -> Any:
+    """NamedShardings of every TrainState leaf (scalars and the rng replicated).
+
+    `module` is the trained flax module class (MossLM, or RewardModel for the preference model).
+    """
+    abstract = jax.eval_shape(_init_fn(model_config, tx, module), jax.random.PRNGKey(0))
     check_axis_names(abstract.params)
     return logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
 
 
-def abstract_state(model_config: MossConfig, tx: optax.GradientTransformation, mesh: Mesh, rules=RULES) -> Any:
+def abstract_state(
+    model_config: MossConfig, tx: optax.GradientTransformation, mesh: Mesh, rules=RULES, module=MossLM
+) -> Any:
     """ShapeDtypeStructs of the (unboxed) TrainState carrying their shardings; allocates nothing."""
-    abstract = nn.unbox(jax.eval_shape(_init_fn(model_config, tx), jax.random.PRNGKey(0)))
-    shardings = state_shardings(model_config, tx, mesh, rules)
+    abstract = nn.unbox(jax.eval_shape(_init_fn(model_config, tx, module), jax.random.PRNGKey(0)))
+    shardings = state_shardings(model_config, tx, mesh, rules, module)
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def init_train_state(
-    model_config: MossConfig, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh, rules=RULES
+    model_config: MossConfig, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh, rules=RULES, module=MossLM
 ) -> TrainState:
     """A fresh TrainState, every leaf created directly with its sharding."""
-    shardings = state_shardings(model_config, tx, mesh, rules)
-    init = _init_fn(model_config, tx)
+    shardings = state_shardings(model_config, tx, mesh, rules, module)
+    init = _init_fn(model_config, tx, module)
     with mesh_rules(mesh, rules):
         return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
 def state_from_params(
-    params: Any, model_config: MossConfig, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh, rules=RULES
+    params: Any,
+    model_config: MossConfig,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: Mesh,
+    rules=RULES,
+    module=MossLM,
 ) -> TrainState:
     """A TrainState at step 0 around given params (e.g. a converted HF checkpoint)."""
-    shardings = state_shardings(model_config, tx, mesh, rules)
+    shardings = state_shardings(model_config, tx, mesh, rules, module)
     params = jax.device_put(params, shardings.params)
 
     def build(p, r):

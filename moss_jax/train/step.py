@@ -1,9 +1,11 @@
-"""The pure train step `(state, batch) -> (state, metrics)`, shared by every stage.
+"""The pure train step `(state, batch[, frozen]) -> (state, metrics)`, shared by every stage.
 
-Batch features (t5x names): decoder_input_tokens, decoder_target_tokens, decoder_segment_ids,
-decoder_positions, decoder_loss_weights, all [B, L]. Gradient accumulation splits B into
-`micro_batches` slices and scans over them; the loss normaliser is the total weight of the
-whole batch (see moss_jax/train/loss.py), so accumulation equals one full batch.
+What is optimised comes from an `Objective` (moss_jax/train/objectives.py): the language-model
+loss by default (batch features, t5x names: decoder_input_tokens, decoder_target_tokens,
+decoder_segment_ids, decoder_positions, decoder_loss_weights, all [B, L]), the preference model's
+Bradley-Terry loss or DPO (chosen_*/rejected_* pair features; DPO also takes the frozen reference
+params as `frozen`). Gradient accumulation splits B into `micro_batches` slices and scans over
+them; the normaliser is computed on the whole batch, so accumulation equals one full batch.
 """
 
 from __future__ import annotations
@@ -18,18 +20,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moss_jax.config import MossConfig
-from moss_jax.model import MossLM
 from moss_jax.sharding import RULES, mesh_rules
-from moss_jax.train.loss import normalizer, weighted_cross_entropy
+from moss_jax.train.objectives import LM_FEATURES, Objective, feature_dtype, lm_objective
 from moss_jax.train.state import TrainState, batch_sharding
 
-FEATURES = (
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "decoder_segment_ids",
-    "decoder_positions",
-    "decoder_loss_weights",
-)
+FEATURES = LM_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -41,56 +36,54 @@ def make_train_step(
     *,
     micro_batches: int = 1,
     z_loss: float = 0.0,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    model = MossLM(model_config)
-    train = model_config.dropout_rate > 0
+    objective: Objective | None = None,
+) -> Callable[..., tuple[TrainState, dict]]:
+    """The step for `objective` (default: the LM loss with `z_loss`)."""
+    objective = objective or lm_objective(z_loss)
+    module = objective.make_module(model_config)
+    deterministic = not model_config.dropout_rate > 0
 
-    def loss_fn(params, mb, rng, total_weight):
-        logits = model.apply(
-            {"params": params},
-            mb["decoder_input_tokens"],
-            positions_BxL=mb["decoder_positions"],
-            segment_ids_BxL=mb["decoder_segment_ids"],
-            deterministic=not train,
-            rngs={"dropout": rng} if train else None,
-        )
-        ce_sum, z_sum = weighted_cross_entropy(logits, mb["decoder_target_tokens"], mb["decoder_loss_weights"], z_loss)
-        return (ce_sum + z_sum) / total_weight, (ce_sum, z_sum)
+    def loss_fn(params, mb, rng, frozen, total):
+        loss_sum, metric_sums = objective.loss_sums(module, params, mb, rng, frozen, deterministic)
+        return loss_sum / total, metric_sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        total_weight = normalizer(batch["decoder_loss_weights"])
+    def train_step(state: TrainState, batch: dict, frozen: Any = None) -> tuple[TrainState, dict]:
+        total = objective.normalizer(batch)
         rng, step_rng = jax.random.split(state.rng)
         if micro_batches == 1:
-            grads, (ce_sum, z_sum) = grad_fn(state.params, batch, jax.random.wrap_key_data(step_rng), total_weight)
+            grads, sums = grad_fn(state.params, batch, jax.random.wrap_key_data(step_rng), frozen, total)
         else:
             split = jax.tree_util.tree_map(
                 lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch
             )
-            rngs = jax.random.split(step_rng, micro_batches)
+            rngs = jax.random.wrap_key_data(jax.random.split(step_rng, micro_batches))
 
             def body(carry, xs):
-                g_acc, ce_acc, z_acc = carry
+                g_acc, m_acc = carry
                 mb, r = xs
-                g, (ce, z) = grad_fn(state.params, mb, jax.random.wrap_key_data(r), total_weight)
+                g, m = grad_fn(state.params, mb, r, frozen, total)
                 g_acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-                return (g_acc, ce_acc + ce, z_acc + z), None
+                return (g_acc, jax.tree_util.tree_map(jnp.add, m_acc, m)), None
 
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            (grads, ce_sum, z_sum), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (split, rngs))
+            m_shapes = jax.eval_shape(
+                grad_fn, state.params, jax.tree_util.tree_map(lambda x: x[0], split), rngs[0], frozen, total
+            )[1]
+            m_zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), m_shapes)
+            (grads, sums), _ = jax.lax.scan(body, (zeros, m_zeros), (split, rngs))
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-        metrics = {
-            "loss": ce_sum / total_weight,
-            "z_loss": z_sum / total_weight,
-            "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(params),
-            "learning_rate": schedule(state.step),
-            "loss_weight": jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)),
-        }
+        metrics = {k: v / total for k, v in sums.items()}
+        metrics.update(
+            grad_norm=grad_norm,
+            param_norm=optax.global_norm(params),
+            learning_rate=schedule(state.step),
+            loss_weight=total,
+        )
         return new_state, metrics
 
     return train_step
@@ -117,27 +110,34 @@ def compile_train_step(
     seq_len: int,
     mesh: Mesh,
     rules=RULES,
+    features: tuple[str, ...] = FEATURES,
+    abstract_frozen: Any = None,
 ) -> tuple[Any, dict]:
     """Jits with explicit shardings and donated state, compiles ahead of time, reports memory.
+
+    `abstract_frozen` (ShapeDtypeStructs with shardings) adds the frozen-params argument (DPO's
+    reference model), passed on every call and never donated.
 
     Returns (compiled step, memory/FLOP report dict).
     """
     state_sh = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     b_sh = batch_sharding(mesh)
     abstract_batch = {
-        k: jax.ShapeDtypeStruct(
-            (global_batch, seq_len), jnp.float32 if k == "decoder_loss_weights" else jnp.int32, sharding=b_sh
-        )
-        for k in FEATURES
+        k: jax.ShapeDtypeStruct((global_batch, seq_len), feature_dtype(k), sharding=b_sh) for k in features
     }
+    in_shardings = (state_sh, {k: b_sh for k in features})
+    args = (abstract_state, abstract_batch)
+    if abstract_frozen is not None:
+        in_shardings += (jax.tree_util.tree_map(lambda a: a.sharding, abstract_frozen),)
+        args += (abstract_frozen,)
     jitted = jax.jit(
         train_step,
-        in_shardings=(state_sh, {k: b_sh for k in FEATURES}),
+        in_shardings=in_shardings,
         out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=(0,),
     )
     with mesh_rules(mesh, rules):
-        compiled = jitted.lower(abstract_state, abstract_batch).compile()
+        compiled = jitted.lower(*args).compile()
     return compiled, compiled_report(compiled)
 
 

@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from moss_jax.config import MossConfig
 from moss_jax.sharding import make_mesh
 from moss_jax.train.checkpoint import ARCH_FIELDS, Checkpointer, CheckpointMismatchError
+from moss_jax.train.objectives import Objective, lm_objective
 from moss_jax.train.optimizer import OptimizerConfig, make_optimizer
 from moss_jax.train.state import abstract_state, batch_sharding, init_train_state, state_from_params
-from moss_jax.train.step import FEATURES, check_batch_shape, compile_train_step, make_train_step
+from moss_jax.train.step import check_batch_shape, compile_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     init_from: str | None = None  # a moss_jax params checkpoint (python -m moss_jax.convert hf2orbax)
+    reference_from: str | None = None  # DPO's frozen reference model (default: init_from)
     peak_flops_per_device: float | None = None  # default: looked up from the device kind
     progress: bool = True
 
@@ -83,14 +85,27 @@ class NonFiniteError(FloatingPointError):
     """Loss or gradient norm became NaN/inf."""
 
 
-def _global_batch(local: dict[str, np.ndarray], sharding, global_batch: int) -> dict[str, jax.Array]:
+def _global_batch(
+    local: dict[str, np.ndarray], sharding, global_batch: int, features: tuple[str, ...]
+) -> dict[str, jax.Array]:
     out = {}
-    for k in FEATURES:
+    for k in features:
         if k not in local:
             raise KeyError(f"data pipeline batch is missing feature {k!r} (has {sorted(local)})")
         x = local[k]
         out[k] = jax.make_array_from_process_local_data(sharding, x, (global_batch,) + x.shape[1:])
     return out
+
+
+def _load_lm_params(ckpt_dir: str, model_config: MossConfig, target: Any) -> Any:
+    """Params of a moss_jax params checkpoint, refused before any compute if its model differs."""
+    from moss_jax.convert.checkpoint_io import load_config, load_params
+
+    saved = load_config(ckpt_dir)
+    diffs = [f for f in ARCH_FIELDS if getattr(saved, f) != getattr(model_config, f)]
+    if diffs:
+        raise CheckpointMismatchError(f"{ckpt_dir}: fields {diffs} differ from the model config")
+    return load_params(ckpt_dir, target=target)[1]
 
 
 def train(
@@ -99,8 +114,12 @@ def train(
     cfg: TrainConfig,
     data_factory: Callable[..., Any],
     mesh_config: MeshConfig = MeshConfig(),
+    objective: Objective | None = None,
 ) -> dict:
-    """Runs (or resumes) training; returns a summary with the loss history."""
+    """Runs (or resumes) training of `objective` (default: the LM loss); returns a summary with
+    the loss history and the final state."""
+    objective = objective or lm_objective(cfg.z_loss)
+    module = objective.make_module
     workdir = Path(cfg.workdir)
     is_chief = jax.process_index() == 0
     # Everything that can be wrong is checked before any compute.
@@ -129,7 +148,10 @@ def train(
     )
     ckpt.check_model(model_config)
     tx, schedule = make_optimizer(optimizer)
-    abstract = abstract_state(model_config, tx, mesh)
+    abstract = abstract_state(model_config, tx, mesh, module=module)
+    reference_dir = cfg.reference_from or cfg.init_from
+    if objective.needs_reference and not reference_dir:
+        raise ValueError(f"objective {objective.name!r} needs a reference model: set reference_from or init_from")
     data = data_factory(
         seq_len=cfg.seq_len,
         batch_size=cfg.batch_size,
@@ -144,23 +166,36 @@ def train(
         data.set_state(data_state)
         print(f"[train] resumed from {ckpt.directory / str(start)}")
     elif cfg.init_from:
-        from moss_jax.convert.checkpoint_io import load_config, load_params
-
-        saved = load_config(cfg.init_from)
-        diffs = [f for f in ARCH_FIELDS if getattr(saved, f) != getattr(model_config, f)]
-        if diffs:
-            raise CheckpointMismatchError(f"init_from {cfg.init_from}: fields {diffs} differ from the model config")
-        _, params = load_params(cfg.init_from, target=abstract.params)
-        state = state_from_params(params, model_config, tx, jax.random.PRNGKey(cfg.seed), mesh)
+        sub = objective.init_subtree
+        loaded = _load_lm_params(cfg.init_from, model_config, abstract.params[sub] if sub else abstract.params)
+        if sub:  # e.g. the reward model: backbone from the checkpoint, the rest freshly initialised
+            fresh = init_train_state(model_config, tx, jax.random.PRNGKey(cfg.seed), mesh, module=module).params
+            params = dict(fresh) | {sub: loaded}
+        else:
+            params = loaded
+        state = state_from_params(params, model_config, tx, jax.random.PRNGKey(cfg.seed), mesh, module=module)
         start = 0
-        print(f"[train] initialised from {cfg.init_from}")
+        print(f"[train] initialised from {cfg.init_from}" + (f" (into {sub!r})" if sub else ""))
     else:
-        state = init_train_state(model_config, tx, jax.random.PRNGKey(cfg.seed), mesh)
+        state = init_train_state(model_config, tx, jax.random.PRNGKey(cfg.seed), mesh, module=module)
         start = 0
+    frozen, abstract_frozen = None, None
+    if objective.needs_reference:
+        abstract_frozen = abstract.params
+        frozen = _load_lm_params(reference_dir, model_config, abstract_frozen)
+        print(f"[train] frozen reference model from {reference_dir}")
 
-    step_fn = make_train_step(model_config, tx, schedule, micro_batches=cfg.micro_batches, z_loss=cfg.z_loss)
+    step_fn = make_train_step(model_config, tx, schedule, micro_batches=cfg.micro_batches, objective=objective)
     t0 = time.perf_counter()
-    compiled, report = compile_train_step(step_fn, abstract, cfg.batch_size, cfg.seq_len, mesh)
+    compiled, report = compile_train_step(
+        step_fn,
+        abstract,
+        cfg.batch_size,
+        cfg.seq_len,
+        mesh,
+        features=objective.features,
+        abstract_frozen=abstract_frozen,
+    )
     mem = {k: v for k, v in report.items() if k.endswith("bytes")}
     print(
         f"[train] step compiled in {time.perf_counter() - t0:.1f}s; per-device memory: "
@@ -208,8 +243,8 @@ def train(
     last = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
-            batch = _global_batch(next(data), b_sharding, cfg.batch_size)
-            state, metrics = compiled(state, batch)
+            batch = _global_batch(next(data), b_sharding, cfg.batch_size, objective.features)
+            state, metrics = compiled(state, batch) if frozen is None else compiled(state, batch, frozen)
             # Read step t-1's metrics after launching step t: the host never stalls the device.
             if pending is not None:
                 m = finish_step(*pending)
@@ -240,6 +275,7 @@ def train(
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "losses": losses,
+        "history": history,  # every step's metrics (in-process callers)
         # Mean of the first and last tenth of the run's losses (single steps are noisy).
         "loss_drop": (1 - float(np.mean(tail)) / float(np.mean(head))) if losses else None,
         "tokens_per_s": float(np.median([m["tokens_per_s"] for m in history[1:]])) if len(history) > 1 else None,
@@ -248,6 +284,6 @@ def train(
     }
     if is_chief:
         (workdir / "summary.json").write_text(
-            json.dumps({k: v for k, v in summary.items() if k not in ("losses", "state")}, indent=2)
+            json.dumps({k: v for k, v in summary.items() if k not in ("losses", "history", "state")}, indent=2)
         )
     return summary

@@ -1,0 +1,191 @@
+"""What a stage optimises: the trained module, the batch features it reads, and its loss.
+
+One train step (moss_jax/train/step.py) runs every objective:
+
+- `lm_objective`: weighted next-token cross-entropy (pre-training, SFT, preference-aware
+  training), normalised by the total loss weight (moss_jax/train/loss.py);
+- `reward_objective`: Bradley-Terry on chosen/rejected pairs with the scalar-head
+  `RewardModel`, `-log sigmoid(r_chosen - r_rejected)`, normalised by the number of pairs;
+- `dpo_objective`: DPO (Rafailov et al. 2023) against a frozen reference model, on the
+  log-probability of the whole final reply under policy and reference, beta applied once.
+
+`loss_sums(module, params, batch, rng, frozen, deterministic)` returns the sum of the loss over the
+(micro-)batch and a dict of metric sums; the step divides both by `normalizer(full batch)` once,
+so gradient accumulation equals the full batch for every objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moss_jax.config import MossConfig
+from moss_jax.model import MossLM
+from moss_jax.reward_model import RewardModel, last_token_scores
+from moss_jax.train.loss import normalizer as weight_normalizer
+from moss_jax.train.loss import weighted_cross_entropy
+
+LM_FEATURES = (
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_segment_ids",
+    "decoder_positions",
+    "decoder_loss_weights",
+)
+PAIR_FEATURES = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in LM_FEATURES)
+
+
+def feature_dtype(name: str) -> Any:
+    return jnp.float32 if name.endswith("loss_weights") else jnp.int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A stage's optimisation problem (see the module docstring).
+
+    Attributes:
+      name: for logs and checkpoints.
+      features: the batch features the loss reads, all [B, L].
+      make_module: the trained flax module for a model config.
+      loss_sums: (module, params, batch, rng, frozen, deterministic) -> (loss sum, metric sums).
+      normalizer: batch -> the denominator of the loss and the metrics.
+      init_subtree: where an `init_from` language-model checkpoint goes in the params (None: the
+        whole tree is an LM; "lm": the reward model's backbone, its head starts fresh).
+      needs_reference: the step takes frozen reference params (DPO).
+    """
+
+    name: str
+    features: tuple[str, ...]
+    make_module: Callable[[MossConfig], nn.Module]
+    loss_sums: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+    normalizer: Callable[[dict], jax.Array]
+    init_subtree: str | None = None
+    needs_reference: bool = False
+
+
+def _apply(module, params, batch, prefix, rng, deterministic):
+    train = not deterministic
+    return module.apply(
+        {"params": params},
+        batch[f"{prefix}decoder_input_tokens"],
+        positions_BxL=batch[f"{prefix}decoder_positions"],
+        segment_ids_BxL=batch[f"{prefix}decoder_segment_ids"],
+        deterministic=deterministic,
+        rngs={"dropout": rng} if train else None,
+    )
+
+
+def lm_objective(z_loss: float = 0.0) -> Objective:
+    def loss_sums(module, params, batch, rng, frozen, deterministic):
+        del frozen
+        logits = _apply(module, params, batch, "", rng, deterministic)
+        ce_sum, z_sum = weighted_cross_entropy(
+            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss
+        )
+        return ce_sum + z_sum, {"loss": ce_sum, "z_loss": z_sum}
+
+    return Objective(
+        name="lm",
+        features=LM_FEATURES,
+        make_module=MossLM,
+        loss_sums=loss_sums,
+        normalizer=lambda batch: weight_normalizer(batch["decoder_loss_weights"]),
+    )
+
+
+def _pair_batch(batch: dict) -> dict:
+    """Chosen and rejected rows stacked into one [2B, L] batch (one forward pass for both)."""
+    return {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0) for k in LM_FEATURES}
+
+
+def _pair_mask(batch: dict) -> jax.Array:
+    """[B] 1.0 for real pairs (a trained reply on both sides), 0.0 for padding rows."""
+    has = lambda side: jnp.sum(batch[f"{side}_decoder_loss_weights"], axis=1) > 0
+    return (has("chosen") & has("rejected")).astype(jnp.float32)
+
+
+def _pair_normalizer(batch: dict) -> jax.Array:
+    return jnp.maximum(jnp.sum(_pair_mask(batch)), 1.0)
+
+
+def reward_objective() -> Objective:
+    def loss_sums(module, params, batch, rng, frozen, deterministic):
+        del frozen
+        both = _pair_batch(batch)
+        scores_2B = last_token_scores(_apply(module, params, both, "", rng, deterministic), both["decoder_segment_ids"])
+        chosen_B, rejected_B = jnp.split(scores_2B, 2)
+        mask_B = _pair_mask(batch)
+        diff_B = chosen_B - rejected_B
+        loss = -jnp.sum(jax.nn.log_sigmoid(diff_B) * mask_B)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.sum((diff_B > 0) * mask_B),
+            "margin": jnp.sum(diff_B * mask_B),
+            "score_chosen": jnp.sum(chosen_B * mask_B),
+        }
+        return loss, metrics
+
+    return Objective(
+        name="reward_model",
+        features=PAIR_FEATURES,
+        make_module=RewardModel,
+        loss_sums=loss_sums,
+        normalizer=_pair_normalizer,
+        init_subtree="lm",
+    )
+
+
+def sequence_logprobs(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array) -> jax.Array:
+    """[B] sum of log p(target) over the weighted tokens (the reply's log-probability)."""
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    tok_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(tok_BxL * weights_BxL.astype(jnp.float32), axis=1)
+
+
+def dpo_objective(beta: float = 0.1, label_smoothing: float = 0.0) -> Objective:
+    """DPO loss -[(1-eps) log sigmoid(beta*m) + eps log sigmoid(-beta*m)] with
+    m = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)); eps = label smoothing
+    (conservative DPO). Metrics: the implicit-reward pair accuracy (m > 0) and beta*m."""
+    if beta <= 0:
+        raise ValueError(f"DPO beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"DPO label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+    def logps(module, params, both, rng, deterministic):
+        logits = _apply(module, params, both, "", rng, deterministic)
+        return jnp.split(sequence_logprobs(logits, both["decoder_target_tokens"], both["decoder_loss_weights"]), 2)
+
+    def loss_sums(module, params, batch, rng, frozen, deterministic):
+        if frozen is None:
+            raise ValueError("the DPO objective needs the frozen reference params")
+        both = _pair_batch(batch)
+        pi_w, pi_l = logps(module, params, both, rng, deterministic)
+        ref_w, ref_l = jax.lax.stop_gradient(logps(module, frozen, both, rng, True))
+        margin_B = beta * ((pi_w - ref_w) - (pi_l - ref_l))
+        mask_B = _pair_mask(batch)
+        per_pair = -(1 - label_smoothing) * jax.nn.log_sigmoid(margin_B) - label_smoothing * jax.nn.log_sigmoid(
+            -margin_B
+        )
+        loss = jnp.sum(per_pair * mask_B)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.sum((margin_B > 0) * mask_B),
+            "margin": jnp.sum(margin_B * mask_B),
+            "reward_chosen": jnp.sum(beta * (pi_w - ref_w) * mask_B),
+            "reward_rejected": jnp.sum(beta * (pi_l - ref_l) * mask_B),
+        }
+        return loss, metrics
+
+    return Objective(
+        name="dpo",
+        features=PAIR_FEATURES,
+        make_module=MossLM,
+        loss_sums=loss_sums,
+        normalizer=_pair_normalizer,
+        needs_reference=True,
+    )
