@@ -1,8 +1,14 @@
-"""SeqIO mixtures as the training engine's data source (packed, deterministic, checkpointable).
+"""SeqIO mixtures as the training engine's data source (deterministic, checkpointable).
 
-`SeqioPipeline` wraps `seqio.get_dataset(..., WeightedLMFeatureConverter(pack=True))`, shuffled
-with the run's seed, sharded per process, batched; its state is the number of batches consumed
-and restoring replays the same deterministic stream up to that point (exact, O(position)).
+`SeqioPipeline` wraps `seqio.get_dataset(...)` with the language-model converter
+(`WeightedLMFeatureConverter`, packed: pre-training, SFT, preference-aware training) or the pair
+converter (`PairFeatureConverter`, padded: preference model and DPO), shuffled with the run's
+seed, sharded per process, batched; its state is the number of batches consumed and restoring
+replays the same deterministic stream up to that point (exact, O(position)).
+
+The factories (`embedded_pretrain_data`, `sft_data`, `preference_pairs_data`) register the tasks
+and return `factory(seq_len=, batch_size=, seed=, process_index=, process_count=)`, the callable
+the engine (`moss_jax.train.trainer.train`) takes.
 """
 
 from __future__ import annotations
@@ -15,8 +21,16 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from data_pipelines.feature_converter import WEIGHTS_FEATURE, WeightedLMFeatureConverter
-from data_pipelines.tasks import register_pretrain_tasks
+from data_pipelines import conversation as conv
+from data_pipelines.feature_converter import WEIGHTS_FEATURE, PairFeatureConverter, WeightedLMFeatureConverter
+from data_pipelines.tasks import (
+    PAIR_SIDES,
+    register_preference_pairs_task,
+    register_pretrain_tasks,
+    register_sft_tasks,
+)
+
+CONVERTERS = ("lm", "pairs")
 
 
 class SeqioPipeline:
@@ -30,10 +44,16 @@ class SeqioPipeline:
         process_index: int = 0,
         process_count: int = 1,
         split: str = "train",
+        converter: str = "lm",
+        num_epochs: int | None = None,
+        shuffle: bool = True,
     ):
+        if converter not in CONVERTERS:
+            raise ValueError(f"converter must be one of {CONVERTERS}, got {converter!r}")
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} is not divisible by the process count {process_count}")
         self.name, self.seq_len, self.seed, self.split = mixture_or_task, seq_len, seed, split
+        self.converter, self.num_epochs, self.shuffle = converter, num_epochs, shuffle
         self.per_process = batch_size // process_count
         self.shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
         self.batches = 0
@@ -41,28 +61,42 @@ class SeqioPipeline:
 
     def _make_iterator(self) -> Iterator[dict[str, np.ndarray]]:
         tf.random.set_seed(self.seed)
+        if self.converter == "lm":
+            lengths = {"targets": self.seq_len, WEIGHTS_FEATURE: self.seq_len}
+            converter = WeightedLMFeatureConverter(pack=True)
+        else:
+            lengths = {k: self.seq_len for side in PAIR_SIDES for k in (side, f"{side}_{WEIGHTS_FEATURE}")}
+            converter = PairFeatureConverter()
         ds = seqio.get_dataset(
             self.name,
-            task_feature_lengths={"targets": self.seq_len, WEIGHTS_FEATURE: self.seq_len},
-            feature_converter=WeightedLMFeatureConverter(pack=True),
+            task_feature_lengths=lengths,
+            feature_converter=converter,
             dataset_split=self.split,
-            shuffle=True,
-            num_epochs=None,
+            shuffle=self.shuffle,
+            num_epochs=self.num_epochs,
             shard_info=self.shard,
             seed=self.seed,
             verbose=False,
         )
-        ds = ds.batch(self.per_process, drop_remainder=True)
+        # Training drops a ragged last batch; a finite pass (evaluation) keeps it.
+        ds = ds.batch(self.per_process, drop_remainder=self.num_epochs is None)
         options = tf.data.Options()
         options.deterministic = True
         return ds.with_options(options).as_numpy_iterator()
 
     def get_state(self) -> dict:
-        return {"batches": self.batches, "seed": self.seed, "seq_len": self.seq_len, "name": self.name}
+        return {
+            "batches": self.batches,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "name": self.name,
+            "converter": self.converter,
+        }
 
     def set_state(self, state: dict) -> None:
         mine = self.get_state()
-        if any(state.get(k) != mine[k] for k in ("seed", "seq_len", "name")):
+        state = {"converter": "lm"} | dict(state)  # states written before pair pipelines existed
+        if any(state.get(k) != mine[k] for k in ("seed", "seq_len", "name", "converter")):
             raise ValueError(f"data state {state} does not match this pipeline {mine}")
         self._it = self._make_iterator()
         for _ in range(int(state["batches"])):
@@ -107,5 +141,52 @@ def embedded_pretrain_data(
 
     def factory(**kw) -> SeqioPipeline:
         return SeqioPipeline(mixture, **kw)
+
+    return factory
+
+
+def sft_data(
+    vocab_path: str | os.PathLike,
+    sft_files: tuple[str, ...] = (),
+    plugin_files: tuple[str, ...] = (),
+    mixture: str = "moss_sft",
+    tags_file: str | os.PathLike | None = None,
+    tag_dropout: float = 0.1,
+    train_human: bool = False,
+    skip_malformed: bool = False,
+    max_len: int | None = None,
+) -> Callable[..., SeqioPipeline]:
+    """The engine's data factory for SFT (`moss_sft`, `moss_sft_plugin`) and preference-aware
+    training (`moss_sft_tagged`, with `tags_file` from the `tag` stage); packed, loss-masked.
+
+    `train_human=True` is the released MOSS mask (loss on human turns too); the default masks them.
+    Conversations longer than the run's `seq_len` are cut at whole turns (counted, logged).
+    """
+
+    def factory(*, seq_len: int, **kw) -> SeqioPipeline:
+        register_sft_tasks(
+            vocab_path,
+            sft_files,
+            plugin_files,
+            max_len=max_len or seq_len,
+            options=conv.MaskOptions(train_human=train_human),
+            skip_malformed=skip_malformed,
+            tags_file=tags_file,
+            tag_dropout=tag_dropout,
+        )
+        return SeqioPipeline(mixture, seq_len=seq_len, **kw)
+
+    return factory
+
+
+def preference_pairs_data(
+    vocab_path: str | os.PathLike, pair_files: tuple[str, ...], skip_malformed: bool = False
+) -> Callable[..., SeqioPipeline]:
+    """The engine's data factory for the preference model and DPO (`moss_preference_pairs`):
+    chosen/rejected sides padded to `seq_len`, weights on the final reply only."""
+
+    def factory(*, seq_len: int, **kw) -> SeqioPipeline:
+        register_preference_pairs_task(vocab_path, pair_files, max_len=seq_len, skip_malformed=skip_malformed)
+        return SeqioPipeline("moss_preference_pairs", seq_len=seq_len, converter="pairs", **kw)
 
     return factory
