@@ -13,11 +13,59 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow (TensorBoard writer) start-up
 
-STAGES = ("pretrain",)
+
+def run_stage(exp: dict) -> dict:
+    """Runs one parsed experiment (see `configurables.experiment`); returns its JSON summary.
+
+    A training stage ends by exporting its final params to `<workdir>/params` (a moss_jax
+    params checkpoint the next stage's `init_from` reads), plus the preference tags file for a
+    preference-aware run.
+    """
+    import jax
+
+    from moss_jax.stages.tagging import PREFERENCE_TAGS_FILE, tag_stage
+    from moss_jax.train.trainer import train
+
+    if exp["stage"] == "tag":
+        return {"stage": "tag", **tag_stage(exp["tag"])}
+    cfg = exp["train"]
+    summary = train(exp["model"], exp["optimizer"], cfg, exp["data"], exp["mesh"], objective=exp["objective"])
+    params_dir = Path(cfg.workdir) / "params"
+    if jax.process_index() == 0:
+        from moss_jax.convert.checkpoint_io import save_params
+
+        save_params(params_dir, summary["state"].params, exp["model"], overwrite=True)
+        if exp.get("preference_tags"):
+            shutil.copy(exp["preference_tags"], params_dir / PREFERENCE_TAGS_FILE)
+    last = summary["history"][-1] if summary.get("history") else {}
+    return {
+        "stage": exp["stage"],
+        "objective": exp["objective"].name,
+        "start_step": summary["start_step"],
+        "end_step": summary["end_step"],
+        "first_loss": summary["first_loss"],
+        "last_loss": summary["last_loss"],
+        "loss_drop": summary["loss_drop"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "last_metrics": {k: v for k, v in last.items() if isinstance(v, float)},
+        "workdir": cfg.workdir,
+        "params": str(params_dir),
+    }
+
+
+def run_experiment(gin_files: list[str], bindings: list[str] = (), search_paths: list[str] = (".",)) -> dict:
+    """Parses the gin files (clearing earlier bindings) and runs the stage they describe."""
+    from moss_jax import configurables
+
+    configurables.clear()
+    configurables.parse(gin_files, bindings, search_paths)
+    return run_stage(configurables.experiment())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,17 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    if args.distributed:  # before anything touches a device; process 0 owns logs and metrics
-        from moss_jax import distributed
-
-        try:
-            distributed.initialize()
-        except distributed.DistributedInitError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        distributed.configure_logging(logging.WARNING)
+    if args.distributed:
+        jax.distributed.initialize()
     from moss_jax import configurables
-    from moss_jax.train.trainer import train
 
     try:
         configurables.parse(args.gin_file, args.gin_bindings, args.gin_search_path)
@@ -51,33 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"error: gin configuration: {e}", file=sys.stderr)
         return 2
-    if exp["stage"] not in STAGES:
-        print(f"error: stage {exp['stage']!r} is not one of {STAGES}", file=sys.stderr)
-        return 2
     print(
         f"[main] process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices "
         f"({jax.devices()[0].device_kind}); stage {exp['stage']}"
     )
     try:
-        summary = train(exp["model"], exp["optimizer"], exp["train"], exp["data"], exp["mesh"])
-    except ValueError as e:
+        summary = run_stage(exp)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
-        print(
-            json.dumps(
-                {
-                    "stage": exp["stage"],
-                    "start_step": summary["start_step"],
-                    "end_step": summary["end_step"],
-                    "first_loss": summary["first_loss"],
-                    "last_loss": summary["last_loss"],
-                    "loss_drop": summary["loss_drop"],
-                    "tokens_per_s": summary["tokens_per_s"],
-                    "workdir": exp["train"].workdir,
-                }
-            )
-        )
+        print(json.dumps(summary))
     return 0
 
 

@@ -1,0 +1,158 @@
+"""The `tag` stage: score every reply with the preference model and turn scores into quality tags.
+
+Our design (MOSS never published its tag format; MOSS_SPEC section 4): K tags (default 3) are
+equal-size quantiles of the preference model's scores, with the cut points fixed on a held-out
+score distribution and saved with the run; tag 0 is the lowest quality, K-1 the best. The
+`preference_aware` stage trains on the tagged conversations (tag right after `<|MOSS|>:`, masked
+from the loss, 5-10% tag dropout; see data_pipelines/conversation.py), and inference asks for
+the best tag (`<|quality_{K-1}|>`).
+
+Conversations to tag come from the preference pairs: each pair gives its chosen and its rejected
+conversation (`data_pipelines.demo_data.pair_conversations` layout), so the tagged data spans
+good and bad replies and the tags carry information. Every turn's reply is scored in its context.
+
+Outputs in `out_dir`: `tags.jsonl` (conversation_id, turn, tag: the `load_tags` format),
+`scores.jsonl` (conversation_id, turn, score, tag, split), `thresholds.json`,
+`preference_tags.json` (num_tags, tokens, best, thresholds: read by chat and serve) and
+`conversations.jsonl` (the tagged conversations, the preference-aware stage's training data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines import conversation as conv
+from data_pipelines import specials as sp
+from data_pipelines.demo_data import pair_conversations, write_jsonl
+from data_pipelines.jsonl import iter_jsonl
+from data_pipelines.vocab import load_vocabulary
+from moss_jax.stages.scoring import encode_reply, reply_record, reward_scores
+
+PREFERENCE_TAGS_FILE = "preference_tags.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TagConfig:
+    """Args of the tag stage.
+
+    reward_model: the preference model's params directory (the reward_model stage's `params`).
+    vocab_path: the SentencePiece model.
+    pair_files: preference pairs whose conversations are tagged (training data of the next stage).
+    heldout_pair_files: held-out pairs whose scores fix the quantile cut points.
+    out_dir: where the outputs go.
+    """
+
+    reward_model: str
+    vocab_path: str
+    pair_files: tuple[str, ...]
+    heldout_pair_files: tuple[str, ...]
+    out_dir: str
+    num_tags: int = 3
+    seq_len: int = 512
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if not 2 <= self.num_tags <= sp.MAX_QUALITY_TAGS:
+            raise ValueError(f"num_tags must be in [2, {sp.MAX_QUALITY_TAGS}], got {self.num_tags}")
+
+
+def quantile_thresholds(scores: Sequence[float], num_tags: int) -> list[float]:
+    """K-1 cut points splitting `scores` into K equal-size groups."""
+    if len(scores) < num_tags:
+        raise ValueError(f"need at least {num_tags} held-out scores to fix {num_tags} quantile tags, got {len(scores)}")
+    return [float(q) for q in np.quantile(np.asarray(scores, np.float64), np.arange(1, num_tags) / num_tags)]
+
+
+def assign_tags(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
+    """Tag index per score: the number of cut points at or below it (0 = lowest quality)."""
+    return np.searchsorted(np.asarray(thresholds), np.asarray(scores), side="right").astype(np.int32)
+
+
+def _conversations(pair_files: Sequence[str]) -> list[dict]:
+    out = []
+    for _, _, record in iter_jsonl(list(pair_files)):
+        out += pair_conversations(record)
+    return out
+
+
+def _score_turns(params, config, vocab, conversations, seq_len, batch_size, desc):
+    keys, rows = [], []
+    dropped = 0
+    for c in conversations:
+        for turn in range(1, len(conv.record_turns(c)) + 1):
+            row = encode_reply(reply_record(c, turn), vocab, seq_len)
+            if row is None:
+                dropped += 1
+                continue
+            keys.append((c["conversation_id"], turn))
+            rows.append(row)
+    if dropped:
+        print(f"[tag] {desc}: {dropped} replies longer than seq_len {seq_len} were not scored (left untagged)")
+    return keys, reward_scores(params, config, rows, batch_size, seq_len, desc=desc)
+
+
+def tag_stage(cfg: TagConfig) -> dict:
+    """Runs the stage; returns a summary (thresholds, counts, mean score per tag)."""
+    from moss_jax.convert.checkpoint_io import load_params
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config, params = load_params(cfg.reward_model)
+    if "reward_head_kernel" not in params:
+        raise ValueError(f"{cfg.reward_model} is not a preference model checkpoint (no reward_head_kernel)")
+    vocab = load_vocabulary(cfg.vocab_path)
+    held = _conversations(cfg.heldout_pair_files)
+    train = _conversations(cfg.pair_files)
+    held_keys, held_scores = _score_turns(params, config, vocab, held, cfg.seq_len, cfg.batch_size, "score held-out")
+    thresholds = quantile_thresholds(held_scores, cfg.num_tags)
+    keys, scores = _score_turns(params, config, vocab, train, cfg.seq_len, cfg.batch_size, "score train")
+    tags = assign_tags(scores, thresholds)
+    held_tags = assign_tags(held_scores, thresholds)
+
+    write_jsonl(out / "conversations.jsonl", train)
+    write_jsonl(
+        out / "tags.jsonl",
+        [{"conversation_id": cid, "turn": t, "tag": int(k)} for (cid, t), k in zip(keys, tags, strict=True)],
+    )
+    write_jsonl(
+        out / "scores.jsonl",
+        [
+            {"conversation_id": cid, "turn": t, "score": float(s), "tag": int(k), "split": split}
+            for split, ks, ss, ts in (("train", keys, scores, tags), ("heldout", held_keys, held_scores, held_tags))
+            for (cid, t), s, k in zip(ks, ss, ts, strict=True)
+        ],
+    )
+    meta = {
+        "num_tags": cfg.num_tags,
+        "tokens": list(sp.QUALITY_TAGS[: cfg.num_tags]),
+        "best": sp.QUALITY_TAGS[cfg.num_tags - 1],
+        "thresholds": thresholds,
+        "design": "equal-size quantiles of preference-model scores on held-out replies; tag after <|MOSS|>:",
+    }
+    _write_json(out / "thresholds.json", {"thresholds": thresholds, "num_heldout": len(held_scores)})
+    _write_json(out / PREFERENCE_TAGS_FILE, meta)
+    summary = {
+        "thresholds": thresholds,
+        "tagged_replies": len(keys),
+        "tag_counts": np.bincount(tags, minlength=cfg.num_tags).tolist(),
+        "mean_score_by_tag": [
+            float(scores[tags == k].mean()) if (tags == k).any() else None for k in range(cfg.num_tags)
+        ],
+    }
+    print(
+        f"[tag] {len(keys)} replies tagged; thresholds {np.round(thresholds, 3).tolist()}; "
+        f"counts {summary['tag_counts']}"
+    )
+    return summary
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
