@@ -43,9 +43,17 @@ def inject_parameters(nb: Any, parameters: dict[str, Any]) -> None:
 
 
 def execute_notebook(
-    path: str | Path, out_dir: str | Path, parameters: dict[str, Any] | None = None, timeout: int = 300
+    path: str | Path,
+    out_dir: str | Path,
+    parameters: dict[str, Any] | None = None,
+    timeout: int = 300,
+    cwd: str | Path | None = None,
 ) -> tuple[Path, list[Path]]:
-    """Executes a notebook; returns the executed notebook's path and its saved PNG figures."""
+    """Executes a notebook; returns the executed notebook's path and its saved PNG figures.
+
+    The kernel runs in `cwd` (default: this process's directory), so relative paths in the
+    parameters mean what they mean to the caller.
+    """
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -54,7 +62,9 @@ def execute_notebook(
     out_dir.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(path, as_version=4)
     inject_parameters(nb, parameters or {})
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(out_dir)}})
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(Path(cwd or Path.cwd()))}}
+    )
     executed = out_dir / path.name
     try:
         client.execute()
