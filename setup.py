@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "starlette==1.10.0",  # OpenAI-compatible HTTP server (moss_jax.serve)
     "uvicorn==0.54.0",  # ASGI server for moss_jax.serve
     "importlib_resources==7.1.0",  # tensorflow-datasets builders import it without declaring it
+    "matplotlib==3.11.2",  # the alignment demo's report plots (moss_jax/stages/demo_report.py)
 ]
 
 # Running the analysis notebooks (python -m moss_jax.eval.notebooks) and their tests.
