@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True, help=f"comma-separated, from {','.join(SUITES)}")
     p.add_argument("--out", default=None, help="JSON report path (default: print only)")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--tensor_parallel", type=int, default=1, help="devices to shard the model over (heads/mlp)")
     p.add_argument("--limit", type=int, default=None, help="at most this many items per subject/problem set/file")
     # multiple choice
     p.add_argument("--mmlu_dir", help="hendrycks MMLU: [data/]{dev,val,test}/<subject>_<split>.csv")
@@ -71,7 +72,9 @@ def run(args: argparse.Namespace) -> dict:
         raise EvalError("suite 'tools' needs --tool_questions")
 
     inputs = {suite: _load_inputs(suite, args) for suite in suites}  # bad data fails before the model loads
-    model = EvalModel.from_checkpoint(args.checkpoint, args.tokenizer, batch_size=args.batch_size)
+    model = EvalModel.from_checkpoint(
+        args.checkpoint, args.tokenizer, tensor_parallel=args.tensor_parallel, batch_size=args.batch_size
+    )
     report: dict = {"checkpoint": str(args.checkpoint), "tokenizer": str(args.tokenizer), "suites": {}, "seconds": {}}
     for suite in suites:
         start = time.perf_counter()

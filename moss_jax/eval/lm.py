@@ -11,6 +11,7 @@ adapter) goes through `score` and `generate`, so a model with designed logits (a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -107,6 +108,7 @@ class EvalModel:
         generate_fn: Callable[..., list[str]] | None = None,
         batch_size: int = 8,
         name: str = "model",
+        mesh: Any = None,
     ):
         self.vocab_size = vocab_size
         self.max_len = max_len
@@ -118,11 +120,25 @@ class EvalModel:
         self._score = _score_fn(logits_fn)
         self._last = _last_fn(logits_fn)
         self._generate = generate_fn
+        self.mesh = mesh
+
+    def _context(self):
+        """The mesh and logical-axis rules the jitted functions trace and run in."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from moss_jax.sharding import mesh_rules
+
+        return mesh_rules(self.mesh)
 
     # Construction ----------------------------------------------------------------------
     @classmethod
-    def from_params(cls, config: MossConfig, params: Any, tokenizer: Any, *, batch_size: int = 8, **kw) -> EvalModel:
-        """A moss_jax model and an `inference.tokenizer.Tokenizer`; checks they belong together."""
+    def from_params(
+        cls, config: MossConfig, params: Any, tokenizer: Any, *, batch_size: int = 8, mesh: Any = None, **kw
+    ) -> EvalModel:
+        """A moss_jax model and an `inference.tokenizer.Tokenizer`; checks they belong together.
+
+        With `mesh`, params must already be placed with `moss_jax.model.param_shardings`.
+        """
         check_params(config, params)
         if tokenizer.vocab_size > config.vocab_size:
             raise EvalError(
@@ -132,7 +148,7 @@ class EvalModel:
         start = kw.pop("start_id", None)
         if start is None:
             start = config.bos_token_id if config.bos_token_id is not None else 0
-        generate_fn = functools.partial(_moss_generate, config, params, tokenizer)
+        generate_fn = functools.partial(_moss_generate, config, params, tokenizer, mesh=mesh)
         return cls(
             moss_logits_fn(config, params),
             vocab_size=config.vocab_size,
@@ -142,17 +158,30 @@ class EvalModel:
             start_id=start,
             generate_fn=generate_fn,
             batch_size=batch_size,
+            mesh=mesh,
             **kw,
         )
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike, **kw) -> EvalModel:
-        """Our params checkpoint or a HF directory, and a SentencePiece model or BPE directory."""
+    def from_checkpoint(
+        cls, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike, tensor_parallel: int = 1, **kw
+    ) -> EvalModel:
+        """Our params checkpoint or a HF directory, and a SentencePiece model or BPE directory.
+
+        `tensor_parallel` > 1 shards heads, MLP and vocabulary over that many local devices.
+        """
         from moss_jax.inference.local import load_model
         from moss_jax.inference.tokenizer import load_tokenizer
 
+        mesh = None
+        if tensor_parallel > 1:
+            from moss_jax.sharding import make_mesh
+
+            if tensor_parallel > jax.device_count():
+                raise EvalError(f"tensor_parallel={tensor_parallel} but only {jax.device_count()} device(s)")
+            mesh = make_mesh(data=1, fsdp=1, tensor=tensor_parallel, devices=jax.devices()[:tensor_parallel])
         try:
-            config, params = load_model(checkpoint)
+            config, params = load_model(checkpoint, mesh)
         except (FileNotFoundError, ValueError) as e:
             raise EvalError(f"checkpoint {checkpoint}: {e}") from e
         except Exception as e:  # orbax reports a shape mismatch with its own exception types
@@ -160,7 +189,7 @@ class EvalModel:
                 f"checkpoint {checkpoint}: its parameters could not be read for the model its "
                 f"moss_config.json describes ({type(e).__name__}: {str(e)[:500]})"
             ) from e
-        return cls.from_params(config, params, load_tokenizer(tokenizer), name=str(checkpoint), **kw)
+        return cls.from_params(config, params, load_tokenizer(tokenizer), name=str(checkpoint), mesh=mesh, **kw)
 
     # Scoring ---------------------------------------------------------------------------
     def _batches(self, sequences: Sequence[Sequence[int]], min_len: int):
@@ -186,7 +215,8 @@ class EvalModel:
         """Scores every token after the first of each sequence (at most max_len tokens each)."""
         out: list[TokenScores | None] = [None] * len(sequences)
         for rows, ids, seg in self._batches(sequences, 2):
-            logp, greedy = jax.device_get(self._score(ids, seg))
+            with self._context():
+                logp, greedy = jax.device_get(self._score(ids, seg))
             for r, i in enumerate(rows):
                 n = len(sequences[i]) - 1
                 out[i] = TokenScores(logp[r, :n].astype(np.float64), greedy[r, :n].astype(bool))
@@ -201,7 +231,8 @@ class EvalModel:
         cand = np.asarray(candidates, np.int64)
         out = np.zeros((len(contexts), len(cand)))
         for rows, ids, seg in self._batches(contexts, 1):
-            logp_BxV = np.asarray(jax.device_get(self._last(ids, seg)))
+            with self._context():
+                logp_BxV = np.asarray(jax.device_get(self._last(ids, seg)))
             for r, i in enumerate(rows):
                 out[i] = logp_BxV[r, cand]
         return out
@@ -261,7 +292,9 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text if cut < 0 else text[:cut]
 
 
-def _moss_generate(config, params, tokenizer, prompts, max_new_tokens, stop_strings, batch_size=8, **sampling):
+def _moss_generate(
+    config, params, tokenizer, prompts, max_new_tokens, stop_strings, batch_size=8, mesh=None, **sampling
+):
     from moss_jax.inference.decoder import bucket
     from moss_jax.inference.generate import decode_rows, get_decoder
     from moss_jax.inference.sampling import SamplingParams
@@ -282,7 +315,7 @@ def _moss_generate(config, params, tokenizer, prompts, max_new_tokens, stop_stri
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p)[-(config.max_len - max_new_tokens) :] for p in prompts[start : start + batch_size]]
         cache_len = bucket(max(len(p) for p in chunk), 16) + bucket(max_new_tokens, 16)
-        decoder = get_decoder(config, bucket(len(chunk)), cache_len, None, 16)
+        decoder = get_decoder(config, bucket(len(chunk)), cache_len, mesh, 16)
         streams = [SequenceStream(max_new_tokens, stop_ids, stop_strings, tokenizer.decode) for _ in chunk]
         rows = [dataclasses.replace(base, seed=seed + start + b) for b in range(len(chunk))]
         decode_rows(decoder, params, chunk, streams, rows)

@@ -101,3 +101,21 @@ def test_loss_by_position(model, byte_debug_model):
     assert curve[0] == pytest.approx((first[0][0] + first[1][0]) / 2, rel=1e-5)
     assert curve[4] == pytest.approx(first[0][4], rel=1e-5)
     assert np.isnan(curve[6:]).all()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_scores_and_generation_match_one_device(byte_debug_model):
+    """Heads, MLP and vocabulary sharded over 4 (fake CPU) devices: the same numbers and tokens."""
+    from moss_jax.model import param_shardings
+    from moss_jax.sharding import make_mesh
+
+    config, params = byte_debug_model
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 8 CPU devices)")
+    mesh = make_mesh(data=1, fsdp=1, tensor=4, devices=jax.devices()[:4])
+    sharded = jax.device_put(params, param_shardings(config, mesh))
+    one = EvalModel.from_params(config, params, ByteTokenizer(), start_id=START, batch_size=2)
+    four = EvalModel.from_params(config, sharded, ByteTokenizer(), start_id=START, batch_size=2, mesh=mesh)
+    ids = byte_encode("sharded scoring")
+    np.testing.assert_allclose(four.text_logprobs(ids), one.text_logprobs(ids), rtol=1e-5, atol=1e-5)
+    assert four.generate(["abc"], 6) == one.generate(["abc"], 6)
