@@ -1,7 +1,7 @@
 """Decode throughput: moss_jax `generate` vs transformers `generate` on the same weights.
 
     python bench/decode.py [--config 125m] [--batches 1 8] [--prompt_len 32] [--new_tokens 64]
-                           [--repeats 3] [--threads N]
+                           [--repeats 3] [--threads N] [--weights float32 int8]
 
 A random CodeGenForCausalLM of the preset's size is built in PyTorch, converted with
 `moss_jax.convert.params_from_hf`, and both sides decode greedily (no stop token, so both
@@ -14,6 +14,11 @@ compared token for token ("tokens_match"). Prints one JSON line per batch size:
 
 tokens/s counts generated tokens (batch x new_tokens) over the whole generate call (the short
 prompt's prefill included on both sides).
+
+`--weights` lists our weight storage modes (moss_jax.quant: float32, bfloat16, int8 weight-only);
+each mode is its own line ("weights"), timed in the same alternation against the same fp32
+peer. Only the float32 line is the like-for-like comparison; the others trade accuracy
+("match_fraction": share of generated tokens equal to the fp32 peer's) for speed.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+WEIGHT_MODES = ("float32", "bfloat16", "int8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,36 +44,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--chunk_size", type=int, default=64, help="our decode steps per device call")
+    parser.add_argument("--weights", nargs="+", default=["float32"], choices=WEIGHT_MODES)
     args = parser.parse_args(argv)
 
     # Both runtimes get the same thread count; XLA reads its flags at import.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}"
-    )
+    common.set_threads(args.threads)
     import numpy as np
     import torch
-    import transformers
 
     from moss_jax.config import get_config
-    from moss_jax.convert import params_from_hf
     from moss_jax.inference import generate
+    from moss_jax.quant import quantize_params, weight_bytes
 
-    torch.set_num_threads(args.threads)
+    common.torch_threads(args.threads)
     config = get_config(args.config, eos_token_id=None, bos_token_id=None)
-    torch.manual_seed(0)
-    hf_config = transformers.CodeGenConfig(**{**config.to_hf(), "torch_dtype": "float32"})
-    model = transformers.CodeGenForCausalLM(hf_config).eval()
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    params = params_from_hf(state, config)
-    del state
+    model, params = common.hf_codegen(config)
+    variants = {mode: quantize_params(params, mode) for mode in args.weights}
 
     for batch in args.batches:
         ids = np.random.RandomState(batch).randint(0, config.vocab_size, (batch, args.prompt_len))
         ids_t = torch.tensor(ids)
 
-        def ours():
-            return generate(params, config, ids, args.new_tokens, chunk_size=args.chunk_size)[:, args.prompt_len :]
+        def ours(p):
+            return generate(p, config, ids, args.new_tokens, chunk_size=args.chunk_size)[:, args.prompt_len :]
 
         def peer():
             with torch.inference_mode():
@@ -79,34 +81,37 @@ def main(argv: list[str] | None = None) -> int:
                 )
             return out[:, args.prompt_len :].numpy()
 
-        match = bool((ours() == peer()).all())  # warm-up (and compilation) of both
-        times = {"ours": [], "peer": []}
-        for _ in range(args.repeats):
-            for name, fn in (("ours", ours), ("peer", peer)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        reference = peer()  # warm-up of the peer; our warm-up (compilation) below
+        match = {mode: float((ours(p) == reference).mean()) for mode, p in variants.items()}
+        fns = {mode: (lambda p=p: ours(p)) for mode, p in variants.items()}
+        fns["peer"] = peer
+        times = common.alternate(fns, args.repeats, warmup=0)
         tokens = batch * args.new_tokens
-        ours_tps = tokens / statistics.median(times["ours"])
-        peer_tps = tokens / statistics.median(times["peer"])
-        print(
-            json.dumps(
-                {
-                    "bench": "decode",
-                    "config": args.config,
-                    "batch": batch,
-                    "ours_tokens_per_s": round(ours_tps, 1),
-                    "peer_tokens_per_s": round(peer_tps, 1),
-                    "ratio": round(ours_tps / peer_tps, 2),
-                    "prompt_len": args.prompt_len,
-                    "new_tokens": args.new_tokens,
-                    "threads": args.threads,
-                    "tokens_match": match,
-                    "peer": f"transformers {transformers.__version__} / torch {torch.__version__}",
-                }
-            ),
-            flush=True,
-        )
+        peer_tps = tokens / common.median(times["peer"])
+        for mode in variants:
+            ours_tps = tokens / common.median(times[mode])
+            print(
+                json.dumps(
+                    {
+                        "bench": "decode",
+                        "config": args.config,
+                        "batch": batch,
+                        "weights": mode,
+                        "ours_tokens_per_s": round(ours_tps, 1),
+                        "peer_tokens_per_s": round(peer_tps, 1),
+                        "ratio": round(ours_tps / peer_tps, 2),
+                        "ratios": [round(p / o, 2) for o, p in zip(times[mode], times["peer"], strict=True)],
+                        "prompt_len": args.prompt_len,
+                        "new_tokens": args.new_tokens,
+                        "threads": args.threads,
+                        "tokens_match": match[mode] == 1.0,
+                        "match_fraction": round(match[mode], 3),
+                        "weight_mib": round(weight_bytes(variants[mode]) / 2**20, 1),
+                        "peer": common.peer_name() + " float32",
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

@@ -2,7 +2,8 @@
 
     h = x + attn(ln(x)) + mlp(ln(x))
 
-Every parameter is created with logical axis names (see moss_jax/sharding.py).
+Every parameter is created with logical axis names (see moss_jax/sharding.py). Kernels go
+through `moss_jax.quant.dense`, so the same layers run fp32, bf16 or int8 (weight-only) kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from jax import lax
 
 from moss_jax.attention import attention
 from moss_jax.config import MossConfig
+from moss_jax.quant import dense
 from moss_jax.sharding import with_constraint
 
 ACTIVATION_FNS = {
@@ -87,9 +89,9 @@ class Attention(nn.Module):
         w_o = named_param(self, "out", init, (h, k, d), ("heads", "head_dim", "embed"), pdtype)
 
         x_BxLxD = x_BxLxD.astype(dtype)
-        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_q.astype(dtype))
-        k_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_k.astype(dtype))
-        v_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, w_v.astype(dtype))
+        q_BxLxHxK = dense("bld,dhk->blhk", x_BxLxD, w_q, dtype)
+        k_BxLxHxK = dense("bld,dhk->blhk", x_BxLxD, w_k, dtype)
+        v_BxLxHxK = dense("bld,dhk->blhk", x_BxLxD, w_v, dtype)
         q_BxLxHxK = apply_rotary(q_BxLxHxK, positions_BxL, cfg.rotary_dim, cfg.rotary_base)
         k_BxLxHxK = apply_rotary(k_BxLxHxK, positions_BxL, cfg.rotary_dim, cfg.rotary_base)
         q_BxLxHxK = with_constraint(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
@@ -128,7 +130,7 @@ class Attention(nn.Module):
                 impl=cfg.attention_impl,
             )
             new_cache = (k_cache_YxBxSxHxK, v_cache_YxBxSxHxK, layer + 1)
-        y_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK.astype(dtype), w_o.astype(dtype))
+        y_BxLxD = dense("blhk,hkd->bld", out_BxLxHxK, w_o, dtype)
         return y_BxLxD, new_cache
 
 
@@ -147,10 +149,10 @@ class Mlp(nn.Module):
         b_in = named_param(self, "fc_in_bias", zeros, (cfg.mlp_dim,), ("mlp",), pdtype)
         w_out = named_param(self, "fc_out_kernel", init, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), pdtype)
         b_out = named_param(self, "fc_out_bias", zeros, (cfg.d_model,), ("embed",), pdtype)
-        h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD.astype(dtype), w_in.astype(dtype)) + b_in.astype(dtype)
+        h_BxLxF = dense("bld,df->blf", x_BxLxD, w_in, dtype) + b_in.astype(dtype)
         h_BxLxF = ACTIVATION_FNS[cfg.activation](h_BxLxF)
         h_BxLxF = with_constraint(h_BxLxF, ("batch", "length", "mlp"))
-        return jnp.einsum("blf,fd->bld", h_BxLxF, w_out.astype(dtype)) + b_out.astype(dtype)
+        return dense("blf,fd->bld", h_BxLxF, w_out, dtype) + b_out.astype(dtype)
 
 
 class Block(nn.Module):

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from moss_jax.config import MossConfig
 from moss_jax.layers import Block, layer_norm, named_param
+from moss_jax.quant import dense
 from moss_jax.sharding import RULES, check_axis_names, logical_to_sharding, mesh_rules, with_constraint
 
 REMAT_POLICIES = {
@@ -172,7 +173,7 @@ class MossLM(nn.Module):
             hidden = x_BxLxD
         head_DxV = named_param(self, "lm_head_kernel", init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdtype)
         head_bias_V = named_param(self, "lm_head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",), pdtype)
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(jnp.float32), head_DxV.astype(jnp.float32))
+        logits_BxLxV = dense("bld,dv->blv", x_BxLxD, head_DxV, jnp.float32)
         logits_BxLxV = logits_BxLxV + head_bias_V.astype(jnp.float32)
         logits_BxLxV = with_constraint(logits_BxLxV, ("batch", "length", "vocab"))
 

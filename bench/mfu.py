@@ -1,0 +1,100 @@
+"""Model FLOP utilisation of the train step against this machine's measured fp32 matmul peak.
+
+    python bench/mfu.py [--config 125m] [--seq_len 512] [--batch 2] [--repeats 3] [--matmul 2048]
+
+Model FLOPs per step = tokens x `MossConfig.flops_per_token(seq_len)` (6 x non-embedding
+parameters, the head included, plus 12 x layers x d_model x seq_len for attention: nanoGPT's
+count). The peak is a large fp32 matmul (`--matmul` square, jitted) timed in the same process;
+the two are timed alternately (matmul, step, matmul, step, ...) so machine load hits both
+alike, and the medians are compared. Prints one JSON line:
+
+    {"bench": "mfu", "config": "125m", "achieved_gflops": ..., "peak_gflops": ..., "mfu": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="125m")
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--matmul", type=int, default=2048, help="side of the square fp32 matmul for the peak")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--attention_impl", default="xla")
+    args = parser.parse_args(argv)
+    common.set_threads(args.threads)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import train_step as ts
+
+    from moss_jax.config import get_config
+    from moss_jax.model import init_params
+
+    config = get_config(args.config, dtype=args.dtype)
+    params = init_params(config, jax.random.PRNGKey(0))
+    state, step = ts.our_step(
+        config, params, args.batch, args.seq_len, remat=args.remat, scan=True, attention_impl=args.attention_impl
+    )
+    del params
+    inputs, targets = ts.make_batch(config, args.batch, args.seq_len)
+    batch = jax.device_put(ts.our_batch(inputs, targets))
+    box = {"state": state}
+
+    def train():
+        box["state"], metrics = step(box["state"], batch)
+        jax.block_until_ready(metrics)
+
+    n = args.matmul
+    mm_dtype = jnp.dtype(args.dtype)
+    a = jnp.asarray(np.random.RandomState(0).randn(n, n), mm_dtype)
+    b = jnp.asarray(np.random.RandomState(1).randn(n, n), mm_dtype)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+
+    def peak():
+        jax.block_until_ready(matmul(a, b))
+
+    times = common.alternate({"matmul": peak, "train": train}, args.repeats, warmup=2)
+    peak_flops = 2 * n**3 / common.median(times["matmul"])
+    step_flops = config.flops_per_token(args.seq_len) * args.batch * args.seq_len
+    achieved = step_flops / common.median(times["train"])
+    print(
+        json.dumps(
+            {
+                "bench": "mfu",
+                "config": args.config,
+                "seq_len": args.seq_len,
+                "batch": args.batch,
+                "dtype": args.dtype,
+                "achieved_gflops": round(achieved / 1e9, 1),
+                "peak_gflops": round(peak_flops / 1e9, 1),
+                "mfu": round(achieved / peak_flops, 3),
+                "best_matmul_gflops": round(2 * n**3 / min(times["matmul"]) / 1e9, 1),
+                "step_s": round(common.median(times["train"]), 3),
+                "model_gflop_per_step": round(step_flops / 1e9, 1),
+                "matmul": n,
+                "device": jax.devices()[0].device_kind,
+                "threads": args.threads,
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

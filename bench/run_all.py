@@ -1,0 +1,130 @@
+"""Runs every benchmark, writes bench/results/latest.json and a Markdown table for the docs.
+
+    python bench/run_all.py [--out bench/results] [--only train_step decode ...] [--quick]
+
+Each benchmark runs in its own process (XLA reads its thread flags at start-up) one after the
+other; their JSON lines are collected with the date, the machine and the exact commands.
+`--quick` runs tiny sizes (a smoke run of the whole harness, numbers not meaningful).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+FULL = {
+    "train_step": ["train_step.py", "--configs", "tiny", "125m", "--seq_len", "512"],
+    "mfu": ["mfu.py", "--config", "125m", "--seq_len", "512"],
+    "decode": ["decode.py", "--config", "125m", "--batches", "1", "8"],
+    "decode_int8": ["decode.py", "--config", "125m", "--batches", "1", "8", "--weights", "int8"],
+    "attention": ["attention.py", "--seq_lens", "512,2048"],
+}
+QUICK = {
+    "train_step": ["train_step.py", "--configs", "debug", "--seq_len", "32", "--repeats", "1", "--target_s", "0"],
+    "mfu": ["mfu.py", "--config", "debug", "--seq_len", "32", "--repeats", "1", "--matmul", "256"],
+    "decode": ["decode.py", "--config", "debug", "--batches", "1", "--new_tokens", "4", "--repeats", "1"],
+    "decode_int8": [
+        "decode.py",
+        *("--config", "debug", "--batches", "1", "--new_tokens", "4", "--repeats", "1", "--weights", "int8"),
+    ],
+    "attention": ["attention.py", "--seq_lens", "64", "--repeats", "1"],
+}
+
+
+def _fmt(x) -> str:
+    return "" if x is None else str(x)
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table per kind of benchmark."""
+    out = []
+    ratio_rows = [r for r in rows if "ratio" in r and r["bench"] in ("train_step", "decode")]
+    if ratio_rows:
+        out += [
+            "| bench | config | setting | ours tokens/s | peer tokens/s | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in ratio_rows:
+            if r["bench"] == "train_step":
+                setting = f"seq {r['seq_len']}, batch {r['batch']}, {r['dtype']}"
+            else:
+                setting = f"batch {r['batch']}, {r.get('weights', 'float32')} weights"
+            out.append(
+                f"| {r['bench']} | {r['config']} | {setting} | {r['ours_tokens_per_s']} | "
+                f"{r['peer_tokens_per_s']} | {r['ratio']} |"
+            )
+        out.append("")
+    for r in (r for r in rows if r["bench"] == "mfu"):
+        out += [
+            "| bench | config | setting | achieved GFLOP/s | matmul peak GFLOP/s | MFU |",
+            "|---|---|---|---|---|---|",
+            f"| mfu | {r['config']} | seq {r['seq_len']}, batch {r['batch']}, {r['dtype']} | "
+            f"{r['achieved_gflops']} | {r['peak_gflops']} | {r['mfu']} |",
+            "",
+        ]
+    att = [r for r in rows if r["bench"] == "attention"]
+    if att:
+        out += ["| attention impl | seq_len | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |", "|---|---|---|---|---|"]
+        for r in att:
+            out.append(
+                f"| {r['impl']} | {r['seq_len']} | {_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} | "
+                f"{_fmt(r['fwd_bwd_temp_mib'])} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def run(name: str, argv: list[str]) -> list[dict]:
+    cmd = [sys.executable, os.path.join(HERE, argv[0]), *argv[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    rows = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+    if proc.returncode != 0 or not rows:
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--only", nargs="+", default=None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    table = QUICK if args.quick else FULL
+    names = args.only or list(table)
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": common.machine(),
+        "commands": {n: "python bench/" + " ".join(table[n]) for n in names},
+        "rows": [],
+    }
+    for name in names:
+        rows = run(name, table[name])
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        result["rows"] += rows
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "latest.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    machine = result["machine"]
+    header = f"Measured {result['date']} on {machine['cpu']} ({machine['cores']} cores, "
+    header += f"load {machine['load_avg_1m']} at the start).\n\n"
+    with open(os.path.join(args.out, "latest.md"), "w") as f:
+        f.write(header + markdown(result["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Weight-only quantisation: int8 error bounds, dequantised matmuls, chunked head, int8 decode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moss_jax import quant
+from moss_jax.config import get_config
+from moss_jax.inference import generate
+from moss_jax.model import MossLM, init_params
+from moss_jax.quant import QuantizedWeight, dense, quantize_int8, quantize_params
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = get_config("debug")
+    return config, init_params(config, jax.random.PRNGKey(0))
+
+
+def test_int8_rounding_error_is_at_most_half_a_step():
+    w = jnp.asarray(np.random.RandomState(0).randn(3, 16, 4, 8), jnp.float32)  # stacked [Y, D, H, K]
+    qw = quantize_int8(w, n_contract=1, stacked=True)
+    assert qw.q.dtype == jnp.int8 and qw.q.shape == w.shape and qw.scale.shape == (3, 4, 8)
+    err = jnp.abs(qw.q.astype(jnp.float32) * qw.scale[:, None] - w)
+    assert float(jnp.max(err / qw.scale[:, None])) <= 0.5 + 1e-6
+    # Each output channel uses its whole range: its largest |w| maps to +-127.
+    assert int(jnp.max(jnp.abs(qw.q.astype(jnp.int32)))) == 127
+
+
+@pytest.mark.parametrize(
+    "spec, x_shape, w_shape, n_contract",
+    [
+        ("bld,dhk->blhk", (2, 5, 16), (16, 4, 8), 1),
+        ("blhk,hkd->bld", (2, 5, 4, 8), (4, 8, 16), 2),
+        ("bld,df->blf", (2, 5, 16), (16, 64), 1),
+    ],
+)
+def test_dense_matches_the_dequantised_matmul(spec, x_shape, w_shape, n_contract):
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.randn(*x_shape), jnp.float32)
+    w = jnp.asarray(rng.randn(*w_shape) * 0.1, jnp.float32)
+    qw = quantize_int8(w, n_contract)
+    got = dense(spec, x, qw, jnp.float32)
+    want = jnp.einsum(spec, x, qw.dequantize())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # And the quantisation error against fp32 stays within its bound: sum |x| * scale / 2.
+    exact = jnp.einsum(spec, x, w)
+    bound = jnp.einsum(spec, jnp.abs(x), jnp.ones_like(w)) * qw.scale / 2
+    assert bool(jnp.all(jnp.abs(got - exact) <= bound + 1e-5))
+
+
+def test_chunked_int8_head_equals_unchunked(monkeypatch):
+    rng = np.random.RandomState(2)
+    x = jnp.asarray(rng.randn(2, 3, 16), jnp.float32)
+    qw = quantize_int8(jnp.asarray(rng.randn(16, 64), jnp.float32), 1)
+    whole = dense("bld,dv->blv", x, qw, jnp.float32)
+    monkeypatch.setattr(quant, "HEAD_CHUNK", 16)
+    chunked = dense("bld,dv->blv", x, qw, jnp.float32)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_quantize_params_modes(model):
+    config, params = model
+    q8 = quantize_params(params, "int8")
+    bf = quantize_params(params, "bfloat16")
+    assert quantize_params(params, "float32") is params
+    assert isinstance(q8["layers"]["attn"]["query"], QuantizedWeight)
+    assert isinstance(q8["lm_head_kernel"], QuantizedWeight)
+    assert q8["embedding"].dtype == jnp.float32 and q8["layers"]["mlp"]["fc_in_bias"].dtype == jnp.float32
+    assert bf["layers"]["mlp"]["fc_out_kernel"].dtype == jnp.bfloat16
+    assert quant.weight_bytes(q8) < quant.weight_bytes(bf) < quant.weight_bytes(params)
+    with pytest.raises(ValueError, match="weights mode"):
+        quantize_params(params, "int4")
+
+
+@pytest.mark.parametrize("mode, tol", [("int8", 0.05), ("bfloat16", 0.02)])
+def test_quantised_model_logits_close_to_fp32(model, mode, tol):
+    config, params = model
+    ids = jnp.asarray(np.random.RandomState(3).randint(0, config.vocab_size, (2, 12)))
+    ref = MossLM(config).apply({"params": params}, ids)
+    got = MossLM(config).apply({"params": quantize_params(params, mode)}, ids)
+    assert float(jnp.max(jnp.abs(got - ref))) <= tol * float(jnp.max(jnp.abs(ref)))
+
+
+def test_int8_greedy_decode_equals_int8_full_forward(model, monkeypatch):
+    config, params = model
+    monkeypatch.setattr(quant, "HEAD_CHUNK", 128)  # debug vocab 512: exercise the chunked head
+    q8 = quantize_params(params, "int8")
+    prompt = [int(t) for t in np.random.RandomState(4).randint(0, config.vocab_size, 7)]
+    out = generate(q8, config, np.asarray([prompt]), 6)[0, len(prompt) :]
+    forward = jax.jit(lambda p, x: MossLM(config).apply({"params": p}, x))
+    tokens = list(prompt)
+    for _ in range(6):
+        tokens.append(int(jnp.argmax(forward(q8, jnp.asarray([tokens]))[0, -1])))
+    assert list(out) == tokens[len(prompt) :]
