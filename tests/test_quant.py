@@ -94,3 +94,15 @@ def test_int8_greedy_decode_equals_int8_full_forward(model, monkeypatch):
     for _ in range(6):
         tokens.append(int(jnp.argmax(forward(q8, jnp.asarray([tokens]))[0, -1])))
     assert list(out) == tokens[len(prompt) :]
+
+
+def test_load_model_with_int8_weights(model, tmp_path):
+    from moss_jax.convert.checkpoint_io import save_params
+    from moss_jax.inference.local import load_model
+
+    config, params = model
+    path = save_params(tmp_path / "ckpt", params, config)
+    _, loaded = load_model(path, weights="int8")
+    assert isinstance(loaded["layers"]["mlp"]["fc_in_kernel"], QuantizedWeight)
+    with pytest.raises(ValueError, match="weights="):
+        load_model(path, weights="int4")

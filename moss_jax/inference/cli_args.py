@@ -18,6 +18,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tensor_parallel", type=int, default=1, help="devices to shard the model over (heads/mlp)")
     parser.add_argument(
+        "--weights",
+        choices=("float32", "bfloat16", "int8"),
+        default="float32",
+        help="matmul weights for decoding: int8 = weight-only per-channel int8 (moss_jax/quant.py; one device)",
+    )
+    parser.add_argument(
         "--tag",
         default="auto",
         help="preference tag after <|MOSS|>: best, none, or an index (0 = worst); "
@@ -67,7 +73,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[MossConfig, Any, Tokenizer
         from moss_jax.sharding import make_mesh
 
         mesh = make_mesh(data=1, fsdp=1, tensor=args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
-    config, params = load_model(args.checkpoint, mesh)
+    config, params = load_model(args.checkpoint, mesh, weights=getattr(args, "weights", "float32"))
     tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
         raise SystemExit(

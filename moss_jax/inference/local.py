@@ -18,10 +18,26 @@ from moss_jax.inference.generate import ChunkUpdate, decode_rows, get_decoder
 from moss_jax.inference.sampling import SamplingParams
 from moss_jax.inference.streaming import SequenceStream
 from moss_jax.model import abstract_params, param_shardings
+from moss_jax.quant import WEIGHT_MODES, quantize_params
 
 
-def load_model(checkpoint: str | os.PathLike, mesh: Mesh | None = None) -> tuple[MossConfig, Any]:
-    """(config, params) from our checkpoint (save_params: params + moss_config.json) or a HF dir."""
+def load_model(
+    checkpoint: str | os.PathLike, mesh: Mesh | None = None, weights: str = "float32"
+) -> tuple[MossConfig, Any]:
+    """(config, params) from our checkpoint (save_params: params + moss_config.json) or a HF dir.
+
+    `weights` = "int8" or "bfloat16" stores the matmul kernels that way for decoding
+    (moss_jax.quant; single device only).
+    """
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights={weights!r} is not one of {WEIGHT_MODES}")
+    if weights != "float32" and mesh is not None:
+        raise ValueError(f"weights={weights!r} is supported on one device only (no tensor parallelism yet)")
+    config, params = _load(checkpoint, mesh)
+    return config, quantize_params(params, weights)
+
+
+def _load(checkpoint: str | os.PathLike, mesh: Mesh | None) -> tuple[MossConfig, Any]:
     from moss_jax.convert.checkpoint_io import CONFIG_NAME, load_config, load_hf_checkpoint, load_params
 
     path = Path(checkpoint)
