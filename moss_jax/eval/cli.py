@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="loglikelihood", choices=("loglikelihood", "generate"))
     p.add_argument("--chat", action="store_true", help="wrap questions in a MOSS chat turn")
     p.add_argument("--subjects", default=None, help="comma-separated subset")
+    p.add_argument(
+        "--ceval_submission",
+        default=None,
+        help="write C-Eval predictions ({subject: {id: letter}}) for the C-Eval server here; split default test",
+    )
     # code
     p.add_argument("--humaneval", help="HumanEval JSON lines")
     p.add_argument("--n_samples", type=int, default=1)
@@ -89,6 +94,8 @@ def _load_inputs(suite: str, args: argparse.Namespace):
 
         root = args.mmlu_dir if suite == "mmlu" else args.ceval_dir
         subjects = args.subjects.split(",") if args.subjects else None
+        if suite == "ceval" and args.ceval_submission:
+            return mc.load_dataset(suite, root, args.split or "test", args.shots, subjects, require_answers=False)
         return mc.load_dataset(suite, root, args.split, args.shots, subjects)
     if suite == "humaneval":
         from moss_jax.eval import code
@@ -116,6 +123,17 @@ def _run_suite(suite: str, model: EvalModel, inputs, args: argparse.Namespace) -
     if suite in ("mmlu", "ceval"):
         from moss_jax.eval import multiple_choice as mc
 
+        if suite == "ceval" and args.ceval_submission:
+            preds = mc.predict(model, inputs, method=args.method, chat=args.chat, limit=args.limit)
+            Path(args.ceval_submission).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.ceval_submission).write_text(json.dumps(preds, ensure_ascii=False, indent=1) + "\n")
+            return {
+                "submission": str(args.ceval_submission),
+                "method": args.method,
+                "shots": args.shots,
+                "questions": sum(len(v) for v in preds.values()),
+                "unanswered": sum(1 for v in preds.values() for letter in v.values() if not letter),
+            }
         return mc.evaluate(model, inputs, method=args.method, chat=args.chat, limit=args.limit)
     if suite == "humaneval":
         from moss_jax.eval import code
@@ -177,7 +195,9 @@ def table(report: dict) -> str:
     """A short text table of the headline figures."""
     rows = []
     for suite, r in report["suites"].items():
-        if suite in ("mmlu", "ceval"):
+        if suite == "ceval" and "submission" in r:
+            rows.append((suite, "predictions", str(r["questions"]), f"for the C-Eval server: {r['submission']}"))
+        elif suite in ("mmlu", "ceval"):
             extra = f" (hard {r['hard_average']:.3f})" if "hard_average" in r else ""
             label = f"{r['method']}, {r['shots']}-shot, {len(r['subjects'])} subjects"
             rows.append((suite, "accuracy", f"{r['average']:.3f}{extra}", label))

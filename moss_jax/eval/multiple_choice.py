@@ -48,8 +48,9 @@ class Question:
     subject: str
     question: str
     choices: tuple[str, str, str, str]
-    answer: str  # "A".."D"
+    answer: str | None  # "A".."D"; None where the file hides it (C-Eval test)
     source: str  # file:line
+    qid: str = ""  # C-Eval's id column; MMLU: the row number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,15 +76,16 @@ def _split_dir(benchmark: str, root: Path, split: str) -> Path:
     raise EvalError(f"{root}: no '{split}' folder; the {benchmark} layout is {layout}")
 
 
-def _read_split(benchmark: str, root: Path, split: str) -> dict[str, list[Question]]:
+def _read_split(benchmark: str, root: Path, split: str, require_answers: bool = True) -> dict[str, list[Question]]:
     folder = _split_dir(benchmark, root, split)
     suffix = f"_{split}.csv"
     files = sorted(p for p in folder.iterdir() if p.name.endswith(suffix))
     if not files:
         others = sorted(p.name for p in folder.iterdir())[:5]
         raise EvalError(f"{folder}: no <subject>{suffix} files (found {others or 'nothing'})")
-    reader = _read_mmlu_csv if benchmark == "mmlu" else _read_ceval_csv
-    return {p.name[: -len(suffix)]: reader(p, p.name[: -len(suffix)], split) for p in files}
+    if benchmark == "mmlu":
+        return {p.name[: -len(suffix)]: _read_mmlu_csv(p, p.name[: -len(suffix)]) for p in files}
+    return {p.name[: -len(suffix)]: _read_ceval_csv(p, p.name[: -len(suffix)], require_answers) for p in files}
 
 
 def _check_answer(answer: str, where: str) -> str:
@@ -93,7 +95,7 @@ def _check_answer(answer: str, where: str) -> str:
     return answer
 
 
-def _read_mmlu_csv(path: Path, subject: str, split: str) -> list[Question]:
+def _read_mmlu_csv(path: Path, subject: str) -> list[Question]:
     out = []
     with open(path, newline="", encoding="utf-8") as f:
         rows = csv.reader(f)
@@ -102,13 +104,14 @@ def _read_mmlu_csv(path: Path, subject: str, split: str) -> list[Question]:
             if len(row) != 6:
                 hint = " (a header row? that is the C-Eval layout)" if row[:2] == ["id", "question"] else ""
                 raise EvalError(f"{where}: expected 6 columns question,A,B,C,D,answer, got {len(row)}{hint}")
-            out.append(Question(subject, row[0], tuple(row[1:5]), _check_answer(row[5], where), where))
+            answer = _check_answer(row[5], where)
+            out.append(Question(subject, row[0], tuple(row[1:5]), answer, where, str(len(out))))
     if not out:
         raise EvalError(f"{path}: no questions")
     return out
 
 
-def _read_ceval_csv(path: Path, subject: str, split: str) -> list[Question]:
+def _read_ceval_csv(path: Path, subject: str, require_answers: bool) -> list[Question]:
     out = []
     with open(path, newline="", encoding="utf-8") as f:
         rows = csv.reader(f)
@@ -120,10 +123,11 @@ def _read_ceval_csv(path: Path, subject: str, split: str) -> list[Question]:
             raise EvalError(
                 f"{path}:1: expected the C-Eval header id,question,A,B,C,D,answer[,explanation], got {header[:7]}"
             )
-        if "answer" not in header:
+        if "answer" not in header and require_answers:
             raise EvalError(
                 f"{path}: no 'answer' column; C-Eval's test answers are hidden (scored only by the "
-                f"C-Eval server): evaluate split 'val' locally"
+                f"C-Eval server): evaluate split 'val' locally, or write predictions for the server "
+                f"(--ceval_submission)"
             )
         col = {name: i for i, name in enumerate(header)}
         for row in rows:
@@ -131,25 +135,32 @@ def _read_ceval_csv(path: Path, subject: str, split: str) -> list[Question]:
             if len(row) != len(header):
                 raise EvalError(f"{where}: {len(row)} columns, the header has {len(header)}")
             choices = tuple(row[col[c]] for c in LETTERS)
-            out.append(
-                Question(subject, row[col["question"]], choices, _check_answer(row[col["answer"]], where), where)
-            )
+            answer = _check_answer(row[col["answer"]], where) if "answer" in col else None
+            out.append(Question(subject, row[col["question"]], choices, answer, where, row[col["id"]].strip()))
     if not out:
         raise EvalError(f"{path}: no questions")
     return out
 
 
 def load_dataset(
-    benchmark: str, root: str | Path, split: str | None = None, shots: int = 0, subjects: Sequence[str] | None = None
+    benchmark: str,
+    root: str | Path,
+    split: str | None = None,
+    shots: int = 0,
+    subjects: Sequence[str] | None = None,
+    require_answers: bool = True,
 ) -> Dataset:
-    """Reads a benchmark's split (default: MMLU test, C-Eval val) and, for shots > 0, its dev split."""
+    """Reads a benchmark's split (default: MMLU test, C-Eval val) and, for shots > 0, its dev split.
+
+    `require_answers=False` accepts C-Eval files without answers (the test split), for `predict`.
+    """
     if benchmark not in BENCHMARKS:
         raise EvalError(f"unknown benchmark {benchmark!r}; known: {BENCHMARKS}")
     root = Path(root)
     if not root.is_dir():
         raise EvalError(f"{benchmark} directory {root} does not exist")
     split = split or ("test" if benchmark == "mmlu" else "val")
-    questions = _read_split(benchmark, root, split)
+    questions = _read_split(benchmark, root, split, require_answers)
     if subjects:
         missing = sorted(set(subjects) - set(questions))
         if missing:
@@ -228,6 +239,25 @@ def extract_answer(text: str) -> str | None:
 # Evaluation -------------------------------------------------------------------------------
 
 
+def _picks(model: EvalModel, data: Dataset, subject: str, questions, method: str, chat: bool, max_new_tokens: int):
+    """The letter the model picks for each question (None: a generated reply named no letter)."""
+    prompts = [build_prompt(data.benchmark, data.names[subject], data.shots[subject], q) for q in questions]
+    if chat:
+        prompts = [chat_wrap(p) for p in prompts]
+    letter_ids = [model.encode(continuation(data.benchmark, letter)) for letter in LETTERS]
+    if method == "loglikelihood" and all(len(ids) == 1 for ids in letter_ids):
+        # Every choice is one token: one forward pass per question reads all four.
+        ll = model.next_token_logprobs([model.encode(p) for p in prompts], [ids[0] for ids in letter_ids])
+        return [LETTERS[int(np.argmax(row))] for row in ll]
+    if method == "loglikelihood":
+        requests = [(model.encode(p), ids) for p in prompts for ids in letter_ids]
+        ll = [score for score, _ in model.loglikelihood(requests)]
+        return [LETTERS[max(range(4), key=lambda j, i=i: ll[4 * i + j])] for i in range(len(prompts))]
+    if method == "generate":
+        return [extract_answer(t) for t in model.generate(prompts, max_new_tokens, stop_strings=["\n\n"])]
+    raise EvalError(f"unknown multiple-choice method {method!r}: 'loglikelihood' or 'generate'")
+
+
 def evaluate(
     model: EvalModel,
     data: Dataset,
@@ -246,29 +276,14 @@ def evaluate(
       chat: wrap each prompt in one MOSS chat turn.
       limit: at most this many questions per subject.
     """
-    if method not in ("loglikelihood", "generate"):
-        raise EvalError(f"unknown multiple-choice method {method!r}: 'loglikelihood' or 'generate'")
     per_subject, unparsed = {}, 0
     for subject, questions in data.questions.items():
         questions = questions[:limit] if limit else questions
-        prompts = [build_prompt(data.benchmark, data.names[subject], data.shots[subject], q) for q in questions]
-        if chat:
-            prompts = [chat_wrap(p) for p in prompts]
-        letter_ids = [model.encode(continuation(data.benchmark, letter)) for letter in LETTERS]
-        if method == "loglikelihood" and all(len(ids) == 1 for ids in letter_ids):
-            # Every choice is one token: one forward pass per question reads all four.
-            ll = model.next_token_logprobs([model.encode(p) for p in prompts], [ids[0] for ids in letter_ids])
-            picks = [LETTERS[int(np.argmax(row))] for row in ll]
-        elif method == "loglikelihood":
-            requests = []
-            for p in prompts:
-                ctx = model.encode(p)
-                requests += [(ctx, model.encode(continuation(data.benchmark, letter))) for letter in LETTERS]
-            ll = [score for score, _ in model.loglikelihood(requests)]
-            picks = [LETTERS[max(range(4), key=lambda j, i=i: ll[4 * i + j])] for i in range(len(prompts))]
-        else:
-            picks = [extract_answer(t) for t in model.generate(prompts, max_new_tokens, stop_strings=["\n\n"])]
-            unparsed += sum(p is None for p in picks)
+        hidden = [q.source for q in questions if q.answer is None]
+        if hidden:
+            raise EvalError(f"{hidden[0]}: no answer to score against (use predict() for a submission)")
+        picks = _picks(model, data, subject, questions, method, chat, max_new_tokens)
+        unparsed += sum(p is None for p in picks)
         correct = sum(p == q.answer for p, q in zip(picks, questions, strict=True))
         per_subject[subject] = {"accuracy": correct / len(questions), "correct": correct, "total": len(questions)}
     report = {
@@ -294,3 +309,22 @@ def evaluate(
                 cats.setdefault(data.categories[s], []).append(v["accuracy"])
         report["categories"] = {c: sum(a) / len(a) for c, a in sorted(cats.items())}
     return report
+
+
+def predict(
+    model: EvalModel,
+    data: Dataset,
+    *,
+    method: str = "loglikelihood",
+    chat: bool = False,
+    max_new_tokens: int = 16,
+    limit: int | None = None,
+) -> dict[str, dict[str, str]]:
+    """{subject: {question id: letter}}: the C-Eval server's submission format (an unparsed
+    generated reply gives "")."""
+    out = {}
+    for subject, questions in data.questions.items():
+        questions = questions[:limit] if limit else questions
+        picks = _picks(model, data, subject, questions, method, chat, max_new_tokens)
+        out[subject] = {q.qid: p or "" for q, p in zip(questions, picks, strict=True)}
+    return out

@@ -107,6 +107,18 @@ def test_end_to_end_report(tmp_path, checkpoint, sp_model, mmlu_dir, capsys):
     table = capsys.readouterr().out
     assert "mmlu" in table and "en bits/byte" in table and "pass@1" in table and "compliance" in table
 
+    ceval = tmp_path / "ceval" / "test"
+    ceval.mkdir(parents=True)
+    (ceval / "law_test.csv").write_text("id,question,A,B,C,D\n0,q,a,b,c,d\n1,r,a,b,c,d\n")
+    submission = tmp_path / "submission.json"
+    rc = main(
+        ["--checkpoint", str(checkpoint), "--tokenizer", str(sp_model), "--suite", "ceval"]
+        + ["--ceval_dir", str(tmp_path / "ceval"), "--ceval_submission", str(submission)]
+    )
+    assert rc == 0
+    preds = json.loads(submission.read_text())
+    assert list(preds) == ["law"] and list(preds["law"]) == ["0", "1"] and set(preds["law"].values()) <= set("ABCD")
+
 
 def test_tools_suite_is_wired_to_tool_use(tmp_path):
     pytest.importorskip("moss_jax.eval.tool_use")

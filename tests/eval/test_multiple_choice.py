@@ -125,3 +125,13 @@ def test_wrong_layouts_are_named(tmp_path):
         mc.load_dataset("ceval", tmp_path / "ceval", shots=5)
     with pytest.raises(EvalError, match=r"subject\(s\) \['chemistry'\]"):
         mc.load_dataset("ceval", tmp_path / "ceval", subjects=["chemistry"])
+
+
+def test_predictions_for_the_ceval_server(tmp_path):
+    root = write_ceval(tmp_path)
+    (root / "test").mkdir()
+    (root / "test" / "virology_test.csv").write_text("id,question,A,B,C,D\n7,q1,a,b,c,d\n9,q2,a,b,c,d\n")
+    data = mc.load_dataset("ceval", root, split="test", shots=1, require_answers=False)
+    assert mc.predict(PREFERS_B, data) == {"virology": {"7": "B", "9": "B"}}
+    with pytest.raises(EvalError, match=r"virology_test.csv:2: no answer to score against"):
+        mc.evaluate(PREFERS_B, data)
