@@ -311,6 +311,8 @@ def _moss_generate(
     )
     if sampling:
         raise TypeError(f"unknown sampling argument(s) {sorted(sampling)}")
+    if not 0 < max_new_tokens < config.max_len:
+        raise EvalError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_len {config.max_len}")
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p)[-(config.max_len - max_new_tokens) :] for p in prompts[start : start + batch_size]]
