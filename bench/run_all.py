@@ -25,17 +25,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FULL = {
     "train_step": ["train_step.py", "--configs", "tiny", "125m", "--seq_len", "512"],
     "mfu": ["mfu.py", "--config", "125m", "--seq_len", "512"],
-    "decode": ["decode.py", "--config", "125m", "--batches", "1", "8"],
-    "decode_int8": ["decode.py", "--config", "125m", "--batches", "1", "8", "--weights", "int8"],
+    "decode": ["decode.py", "--config", "125m", "--batches", "1", "8", "--weights", "float32", "int8", "bfloat16"],
     "attention": ["attention.py", "--seq_lens", "512,2048"],
+    # Needs a trained model: the README's tiny pre-training run (skipped when it is absent).
+    "quant_quality": ["quant_quality.py", "--run_dir", "runs/pretrain_tiny_cpu"],
 }
 QUICK = {
     "train_step": ["train_step.py", "--configs", "debug", "--seq_len", "32", "--repeats", "1", "--target_s", "0"],
     "mfu": ["mfu.py", "--config", "debug", "--seq_len", "32", "--repeats", "1", "--matmul", "256"],
-    "decode": ["decode.py", "--config", "debug", "--batches", "1", "--new_tokens", "4", "--repeats", "1"],
-    "decode_int8": [
+    "decode": [
         "decode.py",
-        *("--config", "debug", "--batches", "1", "--new_tokens", "4", "--repeats", "1", "--weights", "int8"),
+        *("--config", "debug", "--batches", "1", "--new_tokens", "4", "--repeats", "1", "--weights", "float32", "int8"),
     ],
     "attention": ["attention.py", "--seq_lens", "64", "--repeats", "1"],
 }
@@ -72,6 +72,12 @@ def markdown(rows: list[dict]) -> str:
             f"{r['achieved_gflops']} | {r['peak_gflops']} | {r['mfu']} |",
             "",
         ]
+    quality = [r for r in rows if r["bench"] == "quant_quality"]
+    if quality:
+        out += ["| weights | held-out perplexity | delta vs fp32 | weight MiB |", "|---|---|---|---|"]
+        for r in quality:
+            out.append(f"| {r['weights']} | {r['ppl']} | {r['ppl_delta_pct']:+.3f}% | {r['weight_mib']} |")
+        out.append("")
     att = [r for r in rows if r["bench"] == "attention"]
     if att:
         out += ["| attention impl | seq_len | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |", "|---|---|---|---|---|"]
@@ -111,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
     }
     for name in names:
+        if name == "quant_quality" and not os.path.isdir(table[name][2]):
+            print(f"skipping quant_quality: no trained run at {table[name][2]}", file=sys.stderr)
+            continue
         rows = run(name, table[name])
         for row in rows:
             print(json.dumps(row), flush=True)
