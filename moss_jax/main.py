@@ -81,8 +81,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    if args.distributed:
-        jax.distributed.initialize()
+    if args.distributed:  # before anything touches a device; process 0 owns logs and metrics
+        from moss_jax import distributed
+
+        try:
+            distributed.initialize()
+        except distributed.DistributedInitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        distributed.configure_logging(logging.WARNING)
     from moss_jax import configurables
 
     try:
