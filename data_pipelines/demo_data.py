@@ -37,23 +37,35 @@ from data_pipelines import specials as sp
 KINDS = ("calculate", "solve", "search", "chat")
 REJECTION_KINDS = ("wrong_number", "skipped_tool", "wrong_format")
 
-# Search topics: English ones hit the embedded Python documentation, Chinese ones the People's
-# Daily corpus. Held-out questions use topics never seen in training (split by index).
-SEARCH_TOPICS_EN = (
-    "textwrap", "json module", "calendar", "fractions", "sorting lists", "decorators", "generators",
-    "closures", "binary search", "regular expressions", "unicode strings", "file objects", "exceptions",
-    "dictionaries", "list comprehensions", "context managers", "iterators", "integer division",
-    "floating point", "keyword arguments", "class attributes", "modules", "packages", "threads",
-    "sockets", "decimal rounding", "time zones", "random numbers", "hash functions", "zip files",
-    "command line arguments", "logging", "unit tests", "abstract base classes", "coroutines",
-    "string formatting", "bytes objects", "tuples", "sets", "lambda expressions", "garbage collection",
-    "environment variables", "signals", "pickling", "csv files", "email messages", "heaps", "queues",
-)  # fmt: skip
-SEARCH_TOPICS_ZH = (
-    "经济发展", "农业生产", "教育改革", "科技创新", "环境保护", "国有企业", "社会保障", "对外开放",
-    "春节", "扶贫", "体育比赛", "文化建设", "铁路建设", "城市交通", "医疗卫生", "金融市场",
-    "粮食", "水利", "外交", "工会", "电影", "旅游", "出口", "税收",
-)  # fmt: skip
+# Search topics are words of the embedded corpus (English: Python's documentation; Chinese: the
+# People's Daily corpus), hundreds of them, so a model must copy the topic from the question rather
+# than memorise a short list. Held-out questions use topics never seen in training.
+STOPWORDS_EN = frozenset("about above after again against because before being below between could doing during "
+                         "further having other should their there these those through under until where which "
+                         "while would yours itself".split())  # fmt: skip
+
+
+def corpus_topics(english: Sequence[str], chinese: Sequence[str], n: int, seed: int) -> tuple[list[str], list[str]]:
+    """`n` English and `n` Chinese topic words from the corpus (neither rare nor very common)."""
+    import collections
+
+    import jieba
+
+    jieba.setLogLevel(60)
+    df_en, df_zh = collections.Counter(), collections.Counter()
+    for doc in english:
+        df_en.update({w.lower() for w in re.findall(r"\b[a-zA-Z]{5,12}\b", doc)})
+    for doc in chinese[:6000]:
+        df_zh.update({w for w in jieba.cut(doc) if re.fullmatch(r"[\u4e00-\u9fff]{2,4}", w)})
+    rng = random.Random(seed)
+
+    def pick(df, lo, hi):
+        pool = sorted(w for w, c in df.items() if lo <= c <= hi)
+        return rng.sample(pool, k=min(n, len(pool)))
+
+    en = [w for w in pick(df_en, 5, 60) if w not in STOPWORDS_EN]
+    return en, pick(df_zh, 8, 200)
+
 
 CALC_Q_EN = ("What is {e}?", "Please calculate {e}.", "Can you compute {e} for me?", "How much is {e}?")
 CALC_Q_ZH = ("{e} 等于多少？", "请帮我计算 {e}。", "算一下 {e}。")
@@ -61,13 +73,14 @@ SOLVE_Q_EN = ("Solve the equation {e}.", "Find x if {e}.", "What is x in {e}?")
 SOLVE_Q_ZH = ("解方程 {e}。", "求解方程 {e} 中的 x。")
 SEARCH_Q_EN = ("Search for information about {e}.", "What can you find about {e}?", "Tell me about {e}.")
 SEARCH_Q_ZH = ("帮我搜索一下{e}。", "查一查关于{e}的资料。")
+# Thoughts restate what the tool gets (as MOSS's plugin data often does).
 THOUGHTS = {
-    ("calculate", "en"): "The human wants an exact arithmetic result, so I should use the calculator.",
-    ("calculate", "zh"): "用户需要计算一个算式，我应该使用计算器。",
-    ("solve", "en"): "This is an equation, so I should use the equation solver.",
-    ("solve", "zh"): "这是一个方程，我应该使用方程求解器。",
-    ("search", "en"): "The human asks for information, so I should search for it.",
-    ("search", "zh"): "用户想了解相关信息，我应该搜索一下。",
+    ("calculate", "en"): "The human wants the value of {e}, so I should use the calculator.",
+    ("calculate", "zh"): "用户需要计算 {e}，我应该使用计算器。",
+    ("solve", "en"): "The human wants x in {e}, so I should use the equation solver.",
+    ("solve", "zh"): "用户要解方程 {e}，我应该使用方程求解器。",
+    ("search", "en"): "The human asks about {e}, so I should search for it.",
+    ("search", "zh"): "用户想了解{e}，我应该搜索一下。",
     ("chat", "en"): "No tool is needed for this.",
     ("chat", "zh"): "这个问题不需要使用工具。",
 }
@@ -189,7 +202,7 @@ def _result_value(kind: str, results: str) -> str:
         v = m.group(1)
         return v[:-2] if v.endswith(".0") else v
     if kind == "solve":
-        m = re.search(r"x = (-?\d+)\.0+\b", results)
+        m = re.search(r"x = (-?\d+)(?:\.0+)?$", results, re.M)
         if not m:
             raise ValueError(f"solver gave no integer root: {results!r}")
         return m.group(1)
@@ -250,29 +263,28 @@ class DemoGenerator:
         }
         self.equations = [e for i, e in enumerate(equations) if (i % 4 == 3) == held_out]
 
-    def question(self, kind: str, lang: str) -> tuple[str, str]:
-        """(human text, command text) for a tool kind."""
+    def question(self, kind: str, lang: str) -> tuple[str, str, str]:
+        """(human text, inner thoughts, command text) for a tool kind."""
         rng = self.rng
         if kind == "calculate":
-            e = _calc_expression(rng)
-            return rng.choice(CALC_Q_EN if lang == "en" else CALC_Q_ZH).format(e=e), f'Calculate("{e}")'
-        if kind == "solve":
-            e = rng.choice(self.equations)
-            return rng.choice(SOLVE_Q_EN if lang == "en" else SOLVE_Q_ZH).format(e=e), f'Solve("{e}")'
-        if kind == "search":
-            e = rng.choice(self.topics[lang])
-            return rng.choice(SEARCH_Q_EN if lang == "en" else SEARCH_Q_ZH).format(e=e), f'Search("{e}")'
-        raise ValueError(f"not a tool kind: {kind!r}")
+            e, templates, command = _calc_expression(rng), (CALC_Q_EN, CALC_Q_ZH), "Calculate"
+        elif kind == "solve":
+            e, templates, command = rng.choice(self.equations), (SOLVE_Q_EN, SOLVE_Q_ZH), "Solve"
+        elif kind == "search":
+            e, templates, command = rng.choice(self.topics[lang]), (SEARCH_Q_EN, SEARCH_Q_ZH), "Search"
+        else:
+            raise ValueError(f"not a tool kind: {kind!r}")
+        human = rng.choice(templates[0] if lang == "en" else templates[1]).format(e=e)
+        return human, THOUGHTS[(kind, lang)].format(e=e), f'{command}("{e}")'
 
     def turn(self, kind: str | None = None, lang: str | None = None) -> DemoTurn:
         rng = self.rng
         kind = kind or rng.choices(KINDS, weights=(4, 2, 3, 1))[0]
         lang = lang or ("zh" if rng.random() < self.lang_zh else "en")
-        thoughts = THOUGHTS[(kind, lang)]
         if kind == "chat":
             human, reply = rng.choice(CHAT_EN if lang == "en" else CHAT_ZH)
-            return DemoTurn(kind, lang, human, thoughts, "None", "None", reply)
-        human, command = self.question(kind, lang)
+            return DemoTurn(kind, lang, human, THOUGHTS[(kind, lang)], "None", "None", reply)
+        human, thoughts, command = self.question(kind, lang)
         results = self.run_tool(command)
         if kind == "search":
             first = results.split("\n")[1] if "\n" in results else ""
@@ -362,7 +374,8 @@ class DemoDataSizes:
     pairs_train: int = 1200
     pairs_heldout: int = 200
     tool_questions: int = 100
-    equations: int = 160
+    equations: int = 400
+    topics: int = 400
 
 
 def tool_questions(gen: DemoGenerator, n: int) -> list[dict]:
@@ -371,7 +384,7 @@ def tool_questions(gen: DemoGenerator, n: int) -> list[dict]:
     for i in range(n):
         kind = ("calculate", "solve", "search")[i % 3]
         lang = "zh" if gen.rng.random() < gen.lang_zh else "en"
-        human, command = gen.question(kind, lang)
+        human, _, command = gen.question(kind, lang)
         out.append({"id": f"q{i}", "kind": kind, "lang": lang, "human": human, "command": command})
     return out
 
@@ -380,15 +393,18 @@ def build_demo_data(
     out_dir: str | os.PathLike,
     registry: Any,
     meta_instruction: str,
+    corpus: dict[str, Sequence[str]],
     sizes: DemoDataSizes = DemoDataSizes(),
     seed: int = 0,
 ) -> dict[str, int]:
     """Writes sft_{train,heldout}.jsonl, pairs_{train,heldout}.jsonl and tool_questions.jsonl.
 
-    Returns counts per file. Files are written atomically; existing ones are replaced.
+    `corpus` (data_pipelines.corpus.read_corpus) gives the search topics. Returns counts per
+    file. Files are written atomically; existing ones are replaced.
     """
     runner = ToolRunner(registry)
-    topics = (available_topics(runner, SEARCH_TOPICS_EN), available_topics(runner, SEARCH_TOPICS_ZH))
+    en, zh = corpus_topics(corpus["en"], corpus["zh"], sizes.topics, seed)
+    topics = (available_topics(runner, en), available_topics(runner, zh))
     if len(topics[0]) < 8 or len(topics[1]) < 8:
         raise ValueError(f"the search backend answers too few demo topics: {topics}")
     # Solving runs one subprocess per equation: draw the equations first, solve them in parallel.
@@ -416,4 +432,5 @@ def build_demo_data(
     write_jsonl(out_dir / "tool_questions.jsonl", questions)
     counts["tool_questions"] = len(questions)
     counts["equations_left_out"] = counts_failed
+    counts["search_topics"] = len(topics[0]) + len(topics[1])
     return counts

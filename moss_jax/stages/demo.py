@@ -49,19 +49,21 @@ class Scale:
     pairs_heldout: int
     tool_questions: int
     equations: int
+    topics: int
     tag_prompts: int
 
 
 SCALES = {
     "full": Scale(
-        steps={"pretrain": 150, "sft": 250, "reward_model": 100, "preference_aware": 150, "dpo": 80},
+        steps={"pretrain": 150, "sft": 300, "reward_model": 100, "preference_aware": 150, "dpo": 80},
         corpus_chars=2_000_000,
-        sft_train=1500,
+        sft_train=2000,
         sft_heldout=100,
         pairs_train=1200,
         pairs_heldout=200,
         tool_questions=90,
-        equations=160,
+        equations=400,
+        topics=400,
         tag_prompts=48,
     ),
     # The CI test's reduced pipeline: every stage and artifact, a few steps each.
@@ -74,6 +76,7 @@ SCALES = {
         pairs_heldout=16,
         tool_questions=6,
         equations=12,
+        topics=40,
         tag_prompts=4,
     ),
 }
@@ -167,6 +170,7 @@ def prepare_data(paths: Paths, scale: Scale, seed: int) -> dict:
     n = build_index(read_documents([paths.corpus / "en.jsonl", paths.corpus / "zh.jsonl"], max_chars=300), paths.index)
     print(f"[demo] search index: {n:,d} passages")
     registry = registry_for(paths)
+    corpus = corpus_lib.read_corpus(paths.corpus)
     sizes = demo_data.DemoDataSizes(
         sft_train=scale.sft_train,
         sft_heldout=scale.sft_heldout,
@@ -174,10 +178,10 @@ def prepare_data(paths: Paths, scale: Scale, seed: int) -> dict:
         pairs_heldout=scale.pairs_heldout,
         tool_questions=scale.tool_questions,
         equations=scale.equations,
+        topics=scale.topics,
     )
-    counts = demo_data.build_demo_data(paths.demo, registry, demo_meta(registry), sizes, seed=seed)
+    counts = demo_data.build_demo_data(paths.demo, registry, demo_meta(registry), corpus, sizes, seed=seed)
     print(f"[demo] demo data (tool answers from the real tools): {counts}")
-    corpus = corpus_lib.read_corpus(paths.corpus)
     demo_texts = [
         r["meta_instruction"] + "".join(v for t in r["chat"].values() for v in t.values())
         for _, _, r in _iter(paths.demo / "sft_train.jsonl")

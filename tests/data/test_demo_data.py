@@ -14,7 +14,7 @@ from moss_jax.tools import ToolRegistry, ToolsConfig
 from moss_jax.tools.search_index import build_index, read_documents
 
 SIZES = demo_data.DemoDataSizes(
-    sft_train=30, sft_heldout=6, pairs_train=30, pairs_heldout=10, tool_questions=9, equations=8
+    sft_train=30, sft_heldout=6, pairs_train=30, pairs_heldout=10, tool_questions=9, equations=8, topics=40
 )
 
 
@@ -30,11 +30,11 @@ def registry(tmp_path_factory, corpus):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, registry):
+def demo(tmp_path_factory, registry, corpus):
     out = tmp_path_factory.mktemp("demo")
     meta = meta_instruction(registry.capability_lines(), inner_thoughts=True)
-    counts = demo_data.build_demo_data(out, registry, meta, SIZES, seed=3)
-    return out, counts, meta
+    counts = demo_data.build_demo_data(out, registry, meta, corpus, SIZES, seed=3)
+    return out, counts, meta, corpus
 
 
 def _records(path):
@@ -42,14 +42,14 @@ def _records(path):
 
 
 def test_counts_and_files(demo):
-    out, counts, _ = demo
+    out, counts, _, _ = demo
     assert counts["sft_train"] == 30 and counts["pairs_heldout"] == 10 and counts["tool_questions"] == 9
     for name in ("sft_train", "sft_heldout", "pairs_train", "pairs_heldout", "tool_questions"):
         assert len(_records(out / f"{name}.jsonl")) == counts[name]
 
 
 def test_tool_answers_come_from_the_real_tools(demo, registry):
-    out, _, _ = demo
+    out, _, _, _ = demo
     checked = 0
     for rec in _records(out / "sft_train.jsonl"):
         for turn in conv.record_turns(rec):
@@ -66,7 +66,7 @@ def test_tool_answers_come_from_the_real_tools(demo, registry):
                 value = re.search(r"=> '([^']*)'", body).group(1)
                 assert value.removesuffix(".0") in reply
             elif command.startswith("Solve"):
-                root = re.search(r"x = (-?\d+)\.0+", body).group(1)
+                root = re.search(r"x = (-?\d+)(?:\.0+)?$", body, re.M).group(1)
                 assert f"x = {root}" in reply
                 eq = command[len('Solve("') : -2]
                 lhs, rhs = eq.split("=")
@@ -77,7 +77,7 @@ def test_tool_answers_come_from_the_real_tools(demo, registry):
 
 
 def test_fields_render_exactly_as_the_chat_prompt(demo):
-    out, _, meta = demo
+    out, _, meta, _ = demo
     for rec in _records(out / "sft_train.jsonl"):
         assert rec["meta_instruction"] == meta
         for turn in conv.record_turns(rec):
@@ -96,7 +96,7 @@ def test_fields_render_exactly_as_the_chat_prompt(demo):
 
 def test_training_and_chat_tokenise_the_same(demo, vocab_path):
     """Training encodes segment by segment; the chat encodes the whole prompt: same ids."""
-    out, _, _ = demo
+    out, _, _, _ = demo
     vocab = load_vocabulary(vocab_path)
     for rec in _records(out / "sft_train.jsonl")[:10]:
         ids, _ = conv.encode_conversation(rec, vocab, 4096, conv.MaskOptions())
@@ -107,7 +107,7 @@ def test_training_and_chat_tokenise_the_same(demo, vocab_path):
 
 
 def test_pairs_differ_only_in_a_worse_final_reply(demo):
-    out, _, _ = demo
+    out, _, _, _ = demo
     kinds = set()
     for pair in _records(out / "pairs_train.jsonl"):
         assert pair["chosen"] != pair["rejected"]
@@ -125,7 +125,7 @@ def test_pairs_differ_only_in_a_worse_final_reply(demo):
 
 
 def test_heldout_questions_use_unseen_topics_and_equations(demo):
-    out, _, _ = demo
+    out, _, _, _ = demo
     train_commands = {t["Commands"] for r in _records(out / "sft_train.jsonl") for t in conv.record_turns(r)} | {
         t["Commands"] for r in _records(out / "pairs_train.jsonl") for t in conv.record_turns(r)
     }
@@ -136,8 +136,8 @@ def test_heldout_questions_use_unseen_topics_and_equations(demo):
 
 
 def test_deterministic_for_a_seed(tmp_path, registry, demo):
-    out, _, meta = demo
+    out, _, meta, corpus = demo
     again = tmp_path / "again"
-    demo_data.build_demo_data(again, registry, meta, SIZES, seed=3)
+    demo_data.build_demo_data(again, registry, meta, corpus, SIZES, seed=3)
     for name in ("sft_train", "pairs_heldout", "tool_questions"):
         assert (again / f"{name}.jsonl").read_text() == (out / f"{name}.jsonl").read_text()
