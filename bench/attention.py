@@ -22,7 +22,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
 
 
 def _time_ms(fn, args, repeats: int) -> float:
@@ -71,6 +73,7 @@ def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespa
         "head_dim": args.head_dim,
         "dtype": args.dtype,
         "backend": jax.default_backend(),
+        "threads": args.threads,
     }
     run = impl != "xla" or seq_len <= args.max_ref_len
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
@@ -92,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max_ref_len", type=int, default=4096, help="compile-only for the reference above this")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    common.set_threads(args.threads)
 
     for seq_len in (int(s) for s in args.seq_lens.split(",")):
         for impl in args.impls.split(","):

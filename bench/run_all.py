@@ -107,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for every benchmark (default: all)")
     args = parser.parse_args(argv)
     table = QUICK if args.quick else FULL
+    if args.threads:
+        table = {n: v + ["--threads", str(args.threads)] if n != "quant_quality" else v for n, v in table.items()}
     names = args.only or list(table)
     result = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -125,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
         result["rows"] += rows
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "latest.json"), "w") as f:
+    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    suffix = f"_threads{args.threads}" if args.threads else ""
+    with open(os.path.join(args.out, f"latest{suffix}.json"), "w") as f:
         json.dump(result, f, indent=1)
     machine = result["machine"]
     header = f"Measured {result['date']} on {machine['cpu']} ({machine['cores']} cores, "
-    header += f"load {machine['load_avg_1m']} at the start).\n\n"
-    with open(os.path.join(args.out, "latest.md"), "w") as f:
+    header += f"load average {machine['load_avg_1m']} at the start, {result['load_avg_1m_at_end']} at the end).\n\n"
+    with open(os.path.join(args.out, f"latest{suffix}.md"), "w") as f:
         f.write(header + markdown(result["rows"]))
     return 0
 
