@@ -128,3 +128,27 @@ def test_validation_catches_an_unknown_binding_before_launching(capsys):
         gin.clear_config()
     assert rc == 2
     assert "work unit 1 {'moss_jax.train.TrainConfig.stepz': 1}: gin configuration" in capsys.readouterr().err
+
+
+def _units(tmp_path, codes):
+    """Work units whose command appends its index to the file of its TPU VM, then exits with `code`."""
+    units = []
+    for i, (tpu, code) in enumerate(codes, start=1):
+        script = f"open({str(tmp_path / tpu)!r}, 'a').write('{i} '); exit({code})"
+        units.append(launch.WorkUnit(i, {}, f"w/{i}", tpu, (sys.executable, "-c", script)))
+    return units
+
+
+def test_builtin_runner_runs_each_tpu_queue_in_order_and_reports_failures(tmp_path, capsys):
+    rc = launch.run_builtin(_units(tmp_path, [("a", 0), ("b", 0), ("a", 3), ("b", 0), ("a", 0)]))
+    assert rc == 1 and "failed work units: [3]" in capsys.readouterr().err
+    assert (tmp_path / "a").read_text() == "1 3 5 " and (tmp_path / "b").read_text() == "2 4 "
+
+
+def test_xmanager_runner_is_one_experiment_with_a_work_unit_per_point(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("xmanager", reason='the launch extra is not installed (pip install -e ".[launch]")')
+    monkeypatch.setenv("HOME", str(tmp_path))  # xm_local keeps its experiment database under ~/.xmanager
+    rc = launch.run_xmanager("test", _units(tmp_path, [("a", 0), ("b", 0), ("a", 3), ("b", 0)]))
+    out, err = capsys.readouterr()
+    assert rc == 1 and "failed work units: [3]" in err and "xmanager experiment id" in out
+    assert (tmp_path / "a").read_text() == "1 3 " and (tmp_path / "b").read_text() == "2 4 "

@@ -17,14 +17,25 @@ def _sh(*args, dry_run=True):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
-def test_script_parses():
-    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+SCRIPTS = [SCRIPT, ROOT / "tpu_setup" / "aot_all.sh"]
+
+
+def test_scripts_parse():
+    for script in SCRIPTS:
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_is_clean():
-    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    proc = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_aot_all_refuses_a_missing_gin_file():
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS[1]), "experiments/pretrain/nope.gin"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and "gin file experiments/pretrain/nope.gin does not exist" in proc.stderr
 
 
 @pytest.mark.parametrize(
