@@ -59,3 +59,18 @@ def test_partial_settings_are_a_clear_error(monkeypatch):
         distributed.initialize()
     with pytest.raises(distributed.DistributedInitError, match=r"process id 3 is outside \[0, 2\)"):
         distributed.initialize("localhost:1234", 2, 3)
+
+
+def test_main_distributed_reports_a_bad_setting_and_exits_2():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env |= {"JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moss_jax.main", "--gin_file=experiments/debug/pretrain_tiny_cpu.gin", "--distributed"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "error: give all of coordinator address, process count and process id" in proc.stderr
