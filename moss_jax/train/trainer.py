@@ -34,6 +34,7 @@ PEAK_FLOPS = {
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p chips report device_kind "TPU v5" (after the "TPU v5 lite" prefix above)
     "TPU v6 lite": 918e12,
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
