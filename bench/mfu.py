@@ -31,11 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul", type=int, default=2048, help="side of the square fp32 matmul for the peak")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", default="none")
     parser.add_argument("--attention_impl", default="xla")
     args = parser.parse_args(argv)
-    common.set_threads(args.threads)
+    common.set_threads(args.threads, args.device)
 
     import jax
     import jax.numpy as jnp
