@@ -38,9 +38,9 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 MFU = 0.6
 GIB = 2**30
 TABLE_HEADER = (
-    "| experiment | step | topology | chips | mesh (data, fsdp, tensor, sequence) | global batch | per-chip GiB "
-    "| HBM GiB | % HBM | FLOPs/step (model) | FLOPs/step (XLA, all chips) | step time (60% MFU; decode: HBM-bound) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| experiment | stage | topology | chips | mesh | global batch | per-chip GiB / HBM | model FLOPs/step "
+    "| XLA FLOPs/step (loops once) | step time at 60% MFU (decode: HBM-bound chunk) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -262,9 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     experiment = " ".join(Path(f).stem for f in args.gin_file)
     mesh_text = "(" + ", ".join(str(mesh.shape[a]) for a in MESH_AXES) + ")"
     print(TABLE_HEADER)
+    micro = info.get("micro_batches", 1)
+    batch = f"{info['global_batch']} x {info['seq_len']}" + (f" ({micro} micro)" if micro > 1 else "")
+    stage = exp["stage"] if args.step == "train" else "decode"
     print(
-        f"| {experiment} | {args.step} | {topology.name} | {chips} | {mesh_text} | {info['global_batch']} x "
-        f"{info['seq_len']} | {total / GIB:.1f} | {gen.hbm_bytes / GIB:.0f} | {100 * total / gen.hbm_bytes:.0f}% "
+        f"| {experiment} | {stage} | {topology.name} ({topology.accelerator_type}) | {chips} | {mesh_text} | {batch} "
+        f"| {total / GIB:.1f} / {gen.hbm_bytes / GIB:.0f} ({100 * total / gen.hbm_bytes:.0f}%) "
         f"| {info['model_flops']:.3g} | {'n/a' if xla_flops is None else f'{xla_flops:.3g}'} | {step_time:.3g} s |"
     )
     print(

@@ -56,7 +56,9 @@ def test_tiny_sft_stage_fits_on_v5p_with_a_3d_mesh():
     assert report["model_flops"] == pytest.approx(flops)
     assert report["step_time_s"] == pytest.approx(flops / (8 * 459e12 * 0.6))
     lines = proc.stdout.splitlines()
-    assert lines[-2].startswith("| pretrain_tiny_cpu_bytes | train | v5p:2x2x2 | 8 | (2, 2, 2, 1) | 8 x 128 |")
+    assert lines[-2].startswith(
+        "| pretrain_tiny_cpu_bytes | sft | v5p:2x2x2 (v5p-16) | 8 | (2, 2, 2, 1) | 8 x 128 | 0.1 / 95 (0%) |"
+    )
 
 
 def test_decode_step_compiles_for_v4_megacore_chips_with_tensor_parallelism():
