@@ -37,12 +37,12 @@ def run_stage(exp: dict) -> dict:
     cfg = exp["train"]
     summary = train(exp["model"], exp["optimizer"], cfg, exp["data"], exp["mesh"], objective=exp["objective"])
     params_dir = Path(cfg.workdir) / "params"
-    if jax.process_index() == 0:
-        from moss_jax.convert.checkpoint_io import save_params
+    from moss_jax.convert.checkpoint_io import save_params
 
-        save_params(params_dir, summary["state"].params, exp["model"], overwrite=True)
-        if exp.get("preference_tags"):
-            shutil.copy(exp["preference_tags"], params_dir / PREFERENCE_TAGS_FILE)
+    # Every process takes part in writing sharded params (orbax); process 0 adds the small files.
+    save_params(params_dir, summary["state"].params, exp["model"], overwrite=True)
+    if jax.process_index() == 0 and exp.get("preference_tags"):
+        shutil.copy(exp["preference_tags"], params_dir / PREFERENCE_TAGS_FILE)
     last = summary["history"][-1] if summary.get("history") else {}
     return {
         "stage": exp["stage"],

@@ -126,9 +126,27 @@ def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool):
 
 
 def save_params(out_dir: str | os.PathLike, params: Any, config: MossConfig, overwrite: bool = False) -> Path:
-    """Writes params (orbax) and the MossConfig (JSON) to `out_dir`, atomically."""
+    """Writes params (orbax) and the MossConfig (JSON) to `out_dir`, atomically.
+
+    With several processes (a TPU pod) every process must call this with the same `out_dir`:
+    orbax writes each process's shards and commits the checkpoint atomically itself, and
+    process 0 writes the config after it.
+    """
+    import jax
     import orbax.checkpoint as ocp
 
+    if jax.process_count() > 1:
+        out = Path(out_dir).absolute()
+        if (out / PARAMS_NAME).exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(out / PARAMS_NAME, params, force=overwrite)
+            ckptr.wait_until_finished()
+        if jax.process_index() == 0:
+            tmp = out / (CONFIG_NAME + ".tmp")
+            tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+            os.replace(tmp, out / CONFIG_NAME)
+        return out
     with _atomic_dir(out_dir, overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_NAME, params)

@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from data_pipelines import conversation as conv
@@ -102,7 +103,6 @@ def tag_stage(cfg: TagConfig) -> dict:
     from moss_jax.convert.checkpoint_io import load_params
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config, params = load_params(cfg.reward_model)
     if "reward_head_kernel" not in params:
         raise ValueError(f"{cfg.reward_model} is not a preference model checkpoint (no reward_head_kernel)")
@@ -114,7 +114,17 @@ def tag_stage(cfg: TagConfig) -> dict:
     keys, scores = _score_turns(params, config, vocab, train, cfg.seq_len, cfg.batch_size, "score train")
     tags = assign_tags(scores, thresholds)
     held_tags = assign_tags(held_scores, thresholds)
-
+    summary = {
+        "thresholds": thresholds,
+        "tagged_replies": len(keys),
+        "tag_counts": np.bincount(tags, minlength=cfg.num_tags).tolist(),
+        "mean_score_by_tag": [
+            float(scores[tags == k].mean()) if (tags == k).any() else None for k in range(cfg.num_tags)
+        ],
+    }
+    if jax.process_index() != 0:  # every process scores the same data; one writes
+        return summary
+    out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "conversations.jsonl", train)
     write_jsonl(
         out / "tags.jsonl",
@@ -137,14 +147,6 @@ def tag_stage(cfg: TagConfig) -> dict:
     }
     _write_json(out / "thresholds.json", {"thresholds": thresholds, "num_heldout": len(held_scores)})
     _write_json(out / PREFERENCE_TAGS_FILE, meta)
-    summary = {
-        "thresholds": thresholds,
-        "tagged_replies": len(keys),
-        "tag_counts": np.bincount(tags, minlength=cfg.num_tags).tolist(),
-        "mean_score_by_tag": [
-            float(scores[tags == k].mean()) if (tags == k).any() else None for k in range(cfg.num_tags)
-        ],
-    }
     print(
         f"[tag] {len(keys)} replies tagged; thresholds {np.round(thresholds, 3).tolist()}; "
         f"counts {summary['tag_counts']}"
