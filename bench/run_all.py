@@ -24,6 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 FULL = {
     "train_step": ["train_step.py", "--configs", "tiny", "125m", "--seq_len", "512"],
+    # attention_impl "auto" picks this blockwise path on CPU (docs/kernels.md); the default stays "xla".
+    "train_step_blockwise": ["train_step.py", "--configs", "125m", "--seq_len", "512", "--attention_impl", "blockwise"],
     "mfu": ["mfu.py", "--config", "125m", "--seq_len", "512"],
     "decode": ["decode.py", "--config", "125m", "--batches", "1", "8", "--weights", "float32", "int8", "bfloat16"],
     "attention": ["attention.py", "--seq_lens", "512,2048"],
@@ -56,7 +58,8 @@ def markdown(rows: list[dict]) -> str:
         ]
         for r in ratio_rows:
             if r["bench"] == "train_step":
-                setting = f"seq {r['seq_len']}, batch {r['batch']}, {r['dtype']}"
+                attention = r.get("ours_setup", "").rpartition("attention=")[2] or "xla"
+                setting = f"seq {r['seq_len']}, batch {r['batch']}, {r['dtype']}, {attention} attention"
             else:
                 setting = f"batch {r['batch']}, {r.get('weights', 'float32')} weights"
             out.append(
