@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -52,6 +53,29 @@ def _text_dataset(path: str, split: str, shuffle_files: bool, seed: int | None =
                 raise DataFormatError(f"{p}:{lineno}: no string field 'text'")
             if _in_split(i, split):
                 yield {"text": obj["text"]}
+
+    return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
+
+
+def _repeat_dataset(
+    paths: Sequence[str], span_chars: tuple[int, int], split: str, shuffle_files: bool, seed: int | None = None
+) -> tf.data.Dataset:
+    """Repeated spans of the corpus: `span + "\\n" + span`, one per document (span chosen
+    deterministically per document). Predicting the second copy needs in-context copying
+    (induction heads), which small models otherwise learn slowly."""
+    del shuffle_files, seed
+
+    def gen():
+        lo, hi = span_chars
+        for i, (_, _, obj) in enumerate(iter_jsonl(list(paths))):
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(text, str) or len(text) < lo or not _in_split(i, split):
+                continue
+            rng = random.Random(i)
+            n = rng.randint(lo, min(hi, len(text)))
+            start = rng.randint(0, len(text) - n)
+            span = text[start : start + n]
+            yield {"text": span + "\n" + span}
 
     return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
 
@@ -92,8 +116,17 @@ def register_pretrain_tasks(
     corpus_dir: str | os.PathLike,
     vocab_path: str | os.PathLike,
     rates: Mapping[str, float] = DEFAULT_PRETRAIN_RATES,
+    repeat_rate: float = 0.0,
+    repeat_span_chars: tuple[int, int] = (40, 240),
 ) -> seqio.Mixture:
-    """Registers moss_pretrain_{en,zh,code} over `<corpus_dir>/<lang>.jsonl` and the mixture."""
+    """Registers moss_pretrain_{en,zh,code} over `<corpus_dir>/<lang>.jsonl` and the mixture.
+
+    `repeat_rate` > 0 adds `moss_pretrain_repeat` (repeated corpus spans, see `_repeat_dataset`)
+    as that fraction of the mixture's examples: a small, fast way to give a tiny model in-context
+    copying, which tool use needs (copying an expression or a topic into a command).
+    """
+    if not 0.0 <= repeat_rate < 1.0:
+        raise ValueError(f"repeat_rate must be in [0, 1), got {repeat_rate}")
     vocab = load_vocabulary(vocab_path)
     features = _output_features(vocab, add_eos=True)
     missing = [lang for lang in PRETRAIN_LANGUAGES if not (Path(corpus_dir) / f"{lang}.jsonl").is_file()]
@@ -119,9 +152,26 @@ def register_pretrain_tasks(
             ],
             output_features=features,
         )
-    return _register_mixture(
-        "moss_pretrain", [(f"moss_pretrain_{lang}", float(rates[lang])) for lang in PRETRAIN_LANGUAGES]
-    )
+    mixture = [(f"moss_pretrain_{lang}", float(rates[lang])) for lang in PRETRAIN_LANGUAGES]
+    if repeat_rate > 0:
+        paths = [str(Path(corpus_dir) / f"{lang}.jsonl") for lang in PRETRAIN_LANGUAGES]
+        _register_task(
+            "moss_pretrain_repeat",
+            source=seqio.FunctionDataSource(
+                functools.partial(_repeat_dataset, paths, tuple(repeat_span_chars)), splits=("train", "validation")
+            ),
+            preprocessors=[
+                functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+                seqio.preprocessors.tokenize,
+                seqio.preprocessors.append_eos_after_trim,
+                _add_weights,
+                _with_task_id(len(PRETRAIN_LANGUAGES)),
+            ],
+            output_features=features,
+        )
+        total = sum(r for _, r in mixture)
+        mixture.append(("moss_pretrain_repeat", total * repeat_rate / (1 - repeat_rate)))
+    return _register_mixture("moss_pretrain", mixture)
 
 
 def load_tags(path: str | os.PathLike) -> dict[tuple[str, int], int]:
