@@ -64,7 +64,11 @@ def test_samples_are_executed_and_counted(problems_file):
     ]
     report = code.check_completions(problems, completions, ks=(1, 2, 5), limits=LIMITS)
     add, even = report["problems"]["Toy/0"], report["problems"]["Toy/1"]
-    assert add["statuses"] == ["passed", "failed", "timeout", "failed", "failed"]
+    statuses = add["statuses"]
+    # The endless loop is stopped by whichever limit comes first: the CPU limit on a quiet
+    # machine ("killed"), the wall clock on a loaded one ("timeout").
+    assert statuses[2] in ("timeout", "killed")
+    assert statuses[:2] + statuses[3:] == ["passed", "failed", "failed", "failed"]
     assert (add["passed"], even["passed"]) == (1, 3)
     for k in (1, 2, 5):
         want = (code.pass_at_k(5, 1, k) + code.pass_at_k(5, 3, k)) / 2
