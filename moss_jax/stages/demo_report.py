@@ -177,11 +177,7 @@ def evaluate_and_report(paths, scale, summaries: dict, timings: dict) -> dict:
     report = paths.report
     report.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(paths.vocab)
-    vocab = tokenizer.vocab if hasattr(tokenizer, "vocab") else None
-    if vocab is None:
-        from data_pipelines.vocab import load_vocabulary
-
-        vocab = load_vocabulary(paths.vocab)
+    vocab = tokenizer.vocab  # the seqio vocabulary training encoded with
     _, sft = _load(paths.params("sft"))
     _, pat = _load(paths.params("preference_aware"))
     _, dpo = _load(paths.params("dpo"))
@@ -258,8 +254,7 @@ def evaluate_and_report(paths, scale, summaries: dict, timings: dict) -> dict:
     conversation = sample_conversation(pat, config, tokenizer, registry, tags_meta["best"])
     (report / "sample_conversation.json").write_text(json.dumps(conversation, ensure_ascii=False, indent=2))
 
-    train_stages = [s for s in ("pretrain", "sft", "reward_model", "preference_aware", "dpo")]
-    loss_curves(paths, train_stages, report / "loss_curves.png")
+    loss_curves(paths, ["pretrain", "sft", "reward_model", "preference_aware", "dpo"], report / "loss_curves.png")
     score_by_tag_plot(
         by_tag,
         {"no tag": metrics["pm_score_no_tag"], "SFT": metrics["pm_score_sft"], "DPO": metrics["pm_score_dpo"]},
