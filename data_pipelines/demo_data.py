@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines import specials as sp
+from data_pipelines.jsonl import write_text_atomic
 
 KINDS = ("calculate", "solve", "search", "chat")
 REJECTION_KINDS = ("wrong_number", "skipped_tool", "wrong_format")
@@ -358,13 +359,7 @@ def available_topics(search: Callable[[str], str], topics: Sequence[str]) -> lis
 
 
 def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,3 +45,14 @@ def iter_jsonl(
                     log.warning("%s:%d: skipped: %s", path, lineno, problem)
                     continue
                 yield str(path), lineno, obj
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` through a temporary sibling and a rename: a reader never
+    sees a half-written file. Creates the parent directory."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

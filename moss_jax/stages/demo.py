@@ -130,10 +130,9 @@ def _done(path: Path) -> dict | None:
 
 
 def _mark_done(path: Path, summary: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "DONE.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, path / "DONE.json")
+    from data_pipelines.jsonl import write_text_atomic
+
+    write_text_atomic(path / "DONE.json", json.dumps(summary, indent=2, default=str))
 
 
 def registry_for(paths: Paths):

@@ -9,7 +9,6 @@ fresh numbers). Greedy decoding throughout.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 from data_pipelines import conversation as conv
 from data_pipelines import specials as sp
 from data_pipelines.demo_data import moss_field
-from data_pipelines.jsonl import iter_jsonl
+from data_pipelines.jsonl import iter_jsonl, write_text_atomic
 
 HEADLINE_KEYS = (
     "pm_pair_accuracy",
@@ -267,20 +266,14 @@ def evaluate_and_report(paths, scale, summaries: dict, timings: dict) -> dict:
         for s, summ in summaries.items()
     }
     metrics["tag_stage"] = {k: summaries["tag"].get(k) for k in ("tag_counts", "mean_score_by_tag", "thresholds")}
-    _write(report / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
-    _write(
+    write_text_atomic(report / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
+    write_text_atomic(
         report / "tool_examples.json",
         json.dumps({n: r["examples"] for n, r in tool.items()}, ensure_ascii=False, indent=1),
     )
-    _write(report / "generations.json", json.dumps(samples, ensure_ascii=False, indent=1))
-    _write(report / "report.md", markdown(metrics, conversation))
+    write_text_atomic(report / "generations.json", json.dumps(samples, ensure_ascii=False, indent=1))
+    write_text_atomic(report / "report.md", markdown(metrics, conversation))
     return metrics
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown(m: dict, conversation: dict) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 from data_pipelines import conversation as conv
 from data_pipelines import specials as sp
 from data_pipelines.demo_data import pair_conversations, write_jsonl
-from data_pipelines.jsonl import iter_jsonl
+from data_pipelines.jsonl import iter_jsonl, write_text_atomic
 from data_pipelines.vocab import load_vocabulary
 from moss_jax.stages.scoring import encode_reply, reply_record, reward_scores
 
@@ -145,16 +144,12 @@ def tag_stage(cfg: TagConfig) -> dict:
         "thresholds": thresholds,
         "design": "equal-size quantiles of preference-model scores on held-out replies; tag after <|MOSS|>:",
     }
-    _write_json(out / "thresholds.json", {"thresholds": thresholds, "num_heldout": len(held_scores)})
-    _write_json(out / PREFERENCE_TAGS_FILE, meta)
+    write_text_atomic(
+        out / "thresholds.json", json.dumps({"thresholds": thresholds, "num_heldout": len(held_scores)}, indent=2)
+    )
+    write_text_atomic(out / PREFERENCE_TAGS_FILE, json.dumps(meta, indent=2))
     print(
         f"[tag] {len(keys)} replies tagged; thresholds {np.round(thresholds, 3).tolist()}; "
         f"counts {summary['tag_counts']}"
     )
     return summary
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
