@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,11 @@ from moss_jax.attention import xla_attention
 # bf16 keeps 8 mantissa bits; the kernels also round p and dS to bf16 before the MXU/tensor-core
 # matmuls, the reference does not, so a few bf16 ulps of the output scale is the honest bound.
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 4e-2}
+
+# Set by MOSS_KERNEL_TEST_BACKEND=gpu (tests/kernels/conftest.py): the GPU kernels compile for the
+# CUDA device (interpret=None) instead of running in the interpreter.
+ON_GPU = os.environ.get("MOSS_KERNEL_TEST_BACKEND") == "gpu"
+GPU_INTERPRET = None if ON_GPU else True
 
 
 @dataclasses.dataclass(frozen=True)

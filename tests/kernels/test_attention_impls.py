@@ -16,7 +16,7 @@ from moss_jax.config import ATTENTION_IMPLS, PRESETS, ConfigError
 from moss_jax.kernels.blockwise import blockwise_attention
 from moss_jax.model import KVCache, MossLM, init_params, param_shardings
 from moss_jax.sharding import make_mesh, mesh_rules
-from tests.kernels.cases import Case, assert_matches_reference, make_inputs
+from tests.kernels.cases import ON_GPU, Case, assert_matches_reference, make_inputs
 
 CFG = PRESETS["debug"]
 IMPLS = [impl for impl in ATTENTION_IMPLS if impl != "xla"]
@@ -122,6 +122,7 @@ def test_kv_cache_decode_runs_the_decode_kernel(impl, params):
         np.testing.assert_allclose(logits[1, 0], full[1][0, t], atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU auto is the Pallas kernel")
 def test_auto_is_blockwise_on_cpu():
     """On CPU "auto" lowers to exactly the blockwise path (same numbers, bit for bit)."""
     inputs = make_inputs(Case("auto", q_len=70, kv_len=70, head_dim=64, causal=True, segments=2))

@@ -9,10 +9,11 @@ import pytest
 
 from moss_jax.attention import xla_attention
 from moss_jax.kernels import decode_gpu, decode_tpu
+from tests.kernels.cases import GPU_INTERPRET
 
 KERNELS = {
     "tpu": functools.partial(decode_tpu.decode_attention_tpu, interpret=True),
-    "gpu": functools.partial(decode_gpu.decode_attention_gpu, interpret=True),
+    "gpu": functools.partial(decode_gpu.decode_attention_gpu, interpret=GPU_INTERPRET),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from moss_jax.attention import xla_attention
 from moss_jax.kernels import common, flash_gpu, flash_tpu
-from tests.kernels.cases import Case, assert_matches_reference, make_inputs
+from tests.kernels.cases import GPU_INTERPRET, Case, assert_matches_reference, make_inputs
 
 # Small tiles so every case spans several query and key blocks, with ragged last blocks.
 KERNELS = {
@@ -17,7 +17,7 @@ KERNELS = {
         flash_tpu.flash_attention_tpu, block_sizes=common.BlockSizes(16, 128, 32, 128), interpret=True
     ),
     "gpu": functools.partial(
-        flash_gpu.flash_attention_gpu, block_sizes=common.BlockSizes(32, 16, 16, 32), interpret=True
+        flash_gpu.flash_attention_gpu, block_sizes=common.BlockSizes(32, 16, 16, 32), interpret=GPU_INTERPRET
     ),
 }
 
