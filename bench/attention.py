@@ -2,14 +2,22 @@
 
     python bench/attention.py [--seq_lens 512,1024,2048,4096,8192] [--impls xla,blockwise]
                               [--blocks 512] [--batch 1] [--heads 4] [--head_dim 128]
+                              [--segments 4] [--device cpu|gpu] [--gpu_blocks 128,64,64,64,8,2 ...]
 
 One JSON line per (impl, block, seq_len): {"bench": "attention", "impl", "seq_len", ...} with
 the median wall time of the forward ("fwd_ms") and of forward+backward ("fwd_bwd_ms") after a
 warm-up call, and the scratch XLA allocates for each compiled program ("*_temp_mib", from
 `compiled.memory_analysis()`, known before anything runs). Inputs are causal packed rows
-(4 segments per row) as in pre-training. The reference is only compiled, not run, above
---max_ref_len (its fp32 score matrix alone is 4 * H * L^2 bytes). Pallas impls off their
-platform run in the interpreter; their times there measure the interpreter, not the kernel.
+(`--segments` per row, 4 by default as in pre-training; 0 = no segment ids). The reference is
+only compiled, not run, above --max_ref_len (its fp32 score matrix alone is 4 * H * L^2 bytes).
+Pallas impls off their platform run in the interpreter; their times there measure the
+interpreter, not the kernel.
+
+On a GPU (`--device gpu`) two more choices: `cudnn` is `jax.nn.dot_product_attention(...,
+implementation="cudnn")` (causal; it takes no segment ids, so only with `--segments 0`), and
+`--gpu_blocks` times `pallas_gpu` once per tile setting "block_q,block_k,block_q_bwd,block_k_bwd
+[,num_warps[,num_stages]]" (the kernel's defaults when not given). Each row also has the
+attention TFLOP/s of the causal half (4 B H L^2 K / 2 forward, 2.5 times that backward).
 """
 
 from __future__ import annotations
@@ -27,38 +35,73 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def _time_ms(fn, args, repeats: int) -> float:
+def _time_ms(fn, args, repeats: int, inner: int = 1) -> float:
+    """Median over `repeats` of the time per call of `inner` back-to-back calls, after a warm-up."""
     import jax
 
     jax.block_until_ready(fn(*args))  # warm-up (compile cache, allocator)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) * 1e3 / inner)
     return statistics.median(times)
 
 
-def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespace) -> dict:
+def parse_gpu_blocks(spec: str) -> dict:
+    """A tile setting `bq,bk,bq_bwd,bk_bwd[,warps[,stages]]` as flash_attention_gpu keyword arguments."""
+    from moss_jax.kernels.common import BlockSizes
+
+    values = [int(x) for x in spec.split(",")]
+    if len(values) not in (4, 5, 6):
+        raise ValueError(f"--gpu_blocks entry {spec!r}: expected 4 to 6 comma-separated ints")
+    kw = {"block_sizes": BlockSizes(*values[:4])}
+    if len(values) > 4:
+        kw["num_warps"] = values[4]
+    if len(values) > 5:
+        kw["num_stages"] = values[5]
+    return kw
+
+
+def _attention_fn(impl: str, block: int | None, gpu_blocks: str | None):
+    import jax
+
+    from moss_jax.attention import attention
+    from moss_jax.kernels import flash_gpu
+    from moss_jax.kernels.blockwise import blockwise_attention
+
+    if impl == "blockwise" and block:
+        return functools.partial(blockwise_attention, block_q=block, block_k=block)
+    if impl == "pallas_gpu" and gpu_blocks:
+        return functools.partial(flash_gpu.flash_attention_gpu, **parse_gpu_blocks(gpu_blocks))
+    if impl == "cudnn":
+
+        def cudnn(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=True):
+            if q_segment_ids is not None:
+                raise ValueError("cudnn takes no segment ids here: use --segments 0")
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+        return cudnn
+    return functools.partial(attention, impl=impl)
+
+
+def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespace, gpu_blocks: str | None = None):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from moss_jax.attention import attention
-    from moss_jax.kernels.blockwise import blockwise_attention
-
-    if impl == "blockwise" and block:
-        attn = functools.partial(blockwise_attention, block_q=block, block_k=block)
-    else:
-        attn = functools.partial(attention, impl=impl)
+    attn = _attention_fn(impl, block, gpu_blocks)
     dtype = jnp.dtype(args.dtype)
     shape = (args.batch, seq_len, args.heads, args.head_dim)
     rng = np.random.RandomState(0)
     q, k, v = (jnp.asarray(rng.randn(*shape), dtype) for _ in range(3))
-    seg = jnp.asarray(np.repeat(np.arange(1, 5), -(-seq_len // 4))[:seq_len][None].repeat(args.batch, 0), jnp.int32)
+    ids = np.repeat(np.arange(1, args.segments + 1), -(-seq_len // args.segments))[:seq_len] if args.segments else 0
+    seg = jnp.asarray(np.broadcast_to(ids, (args.batch, seq_len)), jnp.int32)  # unused with --segments 0
 
     def fwd(q, k, v, seg):
-        return attn(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True)
+        return attn(q, k, v, causal=True, **(dict(q_segment_ids=seg, kv_segment_ids=seg) if args.segments else {}))
 
     def fwd_bwd(q, k, v, seg):
         return jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v, seg).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
@@ -67,20 +110,28 @@ def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespa
         "bench": "attention",
         "impl": impl,
         "block": block if impl == "blockwise" else None,
+        "gpu_blocks": gpu_blocks if impl == "pallas_gpu" else None,
         "seq_len": seq_len,
         "batch": args.batch,
         "heads": args.heads,
         "head_dim": args.head_dim,
+        "segments": args.segments,
         "dtype": args.dtype,
         "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
         "threads": args.threads,
     }
+    fwd_flop = 4 * args.batch * args.heads * seq_len**2 * args.head_dim / 2  # causal half
     run = impl != "xla" or seq_len <= args.max_ref_len
-    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+    for name, fn, flop in (("fwd", fwd, fwd_flop), ("fwd_bwd", fwd_bwd, 3.5 * fwd_flop)):
+        start = time.perf_counter()
         compiled = jax.jit(fn).lower(q, k, v, seg).compile()
+        row[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
         mem = compiled.memory_analysis()
         row[f"{name}_temp_mib"] = None if mem is None else round(mem.temp_size_in_bytes / 2**20, 1)
-        row[f"{name}_ms"] = round(_time_ms(compiled, (q, k, v, seg), args.repeats), 1) if run else None
+        ms = _time_ms(compiled, (q, k, v, seg), args.repeats, args.inner) if run else None
+        row[f"{name}_ms"] = None if ms is None else round(ms, 3 if ms < 10 else 1)
+        row[f"{name}_tflops"] = None if ms is None else round(flop / ms / 1e9, 1)
     return row
 
 
@@ -89,21 +140,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq_lens", default="512,1024,2048,4096,8192")
     parser.add_argument("--impls", default="xla,blockwise")
     parser.add_argument("--blocks", default="512", help="blockwise block sizes (block_q = block_k) to compare")
+    parser.add_argument(
+        "--gpu_blocks", nargs="*", default=[], help="pallas_gpu tiles: bq,bk,bq_bwd,bk_bwd[,warps[,stages]] each"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head_dim", type=int, default=128)
+    parser.add_argument("--segments", type=int, default=4, help="packed segments per row; 0 = no segment ids")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inner", type=int, default=1, help="back-to-back calls per timing (GPU: hides dispatch)")
     parser.add_argument("--max_ref_len", type=int, default=4096, help="compile-only for the reference above this")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args(argv)
-    common.set_threads(args.threads)
+    common.set_threads(args.threads, args.device)
 
     for seq_len in (int(s) for s in args.seq_lens.split(",")):
         for impl in args.impls.split(","):
+            if impl == "cudnn" and args.segments:
+                continue  # no segment ids through jax.nn.dot_product_attention
             blocks = [int(b) for b in args.blocks.split(",")] if impl == "blockwise" else [None]
+            tiles = (args.gpu_blocks or [None]) if impl == "pallas_gpu" else [None]
             for block in blocks:
-                print(json.dumps(bench_one(impl, block, seq_len, args)), flush=True)
+                for tile in tiles:
+                    try:
+                        row = bench_one(impl, block, seq_len, args, tile)
+                    except Exception as e:  # one failing setting (compile error, OOM) must not end the sweep
+                        row = {"bench": "attention", "impl": impl, "gpu_blocks": tile, "seq_len": seq_len}
+                        row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                    print(json.dumps(row), flush=True)
     return 0
 
 

@@ -18,13 +18,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def set_threads(threads: int, device: str = "cpu") -> None:
-    """Same CPU thread count for XLA and PyTorch; call before importing jax or torch."""
-    if device == "cpu":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    """Same CPU thread count for XLA and PyTorch; call before importing jax or torch.
+
+    On a GPU the XLA CPU thread flags are left out: they do not apply there.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if device != "cpu":
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"
     )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def torch_threads(threads: int) -> None:
