@@ -1,0 +1,205 @@
+"""The Pallas GPU kernels, compiled for the device, against the XLA reference: max |error| per case.
+
+    python bench/gpu_kernel_check.py [--smoke]
+
+Flash attention (`kernels/flash_gpu.py` with its default tiles: causal, packed segments with
+padding, a length that is not a multiple of the tiles, and a prompt written at an offset of a
+longer cache) forward and dq/dk/dv, bf16 and fp32, head_dim 64 / 128 / 256; the decode kernel
+(`kernels/decode_gpu.py`) over a KV cache with per-row lengths, left padding and segments. The
+reference is `xla_attention` in fp32 at full matmul precision (XLA uses TF32 for fp32 matmuls on
+recent GPUs otherwise) on the same bf16-rounded inputs. One JSON line per case:
+
+    {"check": "flash", "dtype", "head_dim", ..., "out_err", "dq_err", "dk_err", "dv_err",
+     "ref_max", "rel_err", "ok", "triton"}
+
+"*_err" is the max |kernel - reference|, "rel_err" the largest of them over the reference's max
+|value|, "ok" compares it with 2e-2 (bf16: a few ulps) or 1e-5 (fp32). "triton" says whether the
+compiled program launches the Triton kernel (False: the Pallas interpreter ran, as on a CPU).
+`--smoke` uses small shapes (a CPU dry run). Exits 1 when a case is not ok or fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+REL_TOL = {"bfloat16": 2e-2, "float32": 1e-5}
+
+
+def _segments(rng, batch: int, length: int, count: int):
+    """`count` packed segments of random lengths per row, then padding (id 0)."""
+    import numpy as np
+
+    ids = np.zeros((batch, length), np.int32)
+    for b in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, length - 2), count, replace=False))
+        for seg, (start, end) in enumerate(zip([0, *cuts[:-1]], cuts, strict=True), start=1):
+            ids[b, start:end] = seg
+    return ids
+
+
+def _compile(fn, *args):
+    """(compiled, whether it launches a Triton kernel, compile seconds)."""
+    import jax
+
+    start = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    triton = "__gpu$xla.gpu.triton" in lowered.as_text()
+    return lowered.compile(), triton, round(time.perf_counter() - start, 2)
+
+
+def _errors(got, want) -> tuple[dict, float]:
+    import numpy as np
+
+    errs, rel = {}, 0.0
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=False):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        err = float(np.max(np.abs(g - w))) if np.all(np.isfinite(g)) else float("inf")
+        errs[f"{name}_err"] = float(f"{err:.3g}")
+        rel = max(rel, err / max(float(np.max(np.abs(w))), 1e-30))
+    return errs, rel
+
+
+def check_flash(dtype: str, head_dim: int, *, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, seed=0):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from moss_jax.attention import xla_attention
+    from moss_jax.kernels import flash_gpu
+
+    rng = np.random.RandomState(seed)
+    dt = jnp.dtype(dtype)
+    q, ct = (jnp.asarray(rng.randn(batch, q_len, heads, head_dim), dt) for _ in range(2))
+    k, v = (jnp.asarray(rng.randn(batch, kv_len, heads, head_dim), dt) for _ in range(2))
+    if q_offset:  # a prompt at `q_offset` of a cache: one segment, keys past the prompt hidden by causality
+        seg_q, seg_kv = np.ones((batch, q_len), np.int32), np.ones((batch, kv_len), np.int32)
+    else:
+        seg_q = seg_kv = _segments(rng, batch, q_len, 3)
+
+    def run(attn):
+        def fn(q, k, v, ct, seg_q, seg_kv):
+            kw = dict(q_segment_ids=seg_q, kv_segment_ids=seg_kv, causal=True, q_offset=q_offset)
+            out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, **kw), q, k, v)
+            return (out, *vjp(ct))
+
+        return fn
+
+    args = (q, k, v, ct, seg_q, seg_kv)
+    compiled, triton, compile_s = _compile(run(flash_gpu.flash_attention_gpu), *args)
+    got = compiled(*args)
+    with jax.default_matmul_precision("highest"):
+        f32 = [x.astype(jnp.float32) for x in args[:4]]
+        want = jax.jit(run(xla_attention))(*f32, seg_q, seg_kv)
+    errs, rel = _errors(got, want)
+    return {
+        "check": "flash",
+        "dtype": dtype,
+        "head_dim": head_dim,
+        "batch": batch,
+        "heads": heads,
+        "q_len": q_len,
+        "kv_len": kv_len,
+        "q_offset": q_offset,
+        "segments": 0 if q_offset else 3,
+        **errs,
+        "ref_max": round(float(max(np.max(np.abs(np.asarray(w))) for w in want)), 3),
+        "rel_err": float(f"{rel:.3g}"),
+        "ok": rel <= REL_TOL[dtype],
+        "triton": triton,
+        "compile_s": compile_s,
+    }
+
+
+def check_decode(dtype: str, head_dim: int, *, batch: int, heads: int, kv_len: int, seed=0):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from moss_jax.attention import xla_attention
+    from moss_jax.kernels import decode_gpu
+
+    rng = np.random.RandomState(seed)
+    dt = jnp.dtype(dtype)
+    q = jnp.asarray(rng.randn(batch, heads, head_dim), dt)
+    k, v = (jnp.asarray(rng.randn(batch, kv_len, heads, head_dim), dt) for _ in range(2))
+    lengths = np.linspace(1, kv_len, batch).astype(np.int32)
+    kv_seg = np.ones((batch, kv_len), np.int32)
+    kv_seg[0, : kv_len // 8] = 0  # row 0 left-padded
+    kv_seg[-1, kv_len // 2 :] = 2  # the last row holds a second segment; its query is in it
+    q_seg = np.ones(batch, np.int32)
+    q_seg[-1] = 2
+    args = (q, k, v, lengths, q_seg, kv_seg)
+
+    def kernel(q, k, v, lengths, q_seg, kv_seg):
+        return decode_gpu.decode_attention_gpu(q, k, v, lengths, q_segment_ids_B=q_seg, kv_segment_ids_BxS=kv_seg)
+
+    def reference(q, k, v, lengths, q_seg, kv_seg):
+        valid = jnp.arange(kv_len)[None, :] < lengths[:, None]  # keys past the length: a segment no query has
+        out = xla_attention(
+            q[:, None], k, v, q_segment_ids=q_seg[:, None], kv_segment_ids=jnp.where(valid, kv_seg, -1), causal=False
+        )
+        return out[:, 0]
+
+    compiled, triton, compile_s = _compile(kernel, *args)
+    got = compiled(*args)
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(reference)(*(x.astype(jnp.float32) for x in args[:3]), *args[3:])
+    errs, rel = _errors([got], [want])
+    return {
+        "check": "decode",
+        "dtype": dtype,
+        "head_dim": head_dim,
+        "batch": batch,
+        "heads": heads,
+        "kv_len": kv_len,
+        "lengths": lengths.tolist(),
+        **errs,
+        "ref_max": round(float(np.max(np.abs(np.asarray(want)))), 3),
+        "rel_err": float(f"{rel:.3g}"),
+        "ok": rel <= REL_TOL[dtype],
+        "triton": triton,
+        "compile_s": compile_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="small shapes: a CPU dry run in the interpreter")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    args = parser.parse_args(argv)
+    common.set_threads(os.cpu_count() or 1, args.device)
+
+    if args.smoke:
+        flash = dict(batch=1, heads=2, q_len=100, kv_len=100, q_offset=0)
+        offset = dict(batch=1, heads=2, q_len=20, kv_len=130, q_offset=100)
+        decode = dict(batch=3, heads=2, kv_len=100)
+    else:
+        flash = dict(batch=2, heads=4, q_len=1000, kv_len=1000, q_offset=0)
+        offset = dict(batch=2, heads=4, q_len=200, kv_len=1300, q_offset=1000)
+        decode = dict(batch=4, heads=8, kv_len=2048)
+    checks = [(check_flash, dtype, k, flash) for dtype in ("bfloat16", "float32") for k in (64, 128, 256)]
+    checks += [(check_flash, dtype, 128, offset) for dtype in ("bfloat16", "float32")]
+    checks += [(check_decode, "bfloat16", 128, decode), (check_decode, "bfloat16", 256, decode)]
+    checks += [(check_decode, "float32", 128, decode)]
+    failed = 0
+    for fn, dtype, head_dim, kw in checks:
+        try:
+            row = fn(dtype, head_dim, **kw)
+        except Exception as e:  # report and go on: one failing case must not hide the others
+            row = {"check": fn.__name__.removeprefix("check_"), "dtype": dtype, "head_dim": head_dim, **kw}
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:800]}")
+        failed += not row["ok"]
+        print(json.dumps(row), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
