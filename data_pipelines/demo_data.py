@@ -34,6 +34,7 @@ from typing import Any
 
 from data_pipelines import specials as sp
 from data_pipelines.jsonl import write_text_atomic
+from moss_jax.tools.commands import parse_commands
 
 KINDS = ("calculate", "solve", "search", "chat")
 REJECTION_KINDS = ("wrong_number", "skipped_tool", "wrong_format")
@@ -157,6 +158,10 @@ class ToolRunner:
         """Runs the commands in parallel; returns those that still gave no result after retries
         (a solver worker can miss its deadline on a loaded machine). Failures are not cached."""
         todo = sorted(set(commands) - set(self._cache))
+        # Equations go to one solver worker together (a worker start-up each would dominate).
+        solve_args = [c.argument for cmd in todo for c in parse_commands(cmd) if c.name == "Solve"]
+        if solve_args:
+            self.registry.presolve(solve_args)
         for _ in range(retries + 1):
             if not todo:
                 break

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from moss_jax.tools.calculator import calculate
@@ -28,7 +29,7 @@ from moss_jax.tools.commands import Command, parse_commands
 from moss_jax.tools.config import ToolsConfig
 from moss_jax.tools.errors import ToolError
 from moss_jax.tools.search_tool import SearchBackend, make_backend, search
-from moss_jax.tools.solver import solve
+from moss_jax.tools.solver import solve, solve_many
 from moss_jax.tools.txt2img import text2image
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class ToolRegistry:
     def __init__(self, config: ToolsConfig | None = None, *, search_backend: SearchBackend | None = None):
         self.config = config or ToolsConfig()
         self._search_backend = search_backend
+        self._presolved: dict[str, str] = {}
         if self.config.enable_search and search_backend is None:
             self._search_backend = make_backend(self.config)
 
@@ -117,6 +119,16 @@ class ToolRegistry:
             f"{spec.label}: enabled. API: {spec.signature}" if spec in enabled else f"{spec.label}: disabled."
             for spec in TOOLS
         ]
+
+    def presolve(self, problems: Sequence[str]) -> int:
+        """Solves many `Solve` arguments in one worker process (`solver.solve_many`) ahead of the
+        commands that use them; each later `Solve` of one of them uses that answer once. For data
+        generation, where hundreds of equations would otherwise start a worker each. Returns how
+        many were solved."""
+        answers = solve_many(list(problems), timeout_s=self.config.solve_timeout_s)
+        solved = {p: a for p, a in zip(problems, answers, strict=True) if isinstance(a, str)}
+        self._presolved.update(solved)
+        return len(solved)
 
     def run_commands(self, commands_text: str) -> str:
         """The `<|Results|>` body for the model's `<|Commands|>` text."""
@@ -184,7 +196,9 @@ class ToolRegistry:
             value = calculate(command.argument, timeout_s=cfg.calculate_timeout_s)
             text = f"{command.render()} => {value!r}"
         else:
-            value = solve(command.argument, timeout_s=cfg.solve_timeout_s)
+            value = self._presolved.pop(command.argument, None)
+            if value is None:
+                value = solve(command.argument, timeout_s=cfg.solve_timeout_s)
             text = f"{command.render()} =>\n{value}"
         if len(value) > cfg.max_result_chars:  # a cut number would be a wrong number: refuse instead
             raise ToolError(f"result has {len(value)} characters; the limit is {cfg.max_result_chars}")

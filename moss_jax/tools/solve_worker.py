@@ -131,11 +131,19 @@ def _limit_resources(cpu_seconds: int) -> None:
 
 
 def main() -> None:
-    """Entry point: reads {"equations", "names", "cpu_seconds"} JSON on stdin, answers on stdout."""
+    """Entry point: reads {"equations", "names", "cpu_seconds"} (or {"batch": [...], "cpu_seconds"}) JSON
+    on stdin, answers on stdout."""
     request = json.loads(sys.stdin.read())
     _limit_resources(int(request["cpu_seconds"]))
-    try:
-        answer = {"ok": solve_trees(request["equations"], request["names"])}
-    except Exception as e:  # noqa: BLE001 -- any failure is a "No result." for the model
-        answer = {"error": f"{type(e).__name__}: {e}"[:500]}
+    if "batch" in request:  # solver.solve_many: {"batch": [{"equations", "names"}, ...]}
+        answer = {"batch": [_answer(job) for job in request["batch"]]}
+    else:
+        answer = _answer(request)
     sys.stdout.write(json.dumps(answer))
+
+
+def _answer(job: dict) -> dict:
+    try:
+        return {"ok": solve_trees(job["equations"], job["names"])}
+    except Exception as e:  # noqa: BLE001 -- any failure is a "No result." for the model
+        return {"error": f"{type(e).__name__}: {e}"[:500]}

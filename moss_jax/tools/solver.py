@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 from moss_jax.tools import calculator, expression
 from moss_jax.tools.errors import ToolError
@@ -52,6 +53,39 @@ def solve(equations: str, *, timeout_s: float = 5.0) -> str:
     """
     trees, names = prepare(equations)
     return _run_worker(trees, names, timeout_s)
+
+
+def solve_many(problems: Sequence[str], *, timeout_s: float = 5.0) -> list[str | ToolError]:
+    """`solve` over many independent problems in one worker process (one start-up, not one each).
+
+    Each problem is validated exactly as `solve` validates it and gets the same answer; the item
+    is the answer text or the `ToolError` that `solve` would raise. The worker's budget is
+    `timeout_s` per problem; if the batch misses it or the worker dies, every problem of the batch
+    is solved again in its own worker with `solve`'s own limits.
+    """
+    out: list[str | ToolError | None] = [None] * len(problems)
+    jobs = []
+    for i, text in enumerate(problems):
+        try:
+            jobs.append((i, *prepare(text)))
+        except ToolError as e:
+            out[i] = e
+    if jobs:
+        budget = timeout_s * len(jobs)
+        request = {"batch": [{"equations": t, "names": n} for _, t, n in jobs], "cpu_seconds": math.ceil(budget) + 1}
+        try:
+            answers = _worker_call(request, budget)["batch"]
+        except (ToolError, KeyError, TypeError):
+            answers = [None] * len(jobs)
+        for (i, trees, names), answer in zip(jobs, answers, strict=True):
+            if answer is None:
+                try:
+                    out[i] = _run_worker(trees, names, timeout_s)
+                except ToolError as e:
+                    out[i] = e
+            else:
+                out[i] = answer["ok"] if "ok" in answer else ToolError(f"no result: {answer.get('error', '?')}")
+    return out
 
 
 def prepare(equations: str) -> tuple[list[tuple], list[str]]:
@@ -131,7 +165,14 @@ def _run_worker(trees: list[tuple], names: list[str], timeout_s: float) -> str:
     out of the child's import path. The cost is the interpreter and sympy start-up (~0.4 s), which
     counts against timeout_s. The worker's CPU rlimit ends it even if this process is interrupted.
     """
-    request = json.dumps({"equations": trees, "names": names, "cpu_seconds": math.ceil(timeout_s) + 1})
+    answer = _worker_call({"equations": trees, "names": names, "cpu_seconds": math.ceil(timeout_s) + 1}, timeout_s)
+    if "ok" not in answer:
+        raise ToolError(f"no result: {answer.get('error', 'unknown error')}")
+    return answer["ok"]
+
+
+def _worker_call(request: dict, timeout_s: float) -> dict:
+    """One worker process: sends the JSON request, returns its JSON answer (ToolError on failure)."""
     with subprocess.Popen(
         [sys.executable, "-I", "-c", _WORKER_CODE],
         stdin=subprocess.PIPE,
@@ -139,16 +180,13 @@ def _run_worker(trees: list[tuple], names: list[str], timeout_s: float) -> str:
         stderr=subprocess.PIPE,
     ) as proc:
         try:
-            out, err = proc.communicate(request.encode(), timeout=timeout_s)
+            out, err = proc.communicate(json.dumps(request).encode(), timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()  # reap it: no zombie left behind
             raise ToolError(f"solving took longer than {timeout_s:g} s") from None
     try:
-        answer = json.loads(out)
+        return json.loads(out)
     except ValueError:
         tail = err.decode(errors="replace")[-300:]
         raise ToolError(f"solver worker failed (exit code {proc.returncode}): {tail}") from None
-    if "ok" not in answer:
-        raise ToolError(f"no result: {answer.get('error', 'unknown error')}")
-    return answer["ok"]

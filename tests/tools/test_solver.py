@@ -5,7 +5,7 @@ import time
 import pytest
 
 from moss_jax.tools import ToolError, solve
-from moss_jax.tools.solver import prepare
+from moss_jax.tools.solver import prepare, solve_many
 from tests.tools.conftest import child_pids
 
 # A 4-unknown polynomial system sympy grinds on for far longer than the test timeouts.
@@ -98,3 +98,64 @@ def test_timeout_kills_the_worker():
         solve(SLOW_SYSTEM, timeout_s=1.0)
     assert time.perf_counter() - start < 2.0
     assert child_pids() == before  # killed and reaped: no worker, no zombie
+
+
+def test_solve_many_gives_solves_answers_in_one_worker():
+    # The answers and errors of test_table / test_rejected_or_unsolvable, from one batch.
+    problems = {
+        "2/5*x+3/5*x=130": "x = 130.000000000000",
+        "x+y=10;x-y=2": "x = 6.00000000000000\ny = 4.00000000000000",
+        "x**2 = -4": "x = -2.0*I\nx = 2.0*I",
+        "3a+2b=１２；a-b＝-1": "a = 2.00000000000000\nb = 3.00000000000000",
+        "x=x": ToolError("no solution"),
+        "x/(2-2)=1": ToolError("division by zero"),
+        "ｘ=1": ToolError("not allowed"),
+    }
+    answers = solve_many(list(problems), timeout_s=20.0)
+    for (problem, expected), answer in zip(problems.items(), answers, strict=True):
+        if isinstance(expected, ToolError):
+            assert isinstance(answer, ToolError) and str(expected) in str(answer), (problem, answer)
+        else:
+            assert answer == expected, problem
+
+
+def test_solve_many_falls_back_to_one_worker_each_when_the_batch_fails(monkeypatch):
+    from moss_jax.tools import solver
+
+    real = solver._worker_call
+
+    def batch_dies(request, timeout_s):
+        if "batch" in request:
+            raise ToolError("solving took longer than the batch budget")
+        return real(request, timeout_s)
+
+    monkeypatch.setattr(solver, "_worker_call", batch_dies)
+    answers = solve_many(["2x+3=7", "x=x"])
+    assert answers[0] == "x = 2.00000000000000"
+    assert isinstance(answers[1], ToolError) and "no solution" in str(answers[1])
+
+
+def test_solve_many_late_batch_kills_its_worker():
+    before = child_pids()
+    start = time.perf_counter()
+    answers = solve_many([SLOW_SYSTEM], timeout_s=1.0)
+    assert isinstance(answers[0], ToolError) and "longer than 1 s" in str(answers[0])
+    assert time.perf_counter() - start < 4.0  # the batch's 1 s, then its own worker's 1 s
+    assert child_pids() == before
+
+
+def test_registry_presolve_answers_later_commands(monkeypatch):
+    from moss_jax.tools import ToolRegistry
+    from moss_jax.tools import registry as registry_module
+
+    reg = ToolRegistry()
+    expected = reg.execute('Solve("2x+3=7")').text
+    assert reg.presolve(["2x+3=7", "x=x"]) == 1
+
+    def no_worker(*a, **k):
+        raise AssertionError("a presolved equation started a worker")
+
+    monkeypatch.setattr(registry_module, "solve", no_worker)
+    assert reg.execute('Solve("2x+3=7")').text == expected
+    with pytest.raises(AssertionError):  # each presolved answer is used once
+        reg._run("Solve", registry_module.Command("Solve", "2x+3=7"), 1)
