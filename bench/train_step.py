@@ -30,12 +30,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def our_step(config, params, batch_size: int, seq_len: int, *, remat: str, scan: bool, attention_impl: str):
-    """(initial TrainState, jitted step donating the state) for `params` (stacked layers)."""
+def our_step(
+    config,
+    params,
+    batch_size: int,
+    seq_len: int,
+    *,
+    remat: str,
+    scan: bool,
+    attention_impl: str,
+    head_chunk_tokens=1024,
+):
+    """(initial TrainState, jitted step donating the state) for `params` (stacked layers).
+
+    `head_chunk_tokens`: the LM objective's fused head + cross-entropy chunk (None or 0: full logits).
+    """
     import jax
     import jax.numpy as jnp
 
     from moss_jax.convert import unstack_layers
+    from moss_jax.train.objectives import lm_objective
     from moss_jax.train.optimizer import OptimizerConfig, make_optimizer
     from moss_jax.train.state import TrainState
     from moss_jax.train.step import make_train_step
@@ -48,7 +62,8 @@ def our_step(config, params, batch_size: int, seq_len: int, *, remat: str, scan:
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(1)
     )
-    step = jax.jit(make_train_step(config, tx, schedule), donate_argnums=0)
+    objective = lm_objective(head_chunk_tokens=head_chunk_tokens or None)
+    step = jax.jit(make_train_step(config, tx, schedule, objective=objective), donate_argnums=0)
     return state, step
 
 
@@ -86,7 +101,14 @@ def bench_config(name: str, args) -> dict:
 
     # Ours ----------------------------------------------------------------------------
     state, step = our_step(
-        config, params, args.batch, args.seq_len, remat=args.remat, scan=args.scan, attention_impl=args.attention_impl
+        config,
+        params,
+        args.batch,
+        args.seq_len,
+        remat=args.remat,
+        scan=args.scan,
+        attention_impl=args.attention_impl,
+        head_chunk_tokens=args.head_chunk_tokens,
     )
     del params
     batch = jax.device_put(our_batch(inputs, targets))
@@ -154,7 +176,8 @@ def bench_config(name: str, args) -> dict:
         "dtype": args.dtype,
         "device": jax.devices()[0].device_kind,
         "threads": args.threads,
-        "ours_setup": f"scan={args.scan} remat={args.remat} attention={args.attention_impl}",
+        "ours_setup": f"scan={args.scan} remat={args.remat} attention={args.attention_impl} "
+        f"head_chunk_tokens={args.head_chunk_tokens}",
         "peer": common.peer_name() + " eager, fused AdamW",
     }
 
@@ -172,6 +195,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--remat", default="none")
     parser.add_argument("--scan", type=int, default=1, help="1: scan over layers, 0: unrolled")
     parser.add_argument("--attention_impl", default="xla")
+    parser.add_argument(
+        "--head_chunk_tokens", type=int, default=1024, help="fused LM head + loss chunk; 0: full logits (plain)"
+    )
     args = parser.parse_args(argv)
     args.scan = bool(args.scan)
     return args

@@ -5,6 +5,8 @@
 Optional inputs: `positions` (rotary positions), `segment_ids` (packed sequences
 never attend across segments; 0 marks padding), `cache` (a KVCache: prefill then
 decode one token at a time; the call then returns `(logits, new_cache)`).
+`head=False` returns the final hidden states [B, L, D] instead of the logits (the LM loss
+applies the head fused with the cross-entropy, moss_jax/train/head_loss.py).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class MossLM(nn.Module):
         cache: KVCache | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
+        head: bool = True,
     ):
         cfg = self.config
         check_input_ids(input_ids_BxL, cfg.vocab_size)
@@ -169,15 +172,16 @@ class MossLM(nn.Module):
             x_BxLxD, new_kv = carry
 
         x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
-        if return_hidden:
-            hidden = x_BxLxD
         head_DxV = named_param(self, "lm_head_kernel", init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdtype)
         head_bias_V = named_param(self, "lm_head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",), pdtype)
-        logits_BxLxV = dense("bld,dv->blv", x_BxLxD, head_DxV, jnp.float32)
-        logits_BxLxV = logits_BxLxV + head_bias_V.astype(jnp.float32)
-        logits_BxLxV = with_constraint(logits_BxLxV, ("batch", "length", "vocab"))
-
-        outputs = logits_BxLxV if not return_hidden else (logits_BxLxV, hidden)
+        if not head:
+            # The caller applies the head itself (the LM loss fuses it with the cross-entropy).
+            outputs = x_BxLxD
+        else:
+            logits_BxLxV = dense("bld,dv->blv", x_BxLxD, head_DxV, jnp.float32)
+            logits_BxLxV = logits_BxLxV + head_bias_V.astype(jnp.float32)
+            logits_BxLxV = with_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+            outputs = (logits_BxLxV, x_BxLxD) if return_hidden else logits_BxLxV
         if cache is None:
             return outputs
         new_cache = KVCache(

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from moss_jax.config import MossConfig
 from moss_jax.model import MossLM
 from moss_jax.reward_model import RewardModel, last_token_scores
+from moss_jax.train.head_loss import DEFAULT_CHUNK_TOKENS, head_cross_entropy
 from moss_jax.train.loss import normalizer as weight_normalizer
 from moss_jax.train.loss import weighted_cross_entropy
 
@@ -68,7 +69,7 @@ class Objective:
     needs_reference: bool = False
 
 
-def _apply(module, params, batch, prefix, rng, deterministic):
+def _apply(module, params, batch, prefix, rng, deterministic, **kwargs):
     train = not deterministic
     return module.apply(
         {"params": params},
@@ -77,17 +78,27 @@ def _apply(module, params, batch, prefix, rng, deterministic):
         segment_ids_BxL=batch[f"{prefix}decoder_segment_ids"],
         deterministic=deterministic,
         rngs={"dropout": rng} if train else None,
+        **kwargs,
     )
 
 
-def lm_objective(z_loss: float = 0.0) -> Objective:
+def lm_objective(z_loss: float = 0.0, head_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> Objective:
+    """The LM loss. `head_chunk_tokens`: the head runs fused with the cross-entropy in chunks of
+    about that many tokens (moss_jax/train/head_loss.py: same loss and gradients, no [B, L, V]
+    logits); None computes the full logits and `weighted_cross_entropy` (the reference path)."""
+
     def loss_sums(module, params, batch, rng, frozen, deterministic):
         del frozen
-        logits = _apply(module, params, batch, "", rng, deterministic)
-        ce_sum, z_sum = weighted_cross_entropy(
-            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss
+        targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        if head_chunk_tokens is None:
+            logits = _apply(module, params, batch, "", rng, deterministic)
+            ce_sum, z_sum = weighted_cross_entropy(logits, targets, weights, z_loss)
+            return ce_sum + z_sum, {"loss": ce_sum, "z_loss": z_sum}
+        hidden = _apply(module, params, batch, "", rng, deterministic, head=False)
+        total, ce_sum, z_sum = head_cross_entropy(
+            hidden, params["lm_head_kernel"], params["lm_head_bias"], targets, weights, z_loss, head_chunk_tokens
         )
-        return ce_sum + z_sum, {"loss": ce_sum, "z_loss": z_sum}
+        return total, {"loss": ce_sum, "z_loss": z_sum}
 
     return Objective(
         name="lm",
