@@ -7,15 +7,27 @@ loops over key blocks with `fori_loop` (the causal bound is data-dependent throu
 zero-padded to the next power of two (zeros change neither q.k nor the kept output columns)
 and sequences to whole blocks.
 
+Each loop is split in two: the blocks every row of the tile sees whole (below the causal
+diagonal, no segment ids, no padded keys) skip the mask, the rest build it. The softmax runs in
+base 2 (scores times scale * log2(e), `exp2`): `exp` lowers to libdevice's accurate `expf`,
+several instructions where `exp2` is one, and the exponentials are the elementwise work that
+competes with the tensor cores. The saved log-sum-exp is in base 2 too; it never leaves the kernels.
+
 Backward: `dkv` (one program per key block, looping over query blocks) and `dq` (one per query
 block, looping over key blocks). A fused variant would need atomic adds into dQ; two kernels
-keep the results deterministic. Both recompute p = exp(s - lse) from the saved log-sum-exp.
+keep the results deterministic. Both recompute p = exp2(s - lse) from the saved log-sum-exp.
+
+Tiles (`default_launch`): 64 x 64 with 4 warps (8 for head_dim 256, whose fp32 accumulators
+need the registers) and as many pipeline stages (at most 3) as fit the GPU's shared memory
+by `smem_estimate`; larger head_dim x dtype tiles shrink until they fit (fp32, head_dim 256:
+64 x 32 forward, 32 x 32 backward).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +39,117 @@ from moss_jax.kernels import common
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_LOG2E = math.log2(math.e)
+
+# Shared memory one program may use (CUDA's per-block opt-in maximum) by compute capability;
+# other parts (sm_86, sm_89, sm_120) have 99 KiB. With no GPU visible (lowering ahead of time on
+# a CPU host) the kernels are sized for Hopper, the GPU the lowering tests name.
+_SMEM_BYTES = {(9, 0): 232448, (10, 0): 232448, (8, 0): 166912, (8, 7): 166912}
+_SMEM_SMALL = 101376
+_SMEM_NO_GPU = 232448
+# Candidate (block_q, block_k) per pass, best first (the H200 sweep: 64 x 64, 4 warps, 3 stages was
+# the fastest forward and forward+backward at head_dim 128), then smaller until the tiles fit.
+_TILES = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+_MAX_STAGES = 3
 
 
-def default_block_sizes(head_dim: int) -> common.BlockSizes:
-    """Tiles sized to keep the fp32 accumulator in registers: smaller query tiles for K = 256.
+@functools.cache
+def smem_limit() -> int:
+    """Shared memory per program on this host's first GPU, or Hopper's when there is none."""
+    try:
+        device = jax.local_devices(backend="gpu")[0]
+        major, minor = (int(x) for x in str(device.compute_capability).split(".")[:2])
+    except Exception:  # no CUDA backend here, or a device without a compute capability
+        return _SMEM_NO_GPU
+    return _SMEM_BYTES.get((major, minor), _SMEM_SMALL)
 
-    FlashAttention-2's choices for these head dims; not timed here (no GPU on the dev host).
+
+def smem_estimate(kernel: str, block_q: int, block_k: int, head_dim: int, dtype, num_stages: int) -> int:
+    """An upper estimate of one program's shared memory in bytes for kernel "fwd", "dq" or "dkv".
+
+    Each pipeline stage buffers the tiles loaded inside the loop (k and v for "fwd" / "dq"; q,
+    dO, lse and delta for "dkv"); the tiles loaded once may feed the tensor cores from shared
+    memory too, and one fp32 [block_q, block_k] tile passes through it to become a dot operand
+    (p, dS). The first H200 run's failure (fp32, head_dim 256, 64 x 64 tiles, 2 stages: 278784
+    bytes requested of 232448) is exactly 2 stages x (k + v) + that tile; the loaded-once tiles
+    are the margin, and every setting that compiled there is within Hopper's limit by this count.
     """
-    if head_dim > 128:
-        return common.BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
-    return common.BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+    kp, size = _head_dim(head_dim), jnp.dtype(dtype).itemsize
+    q_tile, k_tile, transit = block_q * kp * size, block_k * kp * size, block_q * block_k * 4
+    if kernel == "fwd":
+        return num_stages * 2 * k_tile + q_tile + transit
+    if kernel == "dq":
+        return num_stages * 2 * k_tile + 2 * q_tile + transit
+    if kernel == "dkv":
+        return num_stages * (2 * q_tile + 2 * block_q * 4) + 2 * k_tile + transit
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def fit_stages(kernels: tuple[str, ...], block_q: int, block_k: int, head_dim: int, dtype, limit: int) -> int:
+    """The most pipeline stages (<= 3) whose estimate fits `limit` for all `kernels`; 0 if none does."""
+    for stages in range(_MAX_STAGES, 0, -1):
+        if all(smem_estimate(k, block_q, block_k, head_dim, dtype, stages) <= limit for k in kernels):
+            return stages
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Tiles, warps and pipeline stages of the forward kernel and of the two backward kernels."""
+
+    blocks: common.BlockSizes
+    num_warps: int
+    num_stages: int
+    num_stages_bwd: int
+
+
+def default_warps(head_dim: int) -> int:
+    """4 warps; 8 for head_dim 256, whose [64, 256] fp32 accumulators (dK and dV: two) would
+    take 128 registers per thread each with 4."""
+    return 4 if _head_dim(head_dim) <= 128 else 8
+
+
+def default_launch(head_dim: int, dtype=jnp.bfloat16, smem_bytes: int | None = None) -> Launch:
+    """The largest tiles of `_TILES` with at least 2 stages (else 1) that fit `smem_bytes`
+    (default: `smem_limit()`), chosen per pass."""
+    limit = smem_limit() if smem_bytes is None else smem_bytes
+    chosen = []
+    for kernels in (("fwd",), ("dq", "dkv")):
+        fits = [(bq, bk, fit_stages(kernels, bq, bk, head_dim, dtype, limit)) for bq, bk in _TILES]
+        chosen.append(next((c for c in fits if c[2] >= 2), next((c for c in fits if c[2]), (16, 16, 1))))
+    (bq, bk, stages), (bq_bwd, bk_bwd, stages_bwd) = chosen
+    blocks = common.BlockSizes(block_q=bq, block_k=bk, block_q_bwd=bq_bwd, block_k_bwd=bk_bwd)
+    return Launch(blocks, default_warps(head_dim), stages, stages_bwd)
+
+
+def default_block_sizes(head_dim: int, dtype=jnp.bfloat16) -> common.BlockSizes:
+    """The tiles of `default_launch`."""
+    return default_launch(head_dim, dtype).blocks
+
+
+def resolve_launch(
+    head_dim: int, dtype, block_sizes: common.BlockSizes | None, num_warps: int | None, num_stages: int | None
+) -> Launch:
+    """`flash_attention_gpu`'s settings: what is given, the rest from `default_launch`.
+
+    Given tiles without `num_stages` get the most stages that fit; given stages apply to all
+    three kernels.
+    """
+    if block_sizes is None:
+        launch = default_launch(head_dim, dtype)
+    else:
+        b, limit = block_sizes, smem_limit()
+        launch = Launch(
+            b,
+            default_warps(head_dim),
+            fit_stages(("fwd",), b.block_q, b.block_k, head_dim, dtype, limit) or 1,
+            fit_stages(("dq", "dkv"), b.block_q_bwd, b.block_k_bwd, head_dim, dtype, limit) or 1,
+        )
+    if num_warps is not None:
+        launch = dataclasses.replace(launch, num_warps=num_warps)
+    if num_stages is not None:
+        launch = dataclasses.replace(launch, num_stages=num_stages, num_stages_bwd=num_stages)
+    return launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +158,12 @@ class _Static:
     scale: float
     segments: bool
     interpret: bool | None
-    blocks: common.BlockSizes
-    num_warps: int
-    num_stages: int
+    launch: Launch
+
+    @property
+    def scale_log2(self) -> float:
+        """Scores times this are in base 2: exp(scale * s) = exp2(scale_log2 * s)."""
+        return self.scale * _LOG2E
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,22 +198,67 @@ class _Pass:
             return self.num_k
         return jnp.minimum(lax.div(offset + (i + 1) * self.block_q - 1, self.block_k) + 1, self.num_k)
 
+    def kv_blocks_whole(self, st: _Static, offset, i):
+        """Key blocks [0, end) that every row of query block i sees whole: no mask needed."""
+        if st.segments:
+            return 0
+        limit = self.num_k - (self.kv_real is not None)  # the last block holds the padded keys
+        if not st.causal:
+            return limit
+        # Block j is below the diagonal when its last key (j + 1) * bk - 1 <= the block's first row.
+        return jnp.minimum(lax.div(offset + i * self.block_q + 1, self.block_k), limit)
+
     def q_blocks_start(self, st: _Static, offset, j):
         """First query block whose last row sees key block j."""
         if not st.causal:
             return 0
         return jnp.minimum(lax.div(jnp.maximum(j * self.block_k - offset, 0), self.block_q), self.num_q)
 
+    def q_blocks_whole(self, st: _Static, offset, j, start):
+        """First query block from which on every row sees key block j whole (>= start)."""
+        if st.segments:
+            return self.num_q
+        if st.causal:
+            first = lax.div(jnp.maximum((j + 1) * self.block_k - 1 - offset, 0) + self.block_q - 1, self.block_q)
+            first = jnp.clip(first, start, self.num_q)
+        else:
+            first = start
+        if self.kv_real is not None:
+            first = jnp.where(j == self.num_k - 1, self.num_q, first)
+        return first
 
-def _scores(st: _Static, geo: _Pass, offset, i, j, q, k, q_seg, kv_seg):
-    """fp32 scaled scores [block_q, block_k] and mask; segment ids are 1-D blocks here."""
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=common.dot_precision(q.dtype))
-    s = s * st.scale
+
+def _scores(q, k):
+    """Unscaled fp32 scores q @ k.T [block_q, block_k]."""
+    return lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=common.dot_precision(q.dtype))
+
+
+def _mask(st: _Static, geo: _Pass, offset, i, j, q_seg, kv_seg):
+    """Which scores of tile (i, j) may attend; segment ids are 1-D blocks here."""
     rows = offset + i * geo.block_q + jnp.arange(geo.block_q)[:, None]
     cols = j * geo.block_k + jnp.arange(geo.block_k)[None, :]
     if st.segments:
         q_seg, kv_seg = q_seg[:, None], kv_seg[None, :]
-    return s, common.visible(rows, cols, q_seg, kv_seg, causal=st.causal, kv_len=geo.kv_real)
+    return common.visible(rows, cols, q_seg, kv_seg, causal=st.causal, kv_len=geo.kv_real)
+
+
+def _softmax_update(m_prev, l_prev, s, mask, scale_log2: float):
+    """`common.softmax_update` in base 2 on unscaled scores: the running max m is of s * scale_log2."""
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True) * scale_log2)  # scale > 0: max commutes
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(s * scale_log2 - m_next)
+    l_next = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+    return m_next, l_next, p, alpha
+
+
+def _probs_grad(s, mask, lse2, dp, delta, scale_log2: float):
+    """`common.softmax_grad` with the base-2 log-sum-exp: (p, dS w.r.t. the scaled scores)."""
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    p = jnp.exp2(s * scale_log2 - lse2)
+    return p, p * (dp - delta)
 
 
 def _split_refs(st: _Static, refs):
@@ -111,26 +272,32 @@ def _fwd_kernel(offset_ref, q_ref, k_ref, v_ref, *refs, st: _Static, geo: _Pass)
     i, offset = pl.program_id(0), offset_ref[0]
     q = q_ref[...]
     q_seg = q_seg_ref[...] if st.segments else None
+    prec = common.dot_precision(q.dtype)
 
-    def kv_step(j, carry):
-        m, row_sum, acc = carry
-        cols = pl.ds(j * geo.block_k, geo.block_k)
-        kv_seg = kv_seg_ref[cols] if st.segments else None
-        s, mask = _scores(st, geo, offset, i, j, q, k_ref[cols, :], q_seg, kv_seg)
-        m, row_sum, p, alpha = common.softmax_update(m, row_sum, s, mask)
-        v = v_ref[cols, :]
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=common.dot_precision(v.dtype))
-        return m, row_sum, alpha * acc + pv
+    def kv_step(masked: bool):
+        def step(j, carry):
+            m, row_sum, acc = carry
+            cols = pl.ds(j * geo.block_k, geo.block_k)
+            s = _scores(q, k_ref[cols, :])
+            mask = _mask(st, geo, offset, i, j, q_seg, kv_seg_ref[cols] if st.segments else None) if masked else None
+            m, row_sum, p, alpha = _softmax_update(m, row_sum, s, mask, st.scale_log2)
+            v = v_ref[cols, :]
+            pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
+            return m, row_sum, alpha * acc + pv
+
+        return step
 
     init = (
         jnp.full((geo.block_q, 1), common.MASK_VALUE, jnp.float32),
         jnp.zeros((geo.block_q, 1), jnp.float32),
         jnp.zeros(q.shape, jnp.float32),
     )
-    m, row_sum, acc = lax.fori_loop(0, geo.kv_blocks_end(st, offset, i), kv_step, init)
-    out, lse = common.softmax_finish(m, row_sum, acc)
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = lse[:, 0]
+    whole = geo.kv_blocks_whole(st, offset, i)
+    carry = lax.fori_loop(0, whole, kv_step(False), init)
+    m, row_sum, acc = lax.fori_loop(whole, geo.kv_blocks_end(st, offset, i), kv_step(True), carry)
+    l_safe = jnp.where(row_sum == 0.0, 1.0, row_sum)  # a row that saw no key: output 0
+    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
+    lse_ref[...] = (m + jnp.log2(l_safe))[:, 0]
 
 
 def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, *refs, st: _Static, geo: _Pass):
@@ -140,20 +307,26 @@ def _dkv_kernel(offset_ref, q_ref, k_ref, v_ref, *refs, st: _Static, geo: _Pass)
     kv_seg = kv_seg_ref[...] if st.segments else None
     prec = common.dot_precision(k.dtype)
 
-    def q_step(i, carry):
-        dk, dv = carry
-        rows = pl.ds(i * geo.block_q, geo.block_q)
-        q, do = q_ref[rows, :], do_ref[rows, :]
-        q_seg = q_seg_ref[rows] if st.segments else None
-        s, mask = _scores(st, geo, offset, i, j, q, k, q_seg, kv_seg)
-        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=prec)
-        p, ds = common.softmax_grad(s, mask, lse_ref[rows][:, None], dp, delta_ref[rows][:, None])
-        dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32, precision=prec)
-        dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32, precision=prec)
-        return dk, dv
+    def q_step(masked: bool):
+        def step(i, carry):
+            dk, dv = carry
+            rows = pl.ds(i * geo.block_q, geo.block_q)
+            q, do = q_ref[rows, :], do_ref[rows, :]
+            s = _scores(q, k)
+            mask = _mask(st, geo, offset, i, j, q_seg_ref[rows] if st.segments else None, kv_seg) if masked else None
+            dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=prec)
+            p, ds = _probs_grad(s, mask, lse_ref[rows][:, None], dp, delta_ref[rows][:, None], st.scale_log2)
+            dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32, precision=prec)
+            dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32, precision=prec)
+            return dk, dv
+
+        return step
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(geo.q_blocks_start(st, offset, j), geo.num_q, q_step, (zeros, zeros))
+    start = geo.q_blocks_start(st, offset, j)
+    whole = geo.q_blocks_whole(st, offset, j, start)
+    carry = lax.fori_loop(start, whole, q_step(True), (zeros, zeros))
+    dk, dv = lax.fori_loop(whole, geo.num_q, q_step(False), carry)
     dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -166,16 +339,21 @@ def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, *refs, st: _Static, geo: _Pass):
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
     prec = common.dot_precision(q.dtype)
 
-    def kv_step(j, dq):
-        cols = pl.ds(j * geo.block_k, geo.block_k)
-        k, v = k_ref[cols, :], v_ref[cols, :]
-        kv_seg = kv_seg_ref[cols] if st.segments else None
-        s, mask = _scores(st, geo, offset, i, j, q, k, q_seg, kv_seg)
-        dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=prec)
-        _, ds = common.softmax_grad(s, mask, lse, dp, delta)
-        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32, precision=prec)
+    def kv_step(masked: bool):
+        def step(j, dq):
+            cols = pl.ds(j * geo.block_k, geo.block_k)
+            k, v = k_ref[cols, :], v_ref[cols, :]
+            s = _scores(q, k)
+            mask = _mask(st, geo, offset, i, j, q_seg, kv_seg_ref[cols] if st.segments else None) if masked else None
+            dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32, precision=prec)
+            _, ds = _probs_grad(s, mask, lse, dp, delta, st.scale_log2)
+            return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32, precision=prec)
 
-    dq = lax.fori_loop(0, geo.kv_blocks_end(st, offset, i), kv_step, jnp.zeros(q.shape, jnp.float32))
+        return step
+
+    whole = geo.kv_blocks_whole(st, offset, i)
+    dq = lax.fori_loop(0, whole, kv_step(False), jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(whole, geo.kv_blocks_end(st, offset, i), kv_step(True), dq)
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -216,7 +394,8 @@ def _segments(st: _Static, geo: _Pass, q_seg, kv_seg) -> list[jax.Array]:
 def _forward(st: _Static, q, k, v, q_seg, kv_seg, offset, *, interpret: bool):
     """[B, L, H, K] inputs -> (out [B, L, H, K], lse [B, H, L])."""
     batch, q_len, heads, head_dim = q.shape
-    geo = _Pass.make(st.blocks.block_q, st.blocks.block_k, q_len, k.shape[1])
+    blocks = st.launch.blocks
+    geo = _Pass.make(blocks.block_q, blocks.block_k, q_len, k.shape[1])
     kp = _head_dim(head_dim)
     q_p, k_p, v_p = _pad(q, geo.q_len, kp), _pad(k, geo.kv_len, kp), _pad(v, geo.kv_len, kp)
     sp = _Specs(geo, kp)
@@ -230,7 +409,7 @@ def _forward(st: _Static, q, k, v, q_seg, kv_seg, offset, *, interpret: bool):
         grid=(geo.num_q, batch, heads),
         in_specs=[sp.offset, sp.q_tile, sp.kv_rows, sp.kv_rows, *seg_specs],
         out_specs=(sp.q_tile, sp.vec_tile),
-        compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=st.launch.num_warps, num_stages=st.launch.num_stages),
         interpret=interpret,
         name="moss_flash_fwd_gpu",
     )(offset, q_p, k_p, v_p, *_segments(st, geo, q_seg, kv_seg))
@@ -241,7 +420,8 @@ def _backward(st: _Static, q, k, v, q_seg, kv_seg, offset, lse, delta, do, *, in
     """[B, L, H, K] inputs, lse/delta [B, H, L] -> (dq, dk, dv)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
-    geo = _Pass.make(st.blocks.block_q_bwd, st.blocks.block_k_bwd, q_len, kv_len)
+    blocks = st.launch.blocks
+    geo = _Pass.make(blocks.block_q_bwd, blocks.block_k_bwd, q_len, kv_len)
     kp = _head_dim(head_dim)
     q_p, do_p = _pad(q, geo.q_len, kp), _pad(do, geo.q_len, kp)
     k_p, v_p = _pad(k, geo.kv_len, kp), _pad(v, geo.kv_len, kp)
@@ -249,7 +429,8 @@ def _backward(st: _Static, q, k, v, q_seg, kv_seg, offset, lse, delta, do, *, in
     segs = _segments(st, geo, q_seg, kv_seg)
     sp = _Specs(geo, kp)
     params = dict(
-        compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages), interpret=interpret
+        compiler_params=plgpu.CompilerParams(num_warps=st.launch.num_warps, num_stages=st.launch.num_stages_bwd),
+        interpret=interpret,
     )
 
     dk, dv = pl.pallas_call(
@@ -327,11 +508,13 @@ def flash_attention_gpu(
     q_offset: jax.Array | int = 0,
     block_sizes: common.BlockSizes | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Flash attention (GPU Pallas/Triton kernel) with the semantics of `moss_jax.attention`.
 
+    `block_sizes`, `num_warps`, `num_stages`: None takes `default_launch`'s choice for this
+    head_dim and dtype (`resolve_launch`); `num_stages` given applies to all three kernels.
     `interpret=None` compiles the kernel when lowering for CUDA and runs the Pallas
     interpreter on any other platform; True/False force one.
     """
@@ -341,9 +524,7 @@ def flash_attention_gpu(
         scale=1.0 / float(head_dim) ** 0.5,
         segments=common.check_segment_ids(q_segment_ids, kv_segment_ids),
         interpret=interpret,
-        blocks=block_sizes or default_block_sizes(head_dim),
-        num_warps=num_warps or (4 if head_dim <= 64 else 8),
-        num_stages=num_stages,
+        launch=resolve_launch(head_dim, q_BxLxHxK.dtype, block_sizes, num_warps, num_stages),
     )
     offset = common.offset_array(q_offset)
     return _attention(st, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset)

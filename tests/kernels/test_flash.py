@@ -26,6 +26,9 @@ CASES = [
     Case("bidirectional_2_segments_k128", q_len=100, kv_len=100, head_dim=128, causal=False, segments=2),
     Case("causal_k256", q_len=72, kv_len=72, head_dim=256, causal=True, segments=0),
     Case("bidirectional_k64", q_len=45, kv_len=45, head_dim=64, causal=False, segments=0),
+    # No segment ids: the GPU kernels skip the mask on blocks below the diagonal (ragged last block).
+    Case("causal_ragged_k128", q_len=100, kv_len=100, head_dim=128, causal=True, segments=0),
+    Case("offset_causal", q_len=37, kv_len=140, head_dim=64, causal=True, segments=0, q_offset=100),
     # A prompt written into a longer KV cache: queries start at key index 100; random segment
     # ids leave some queries with no visible key (their output must be 0, their gradient 0).
     Case("offset_random_segments", q_len=5, kv_len=140, head_dim=64, causal=True, segments=-1, q_offset=100),
