@@ -18,6 +18,10 @@ Implementations (`impl`, also `MossConfig.attention_impl`):
 * "pallas_tpu" / "pallas_gpu": Pallas flash-attention kernels (Mosaic / Triton); a one-token
   query (the KV-cache decode step) uses the decode kernel instead. Off their platform they run
   in the Pallas interpreter, which is how the tests check them on CPU.
+* "cudnn": cuDNN's flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`,
+  bf16/fp16 on a CUDA GPU only. Segment ids become a boolean [B, 1, L, S] mask (cuDNN takes it as
+  a bias: correct, O(L^2) memory and slower than without); a call with a `q_offset` (the KV-cache
+  prefill and decode steps) runs "pallas_gpu", since cuDNN's causal mask starts at key 0.
 * "auto": "pallas_tpu" when lowered for TPU, "pallas_gpu" for CUDA, "blockwise" elsewhere,
   chosen at lowering time (so an ahead-of-time TPU compile on a CPU host gets the kernel).
 
@@ -162,6 +166,69 @@ pallas_tpu_attention = register("pallas_tpu")(
 pallas_gpu_attention = register("pallas_gpu")(
     _kernel_attention(flash_gpu.flash_attention_gpu, decode_gpu.decode_attention_gpu)
 )
+
+
+def dot_product_attention(
+    q_BxLxHxK: jax.Array,
+    k_BxSxHxK: jax.Array,
+    v_BxSxHxK: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    causal: bool,
+    implementation: str,
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` with this module's masking, for `q_offset` 0 (its causal mask
+    starts at key 0): segment ids as a boolean mask, and zeros for a query that sees no key."""
+    mask = None
+    if common.check_segment_ids(q_segment_ids, kv_segment_ids):
+        mask = make_mask(
+            q_BxLxHxK.shape[1],
+            k_BxSxHxK.shape[1],
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            causal=False,
+        )
+    out = jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask, is_causal=causal, implementation=implementation
+    )
+    if mask is not None:  # a fully masked row would average every value; the reference gives 0
+        causal_mask = make_mask(
+            q_BxLxHxK.shape[1], k_BxSxHxK.shape[1], q_segment_ids=None, kv_segment_ids=None, causal=causal
+        )
+        seen = mask if causal_mask is None else jnp.logical_and(mask, causal_mask)
+        seen_BxLx1x1 = jnp.any(seen, axis=-1).transpose(0, 2, 1)[..., None]
+        out = jnp.where(seen_BxLx1x1, out, jnp.zeros((), out.dtype))
+    return out
+
+
+@register("cudnn")
+def cudnn_attention(
+    q_BxLxHxK: jax.Array,
+    k_BxSxHxK: jax.Array,
+    v_BxSxHxK: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """cuDNN flash attention (bf16/fp16, CUDA GPU); KV-cache calls (a `q_offset`) run "pallas_gpu"."""
+    kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
+    if not (isinstance(q_offset, int) and q_offset == 0):
+        return pallas_gpu_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_offset=q_offset, **kw)
+    if jax.default_backend() != "gpu":
+        raise ValueError(
+            f"attention impl 'cudnn' needs a CUDA GPU (this host's backend is {jax.default_backend()!r}); "
+            "use 'pallas_gpu', 'auto' or 'xla'"
+        )
+    dtypes = {jnp.dtype(x.dtype) for x in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK)}
+    if not dtypes <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}:
+        raise ValueError(
+            f"attention impl 'cudnn' takes bfloat16 or float16 q/k/v, got {sorted(d.name for d in dtypes)}; "
+            "use 'pallas_gpu' for float32 (MossConfig.dtype='bfloat16' computes in bf16)"
+        )
+    return dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, implementation="cudnn", **kw)
 
 
 @register("auto")

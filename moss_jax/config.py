@@ -14,7 +14,7 @@ from typing import Any
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("xla", "blockwise", "pallas_tpu", "pallas_gpu", "auto")
+ATTENTION_IMPLS = ("xla", "blockwise", "pallas_tpu", "pallas_gpu", "cudnn", "auto")
 
 
 class ConfigError(ValueError):
