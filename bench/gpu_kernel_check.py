@@ -1,10 +1,12 @@
 """The Pallas GPU kernels, compiled for the device, against the XLA reference: max |error| per case.
 
-    python bench/gpu_kernel_check.py [--smoke]
+    python bench/gpu_kernel_check.py [--smoke] [--dtypes bfloat16,float32] [--head_dims 64,128,256]
+                                     [--checks flash,causal,offset,decode]
 
 Flash attention (`kernels/flash_gpu.py` with its default tiles: causal, packed segments with
-padding, a length that is not a multiple of the tiles, and a prompt written at an offset of a
-longer cache) forward and dq/dk/dv, bf16 and fp32, head_dim 64 / 128 / 256; the decode kernel
+padding ("flash") or no segment ids ("causal": the blocks below the diagonal skip the mask), a
+length that is not a multiple of the tiles, and a prompt written at an offset of a longer cache
+without segment ids ("offset")) forward and dq/dk/dv, bf16 and fp32, head_dim 64 / 128 / 256; the decode kernel
 (`kernels/decode_gpu.py`) over a KV cache with per-row lengths, left padding and segments. The
 reference is `xla_attention` in fp32 at full matmul precision (XLA uses TF32 for fp32 matmuls on
 recent GPUs otherwise) on the same bf16-rounded inputs. One JSON line per case:
@@ -15,7 +17,8 @@ recent GPUs otherwise) on the same bf16-rounded inputs. One JSON line per case:
 "*_err" is the max |kernel - reference|, "rel_err" the largest of them over the reference's max
 |value|, "ok" compares it with 2e-2 (bf16: a few ulps) or 1e-5 (fp32). "triton" says whether the
 compiled program launches the Triton kernel (False: the Pallas interpreter ran, as on a CPU).
-`--smoke` uses small shapes (a CPU dry run). Exits 1 when a case is not ok or fails.
+`--smoke` uses small shapes (a CPU dry run); `--dtypes`, `--head_dims` and `--checks` keep only those
+cases ("offset" is at head_dim 128 whatever --head_dims says). Exits 1 when a case is not ok or fails.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ def _errors(got, want) -> tuple[dict, float]:
     return errs, rel
 
 
-def check_flash(dtype: str, head_dim: int, *, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, seed=0):
+def check_flash(
+    dtype: str, head_dim: int, *, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, segments=3, seed=0
+):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -79,10 +84,9 @@ def check_flash(dtype: str, head_dim: int, *, batch: int, heads: int, q_len: int
     dt = jnp.dtype(dtype)
     q, ct = (jnp.asarray(rng.randn(batch, q_len, heads, head_dim), dt) for _ in range(2))
     k, v = (jnp.asarray(rng.randn(batch, kv_len, heads, head_dim), dt) for _ in range(2))
-    if q_offset:  # a prompt at `q_offset` of a cache: one segment, keys past the prompt hidden by causality
-        seg_q, seg_kv = np.ones((batch, q_len), np.int32), np.ones((batch, kv_len), np.int32)
-    else:
-        seg_q = seg_kv = _segments(rng, batch, q_len, 3)
+    # No segment ids (segments=0): one sequence per row; a prompt at `q_offset` of a cache sees the
+    # keys before it, those past it hidden by causality.
+    seg_q = seg_kv = _segments(rng, batch, q_len, segments) if segments else None
 
     def run(attn):
         def fn(q, k, v, ct, seg_q, seg_kv):
@@ -108,7 +112,7 @@ def check_flash(dtype: str, head_dim: int, *, batch: int, heads: int, q_len: int
         "q_len": q_len,
         "kv_len": kv_len,
         "q_offset": q_offset,
-        "segments": 0 if q_offset else 3,
+        "segments": segments,
         **errs,
         "ref_max": round(float(max(np.max(np.abs(np.asarray(w))) for w in want)), 3),
         "rel_err": float(f"{rel:.3g}"),
@@ -174,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="small shapes: a CPU dry run in the interpreter")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--head_dims", default="64,128,256")
+    parser.add_argument("--checks", default="flash,causal,offset,decode")
     args = parser.parse_args(argv)
+    head_dims = {int(k) for k in args.head_dims.split(",")}
+    kinds = set(args.checks.split(","))
     common.set_threads(os.cpu_count() or 1, args.device)
 
     if args.smoke:
@@ -188,9 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     # bf16 (what training runs) first: fp32 tiles are the likeliest to hit Triton's resource limits.
     checks = []
     for dtype in ("bfloat16", "float32"):
-        checks += [(check_flash, dtype, k, flash) for k in (64, 128, 256)]
-        checks += [(check_flash, dtype, 128, offset)]
-        checks += [(check_decode, dtype, k, decode) for k in ((128, 256) if dtype == "bfloat16" else (128,))]
+        if dtype not in args.dtypes.split(","):
+            continue
+        checks += [(check_flash, dtype, k, flash) for k in (64, 128, 256) if "flash" in kinds and k in head_dims]
+        checks += [
+            (check_flash, dtype, k, flash | {"segments": 0}) for k in (128, 256) if "causal" in kinds and k in head_dims
+        ]
+        checks += [(check_flash, dtype, 128, offset | {"segments": 0})] if "offset" in kinds else []
+        decode_dims = (128, 256) if dtype == "bfloat16" else (128,)
+        checks += [(check_decode, dtype, k, decode) for k in decode_dims if "decode" in kinds and k in head_dims]
     failed = 0
     for fn, dtype, head_dim, kw in checks:
         try:

@@ -5,7 +5,8 @@
 #   2. kernel_check   Pallas/Triton flash fwd+bwd and decode vs the reference, max |error| (bench/gpu_kernel_check.py)
 #      pytest         tests/kernels with the GPU kernels compiled (MOSS_KERNEL_TEST_BACKEND=gpu) -> pytest_gpu.txt
 #   3. attention      pallas_gpu vs cuDNN vs XLA, bf16, B=4, H=16, K=128, causal, seq 2048/4096/8192
-#   4. mfu_*          train-step MFU, 2b and 350m at seq 2048, bf16 compute, fp32 master weights
+#   4. mfu_*          train-step MFU, 2b and 350m at seq 2048, bf16 compute, fp32 master weights;
+#                     mfu_big_cudnn / mfu_big_noseg: the 2b with cuDNN attention / ours, no segment ids
 #      attention_*    pallas_gpu tile settings at seq 4096; packed segments
 #   5. train_step     350m vs HF PyTorch (bf16 autocast) at seq 2048
 #
@@ -19,6 +20,10 @@
 #   OUT=/tmp/gpu_out GPU_SUITE_DRY=1 bash bench/gpu_suite.sh # CPU dry run: tiny sizes, Pallas interpreter
 #
 # GPU_SUITE_PARTS="env kernel_check ..." runs only those parts; PYTHON picks the interpreter.
+# For a shorter run: GPU_SUITE_CHECK_ARGS is appended to kernel_check's arguments (e.g. "--head_dims 256
+# --checks flash,causal"); GPU_SUITE_ATT_IMPLS (default pallas_gpu,cudnn,xla) and GPU_SUITE_SEQ_LENS
+# (default 2048,4096,8192; not in a dry run) pick the attention part's rows; GPU_SUITE_TILES replaces
+# attention_tiles' settings (space-separated).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 cd "$(dirname "$0")/.."
@@ -113,14 +118,19 @@ if [ "$DRY" = 1 ]; then
     TRAIN=(--configs debug --seq_len 32 --batch 2 --repeats 1 --target_s 0)
     CHECK=(--smoke --device cpu)
 else
-    ATT=(--seq_lens 2048,4096,8192 --batch 4 --heads 16 --head_dim 128 --repeats 10 --inner 5)
+    ATT=(--seq_lens "${GPU_SUITE_SEQ_LENS:-2048,4096,8192}" --batch 4 --heads 16 --head_dim 128 --repeats 10 --inner 5)
     ONE_SEQ=4096
-    TILES=(128,64,64,64,8,2 128,64,64,64,8,3 128,128,64,64,8,2 64,64,64,64,4,3 128,64,128,64,8,2 64,64,32,32,4,2)
+    # bq,bk,bq_bwd,bk_bwd,warps,stages around the default (64,64,64,64,4,3 at K=128 bf16; the first run's best)
+    TILES=(64,64,64,64,4,3 128,64,64,64,4,3 128,64,64,64,8,3 64,64,64,64,4,4 128,64,128,64,8,2 64,128,64,64,4,2)
     MFU=(--seq_len 2048 --matmul 8192 --matmul_iters 10 --repeats 5)
     BIG=2b SMALL=350m
     TRAIN=(--configs 350m --seq_len 2048 --batch 2 --repeats 3)
     CHECK=(--device gpu)
 fi
+# shellcheck disable=SC2206 # word splitting of the knobs is intended
+CHECK+=($GPU_SUITE_CHECK_ARGS)
+# shellcheck disable=SC2206
+[ -n "${GPU_SUITE_TILES:-}" ] && TILES=($GPU_SUITE_TILES)
 
 # 1. environment
 part env 60 "$PY" bench/gpu_env.py
@@ -131,8 +141,8 @@ part kernel_check 150 "$PY" bench/gpu_kernel_check.py "${CHECK[@]}"
 part pytest 150 bash -c pytest_part
 
 # 3. attention speed: ours vs cuDNN vs XLA (no segment ids: cuDNN's public API has none)
-part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls pallas_gpu,cudnn,xla --segments 0 \
-    --dtype bfloat16 --max_ref_len 4096 "${ATT[@]}"
+part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls "${GPU_SUITE_ATT_IMPLS:-pallas_gpu,cudnn,xla}" \
+    --segments 0 --dtype bfloat16 --max_ref_len 4096 "${ATT[@]}"
 
 # 4. train-step MFU with our kernel; the 2b falls back to full remat if dots_no_batch runs out of memory
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
@@ -142,6 +152,12 @@ if (($? != 0)) && tail -n 60 "$LOG" | grep -qiE "resource_exhausted|out of memor
     part mfu_big_full 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" --batch 4 \
         --remat full --attention_impl pallas_gpu "${MFU[@]}" "${NOMINAL_ARGS[@]}"
 fi
+# cuDNN's fast path takes no segment ids (they would become a [B, 1, L, L] bias), so this step has none;
+# mfu_big_noseg is ours on the same footing. In the dry run cudnn fails (no GPU): the plumbing only.
+part mfu_big_cudnn 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" --batch 4 \
+    --remat dots_no_batch --attention_impl cudnn --segment_ids none "${MFU[@]}" "${NOMINAL_ARGS[@]}"
+part mfu_big_noseg 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" --batch 4 \
+    --remat dots_no_batch --attention_impl pallas_gpu --segment_ids none "${MFU[@]}" "${NOMINAL_ARGS[@]}"
 part mfu_small 120 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$SMALL" --batch 8 \
     --remat none --attention_impl pallas_gpu "${MFU[@]}" "${NOMINAL_ARGS[@]}"
 unset XLA_PYTHON_CLIENT_MEM_FRACTION

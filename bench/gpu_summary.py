@@ -31,7 +31,11 @@ def _line(r: dict) -> str:
         )
     if kind in ("flash", "decode"):
         errs = " ".join(f"{k[:-4]}={_g(r[k])}" for k in ("out_err", "dq_err", "dk_err", "dv_err") if k in r)
-        shape = f"L={r['q_len']}/{r['kv_len']} off={r['q_offset']}" if kind == "flash" else f"S={r['kv_len']}"
+        shape = (
+            f"L={r['q_len']}/{r['kv_len']} off={r['q_offset']} seg={r.get('segments')}"
+            if kind == "flash"
+            else f"S={r['kv_len']}"
+        )
         return (
             f"check {kind} {r['dtype']} K={r['head_dim']} {shape}: {errs} rel={_g(r['rel_err'])} "
             f"{'ok' if r['ok'] else 'NOT OK'} triton={r['triton']} compile={r['compile_s']}s"
@@ -47,7 +51,8 @@ def _line(r: dict) -> str:
         )
     if kind == "mfu":
         return (
-            f"mfu {r['config']} B={r['batch']} L={r['seq_len']} remat={r['remat']} attn={r['attention_impl']}: "
+            f"mfu {r['config']} B={r['batch']} L={r['seq_len']} remat={r['remat']} attn={r['attention_impl']}"
+            f"{' (no segment ids)' if r.get('segment_ids') == 'none' else ''}: "
             f"step {r['step_s']} s, {r['tokens_per_s']} tok/s, {r['achieved_gflops'] / 1e3:.1f} TF/s; "
             f"matmul {r['peak_gflops'] / 1e3:.1f} TF/s -> MFU {r['mfu']}; nominal -> {r.get('mfu_nominal')}; "
             f"peak mem {r.get('peak_mem_gib')} GiB"

@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", default="none")
     parser.add_argument("--attention_impl", default="xla")
+    parser.add_argument(
+        "--segment_ids",
+        choices=("ones", "none"),
+        default="ones",
+        help="the batch's decoder_segment_ids: one segment per row (as training passes them), or none (no mask"
+        " work in the kernels; what cuDNN's fast path needs: 'cudnn' turns segment ids into a bias)",
+    )
     args = parser.parse_args(argv)
     common.set_threads(args.threads, args.device)
 
@@ -59,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     del params
     inputs, targets = ts.make_batch(config, args.batch, args.seq_len)
-    batch = jax.device_put(ts.our_batch(inputs, targets))
+    batch = ts.our_batch(inputs, targets)
+    if args.segment_ids == "none":
+        batch["decoder_segment_ids"] = None  # the model then attends causally without segment masks
+    batch = jax.device_put(batch)
     box = {"state": state}
 
     def train():
@@ -99,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": config.num_params,
         "remat": args.remat,
         "attention_impl": args.attention_impl,
+        "segment_ids": args.segment_ids,
         "matmul": n,
         "matmul_dtype": args.dtype,
         "device": jax.devices()[0].device_kind,
