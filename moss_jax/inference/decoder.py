@@ -49,6 +49,15 @@ class DecodeState:
     sampling: RowSampling
 
 
+def _unstacked(params: Any, n_layers: int) -> Any:
+    """Per-layer copies of stacked layer weights, made once before the token loop."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    # The barrier keeps XLA from sinking the slices back into the loop body (a copy per token).
+    return jax.lax.optimization_barrier(out)
+
+
 def _is_stop(tokens_B: jax.Array, stop_ids_BxT: jax.Array) -> jax.Array:
     return jnp.any(tokens_B[:, None] == stop_ids_BxT, axis=-1)
 
@@ -66,6 +75,9 @@ class Decoder:
       chunk_size: decode steps per device call; the host streams and checks stop strings
         between calls, so smaller means lower streaming latency, larger less host overhead.
       max_stop_ids: stop token ids per row.
+      unroll_layers: decode tokens with per-layer weight copies made once per `decode_chunk` call
+        (default: on CPU). XLA:CPU copies a layer's slice of the stacked weights before every
+        matmul, i.e. all weights once more per token; the copies cost one pass per chunk instead.
     """
 
     def __init__(
@@ -77,6 +89,7 @@ class Decoder:
         mesh: Mesh | None = None,
         chunk_size: int = 16,
         max_stop_ids: int = 4,
+        unroll_layers: bool | None = None,
     ):
         if batch_size < 1 or cache_len < 2 or chunk_size < 1:
             raise ValueError(f"need batch_size >= 1, cache_len >= 2, chunk_size >= 1; got {batch_size}, {cache_len}")
@@ -87,6 +100,8 @@ class Decoder:
         self.chunk_size = chunk_size
         self.max_stop_ids = max_stop_ids
         self.model = MossLM(config)
+        self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
+        self._unrolled_model = MossLM(config.replace(scan_layers=False))
         self._state_shardings = None if mesh is None else self._shardings(mesh)
         self._insert_fn = jax.jit(self._insert, donate_argnums=(1,), out_shardings=self._out(2))
         self._chunk_fn = jax.jit(self._chunk, donate_argnums=(1,), out_shardings=self._out(2))
@@ -191,6 +206,9 @@ class Decoder:
         b, c = self.batch_size, self.chunk_size
         state = state.replace(done_B=state.done_B | finish_B)
         rows_B = jnp.arange(b)
+        token_model, token_params = self.model, params
+        if self.unroll_layers and "layers" in params:
+            token_model, token_params = self._unrolled_model, _unstacked(params, self.config.n_layers)
 
         def cond(carry):
             step, st, _ = carry
@@ -198,7 +216,7 @@ class Decoder:
 
         def body(carry):
             step, st, tokens_BxC = carry
-            logits_Bx1xV, cache = self.model.apply({"params": params}, st.last_B[:, None], cache=st.cache)
+            logits_Bx1xV, cache = token_model.apply({"params": token_params}, st.last_B[:, None], cache=st.cache)
             live_B = ~st.done_B
             next_B = select_next(logits_Bx1xV[:, 0], st.seen_BxV, st.sampling, st.count_B)
             next_B = jnp.where(live_B, next_B, st.last_B)

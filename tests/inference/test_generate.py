@@ -50,6 +50,29 @@ def test_greedy_equals_full_forward_argmax(debug_model, batch):
         assert out[b, 9:].tolist() == _reference(params, config, ids[b][seg[b] != 0], NEW), f"row {b}"
 
 
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_unrolled_token_loop_equals_scanned(debug_model, batch, weights):
+    """The CPU decode loop's per-layer weight copies (Decoder unroll_layers) change nothing."""
+    from moss_jax.inference.decoder import Decoder
+    from moss_jax.inference.sampling import SamplingParams
+    from moss_jax.quant import quantize_params
+
+    config, params = debug_model
+    params = quantize_params(params, weights)
+    ids, seg = batch
+    prompts = [[int(t) for t in row[m != 0]] for row, m in zip(ids, seg, strict=True)]
+    out = {}
+    for unroll in (False, True):
+        decoder = Decoder(config, batch_size=4, cache_len=32, chunk_size=8, unroll_layers=unroll)
+        state, first = decoder.insert(
+            params, decoder.init_state(), prompts, [0, 1, 2], 16, [NEW] * 3, [[]] * 3, [SamplingParams()] * 3
+        )
+        state, tokens = decoder.decode_chunk(params, state)
+        out[unroll] = (first, tokens)
+    np.testing.assert_array_equal(out[True][0], out[False][0])
+    np.testing.assert_array_equal(out[True][1], out[False][1])
+
+
 def test_repetition_penalty_over_the_whole_context(debug_model, batch):
     config, params = debug_model
     # Larger embedding/head weights make greedy decoding loop over a few ids, so the penalty matters.
