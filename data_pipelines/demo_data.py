@@ -111,6 +111,10 @@ SKIPPED = {
     ("search", "zh"): "抱歉，我没有找到相关信息。",
 }
 CITE = "<sup><|1|></sup>"
+# Training pairs hold twice as many wrong numbers as the other kinds: telling a wrong number from
+# the tool's needs a digit-by-digit comparison, the hardest of the three for a small preference
+# model. Held-out pairs keep equal weights, so the measured accuracy is over the natural mix.
+TRAIN_REJECTION_WEIGHTS = {"wrong_number": 2.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +253,7 @@ class DemoGenerator:
       equations: the pool of equations to ask about (solving is a subprocess per equation, so the
         pool is drawn and solved up front, in parallel).
       held_out: draw from the held-out quarter of the topics and equations.
+      rejection_weights: relative frequency of each rejection kind in pairs (default: equal).
     """
 
     def __init__(
@@ -260,8 +265,13 @@ class DemoGenerator:
         seed: int,
         held_out: bool = False,
         lang_zh: float = 0.4,
+        rejection_weights: dict[str, float] | None = None,
     ):
         self.run_tool, self.meta, self.rng, self.lang_zh = run_tool, meta_instruction, random.Random(seed), lang_zh
+        unknown = set(rejection_weights or {}) - set(REJECTION_KINDS)
+        if unknown:
+            raise ValueError(f"rejection_weights: unknown kinds {sorted(unknown)}; known: {REJECTION_KINDS}")
+        self.rejection_weights = dict(rejection_weights or {})
         # Every 4th topic is held out: held-out questions ask about topics never seen in training.
         self.topics = {
             lang: [t for i, t in enumerate(topics) if (i % 4 == 3) == held_out]
@@ -319,7 +329,7 @@ class DemoGenerator:
         """(rejection kind, a plausible wrong reply) for a tool turn."""
         rng = self.rng
         options = ["skipped_tool", "wrong_format"] + (["wrong_number"] if turn.kind != "search" else [])
-        kind = rng.choice(options)
+        kind = rng.choices(options, weights=[self.rejection_weights.get(k, 1.0) for k in options])[0]
         if kind == "skipped_tool":
             return kind, SKIPPED[(turn.kind, turn.lang)]
         if kind == "wrong_number":
@@ -417,7 +427,9 @@ def build_demo_data(
     counts_failed = len(failed)
     out_dir = Path(out_dir)
     counts = {}
-    train = DemoGenerator(runner, meta_instruction, topics, equations, seed=seed)
+    train = DemoGenerator(
+        runner, meta_instruction, topics, equations, seed=seed, rejection_weights=TRAIN_REJECTION_WEIGHTS
+    )
     held = DemoGenerator(runner, meta_instruction, topics, equations, seed=seed + 1, held_out=True)
     for name, gen, n, make in (
         ("sft_train", train, sizes.sft_train, lambda g, i: g.conversation(f"sft-{i}")),

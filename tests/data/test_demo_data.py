@@ -141,3 +141,19 @@ def test_deterministic_for_a_seed(tmp_path, registry, demo):
     demo_data.build_demo_data(again, registry, meta, corpus, SIZES, seed=3)
     for name in ("sft_train", "pairs_heldout", "tool_questions"):
         assert (again / f"{name}.jsonl").read_text() == (out / f"{name}.jsonl").read_text()
+
+
+def test_rejection_weights_set_the_mix_of_rejected_replies():
+    def run_tool(command):  # the calculator's result format; the value itself is not checked here
+        return f"{command} => '7'"
+
+    def mix(weights):
+        gen = demo_data.DemoGenerator(run_tool, "meta", (["alpha"], ["甲乙"]), ["2*x+1=5"], seed=0,
+                                      rejection_weights=weights)  # fmt: skip
+        return [gen.rejected_reply(gen.turn(kind="calculate"))[0] for _ in range(300)]
+
+    equal, weighted = mix(None), mix({"wrong_number": 8.0})
+    assert 70 < equal.count("wrong_number") < 130  # 1/3 of 300
+    assert 210 < weighted.count("wrong_number") < 270  # 8/10 of 300
+    with pytest.raises(ValueError, match="unknown kinds"):
+        mix({"wrong_numbers": 1.0})
