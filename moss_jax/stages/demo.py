@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ class Scale:
 
 SCALES = {
     "full": Scale(
-        steps={"pretrain": 150, "sft": 600, "reward_model": 100, "preference_aware": 300, "dpo": 60},
+        steps={"pretrain": 150, "sft": 600, "reward_model": 100, "preference_aware": 200, "dpo": 60},
         corpus_chars=2_000_000,
         sft_train=2000,
         sft_heldout=100,
@@ -225,12 +226,60 @@ def run_stage(paths: Paths, stage: str, scale: Scale) -> dict:
     return summary
 
 
+class _Beside:
+    """One stage in a child process with one XLA thread (its output in `<stage>/log.txt`), run
+    beside the stages of this process. The tiny demo model gains little from a second thread,
+    so two stages side by side take about the time of the longer one."""
+
+    def __init__(self, paths: Paths, stage: str, scale: str, seed: int):
+        out = paths.stage(stage)
+        out.mkdir(parents=True, exist_ok=True)
+        self.stage, self.log_path = stage, out / "log.txt"
+        flags = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=1"
+        cmd = [sys.executable, "-m", "moss_jax.stages.demo", "--workdir", str(paths.workdir), "--scale", scale,
+               "--seed", str(seed), "--stages", stage]  # fmt: skip
+        self._log = open(self.log_path, "w")  # noqa: SIM115 -- closed in wait()/stop()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, XLA_FLAGS=flags)
+        )
+        print(f"[demo] {stage}: started beside the other stages (pid {self.proc.pid}; log {self.log_path})")
+
+    def wait(self) -> None:
+        rc = self.proc.wait()
+        self._log.close()
+        if rc != 0:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"stage {self.stage} failed (exit code {rc}); its log {self.log_path} ends:\n{tail}")
+        print(f"[demo] {self.stage}: finished beside the other stages")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+        self._log.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moss_jax.stages.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--scale", default="full", choices=sorted(SCALES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGE_ORDER),
+        help="comma-separated stages to run (the stages they start from must be done); the report is "
+        "written only when every stage runs",
+    )
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="run dpo after the others instead of beside reward_model..preference_aware",
+    )
     args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGE_ORDER))
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; stages are {', '.join(STAGE_ORDER)}")
     import logging
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
@@ -239,10 +288,26 @@ def main(argv: list[str] | None = None) -> int:
     paths, scale = Paths(args.workdir), SCALES[args.scale]
     t0 = time.perf_counter()
     timings = {"data": prepare_data(paths, scale, args.seed).get("seconds")}
-    summaries = {}
-    for stage in STAGE_ORDER:
-        summaries[stage] = run_stage(paths, stage, scale)
-        timings[stage] = summaries[stage].get("seconds")
+    summaries, beside = {}, None
+    try:
+        for stage in [s for s in STAGE_ORDER if s in stages]:
+            if beside is not None and stage == beside.stage:
+                beside.wait()
+                beside = None
+                summaries[stage] = run_stage(paths, stage, scale)  # done by now: reads its DONE.json
+            elif stage not in summaries:
+                summaries[stage] = run_stage(paths, stage, scale)
+            timings[stage] = summaries[stage].get("seconds")
+            # DPO needs only the SFT params: it runs beside the preference model, tagging and
+            # preference-aware training.
+            if stage == "sft" and "dpo" in stages and not args.serial and not _done(paths.stage("dpo")):
+                beside = _Beside(paths, "dpo", args.scale, args.seed)
+    finally:
+        if beside is not None:
+            beside.stop()
+    if set(stages) != set(STAGE_ORDER):
+        print(f"[demo] ran {', '.join(stages)} (no report: not every stage ran)")
+        return 0
     done = _done(paths.report)
     if done:
         print(f"[demo] evaluate: done earlier ({paths.report}), skipped")

@@ -56,3 +56,14 @@ def test_rerun_resumes_finished_stages(run, capsys):
     out = capsys.readouterr().out
     for stage in ("data", *demo.STAGE_ORDER):
         assert f"{stage}: done earlier" in out
+
+
+def test_dpo_ran_beside_the_other_stages(run):
+    log = (run / "dpo" / "log.txt").read_text()  # the child process's own output
+    assert "stage dpo" in log and "ran dpo (no report" in log
+
+
+def test_unknown_stage_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--workdir", str(tmp_path), "--stages", "sft,rlhf"])
+    assert "unknown ['rlhf']" in capsys.readouterr().err
