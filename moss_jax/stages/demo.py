@@ -56,7 +56,7 @@ class Scale:
 
 SCALES = {
     "full": Scale(
-        steps={"pretrain": 150, "sft": 600, "reward_model": 100, "preference_aware": 200, "dpo": 60},
+        steps={"pretrain": 150, "sft": 600, "reward_model": 150, "preference_aware": 300, "dpo": 60},
         corpus_chars=2_000_000,
         sft_train=2000,
         sft_heldout=100,
