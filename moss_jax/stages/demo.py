@@ -292,11 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for stage in [s for s in STAGE_ORDER if s in stages]:
             if beside is not None and stage == beside.stage:
-                beside.wait()
+                beside.wait()  # then run_stage finds the stage done and reads its DONE.json
                 beside = None
-                summaries[stage] = run_stage(paths, stage, scale)  # done by now: reads its DONE.json
-            elif stage not in summaries:
-                summaries[stage] = run_stage(paths, stage, scale)
+            summaries[stage] = run_stage(paths, stage, scale)
             timings[stage] = summaries[stage].get("seconds")
             # DPO needs only the SFT params: it runs beside the preference model, tagging and
             # preference-aware training.
