@@ -78,13 +78,10 @@ def solve_many(problems: Sequence[str], *, timeout_s: float = 5.0) -> list[str |
         except (ToolError, KeyError, TypeError):
             answers = [None] * len(jobs)
         for (i, trees, names), answer in zip(jobs, answers, strict=True):
-            if answer is None:
-                try:
-                    out[i] = _run_worker(trees, names, timeout_s)
-                except ToolError as e:
-                    out[i] = e
-            else:
-                out[i] = answer["ok"] if "ok" in answer else ToolError(f"no result: {answer.get('error', '?')}")
+            try:
+                out[i] = _run_worker(trees, names, timeout_s) if answer is None else _answer_text(answer)
+            except ToolError as e:
+                out[i] = e
     return out
 
 
@@ -165,7 +162,13 @@ def _run_worker(trees: list[tuple], names: list[str], timeout_s: float) -> str:
     out of the child's import path. The cost is the interpreter and sympy start-up (~0.4 s), which
     counts against timeout_s. The worker's CPU rlimit ends it even if this process is interrupted.
     """
-    answer = _worker_call({"equations": trees, "names": names, "cpu_seconds": math.ceil(timeout_s) + 1}, timeout_s)
+    return _answer_text(
+        _worker_call({"equations": trees, "names": names, "cpu_seconds": math.ceil(timeout_s) + 1}, timeout_s)
+    )
+
+
+def _answer_text(answer: dict) -> str:
+    """A worker's answer for one problem ({"ok": text} or {"error": why}) -> the text, or ToolError."""
     if "ok" not in answer:
         raise ToolError(f"no result: {answer.get('error', 'unknown error')}")
     return answer["ok"]
