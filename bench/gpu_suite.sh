@@ -6,7 +6,8 @@
 #      pytest         tests/kernels with the GPU kernels compiled (MOSS_KERNEL_TEST_BACKEND=gpu) -> pytest_gpu.txt
 #   3. attention      pallas_gpu vs cuDNN vs XLA, bf16, B=4, H=16, K=128, causal, seq 2048/4096/8192
 #   4. mfu_*          train-step MFU, 2b and 350m at seq 2048, bf16 compute, fp32 master weights;
-#                     mfu_big_cudnn / mfu_big_noseg: the 2b with cuDNN attention / ours, no segment ids
+#                     mfu_big_cudnn / mfu_big_noseg: the 2b with cuDNN attention / ours, no segment ids;
+#                     one pair per remat policy in GPU_SUITE_REMATS (suffix _<policy>)
 #      attention_*    pallas_gpu tile settings at seq 4096; packed segments
 #   5. train_step     350m vs HF PyTorch (bf16 autocast) at seq 2048
 #
@@ -23,7 +24,7 @@
 # For a shorter run: GPU_SUITE_CHECK_ARGS is appended to kernel_check's arguments (e.g. "--head_dims 256
 # --checks flash,causal"); GPU_SUITE_ATT_IMPLS (default pallas_gpu,cudnn,xla) and GPU_SUITE_SEQ_LENS
 # (default 2048,4096,8192; not in a dry run) pick the attention part's rows; GPU_SUITE_TILES replaces
-# attention_tiles' settings (space-separated).
+# attention_tiles' settings (space-separated); GPU_SUITE_REMATS the 2b's remat policies (space-separated).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 cd "$(dirname "$0")/.."
@@ -144,18 +145,21 @@ part pytest 150 bash -c pytest_part
 part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls "${GPU_SUITE_ATT_IMPLS:-pallas_gpu,cudnn,xla}" \
     --segments 0 --dtype bfloat16 --max_ref_len 4096 "${ATT[@]}"
 
-# 4. train-step MFU with our kernel; the 2b falls back to full remat if dots_no_batch runs out of memory
+# 4. train-step MFU with our kernel and with cuDNN's, for each remat policy in GPU_SUITE_REMATS (default
+# dots_no_batch_attention: weight matmuls plus the attention output and log-sum-exp, so nothing but
+# cheap elementwise work is recomputed; dots_no_batch parts keep their old names). A policy that runs
+# out of memory is recorded as failed and the next one runs.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-part mfu_big 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" --batch 4 \
-    --remat dots_no_batch --attention_impl pallas_gpu "${MFU[@]}" "${NOMINAL_ARGS[@]}"
-if (($? != 0)) && tail -n 60 "$LOG" | grep -qiE "resource_exhausted|out of memory"; then
-    part mfu_big_full 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" --batch 4 \
-        --remat full --attention_impl pallas_gpu "${MFU[@]}" "${NOMINAL_ARGS[@]}"
-fi
-# cuDNN's fast path takes no segment ids (they would become a [B, 1, L, L] bias), so this step has none;
-# mfu_big_noseg is ours on the same footing. In the dry run cudnn fails (no GPU): the plumbing only.
-part mfu_big_cudnn 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" --batch 4 \
-    --remat dots_no_batch --attention_impl cudnn --segment_ids none "${MFU[@]}" "${NOMINAL_ARGS[@]}"
+for remat in ${GPU_SUITE_REMATS:-dots_no_batch_attention dots_no_batch}; do
+    sfx=_$remat
+    [ "$remat" = dots_no_batch ] && sfx=
+    part "mfu_big$sfx" 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" --batch 4 \
+        --remat "$remat" --attention_impl pallas_gpu "${MFU[@]}" "${NOMINAL_ARGS[@]}"
+    # cuDNN's fast path takes no segment ids (they would become a [B, 1, L, L] bias), so this step has
+    # none; mfu_big_noseg is ours on the same footing. In the dry run cudnn fails (no GPU): plumbing only.
+    part "mfu_big_cudnn$sfx" 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" \
+        --batch 4 --remat "$remat" --attention_impl cudnn --segment_ids none "${MFU[@]}" "${NOMINAL_ARGS[@]}"
+done
 part mfu_big_noseg 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" --batch 4 \
     --remat dots_no_batch --attention_impl pallas_gpu --segment_ids none "${MFU[@]}" "${NOMINAL_ARGS[@]}"
 part mfu_small 120 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$SMALL" --batch 8 \

@@ -13,7 +13,7 @@ from typing import Any
 
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out", "dots_no_batch_attention")
 ATTENTION_IMPLS = ("xla", "blockwise", "pallas_tpu", "pallas_gpu", "cudnn", "auto")
 
 

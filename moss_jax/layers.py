@@ -14,9 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from moss_jax.attention import attention
 from moss_jax.config import MossConfig
+from moss_jax.kernels.common import ATTENTION_OUT
 from moss_jax.quant import dense
 from moss_jax.sharding import with_constraint
 
@@ -106,6 +108,8 @@ class Attention(nn.Module):
                 causal=True,
                 impl=cfg.attention_impl,
             )
+            # A remat policy may save it (moss_jax.model.REMAT_POLICIES).
+            out_BxLxHxK = checkpoint_name(out_BxLxHxK, ATTENTION_OUT)
             new_cache = None
         else:
             # Write this chunk's keys/values at the shared slot index of this layer, attend over

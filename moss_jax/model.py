@@ -22,6 +22,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from moss_jax.config import MossConfig
+from moss_jax.kernels.common import ATTENTION_LSE, ATTENTION_OUT
 from moss_jax.layers import Block, layer_norm, named_param
 from moss_jax.quant import dense
 from moss_jax.sharding import RULES, check_axis_names, logical_to_sharding, mesh_rules, with_constraint
@@ -30,7 +31,13 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    # The attention output, and for our kernels (blockwise, pallas_*) the log-sum-exp residual, so
+    # the backward pass does not run the attention forward again (moss_jax.kernels.common).
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE),
+    "dots_no_batch_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE),
+    ),
 }
 
 

@@ -97,9 +97,39 @@ def test_scan_and_loop_and_remat_agree(params):
         return MossLM(cfg).apply({"params": p}, ids).mean()
 
     g_ref = jax.grad(loss)(params, CFG)
-    for policy in ("full", "dots", "dots_no_batch"):
+    for policy in ("full", "dots", "dots_no_batch", "save_attention_out", "dots_no_batch_attention"):
         g = jax.grad(loss)(params, CFG.replace(remat_policy=policy))
         jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), g, g_ref)
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+def test_attention_remat_policies_save_the_named_residuals(params, impl):
+    """`save_attention_out` keeps the attention output (and, for our kernels, the log-sum-exp the
+    backward needs, so the forward kernel does not run twice); `full` keeps neither."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from moss_jax.convert import unstack_layers
+
+    ids = _ids((2, 16))
+    unrolled = unstack_layers(params, CFG.n_layers)  # (a scan's residuals show as scan outputs)
+
+    def saved(policy):
+        cfg = CFG.replace(remat_policy=policy, attention_impl=impl, scan_layers=False)
+        fn = lambda p: MossLM(cfg).apply({"params": p}, ids).mean()  # noqa: E731
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            print_saved_residuals(fn, unrolled)
+        return buf.getvalue()
+
+    kept = saved("save_attention_out")
+    assert "named 'attention_out'" in kept
+    assert ("named 'attention_lse'" in kept) == (impl == "blockwise")
+    both = saved("dots_no_batch_attention")
+    assert "named 'attention_out'" in both and "dot_general" in both
+    assert "named 'attention" not in saved("full")
 
 
 def test_bf16_compute_is_close(params):

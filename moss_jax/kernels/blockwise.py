@@ -152,7 +152,8 @@ def _attention(st: _Static, q, k, v, q_seg, kv_seg, offset):
 def _attention_fwd(st: _Static, q, k, v, q_seg, kv_seg, offset):
     out, lse = _forward(st, *_pad_inputs(st, q, k, v, q_seg, kv_seg), offset)
     out = out[:, : q.shape[1]].astype(v.dtype)
-    return out, (q, k, v, q_seg, kv_seg, offset, out, lse)
+    res_out, res_lse = common.name_residuals(out, lse)
+    return out, (q, k, v, q_seg, kv_seg, offset, res_out, res_lse)
 
 
 def _attention_bwd(st: _Static, res, do):

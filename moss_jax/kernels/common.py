@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 # Start value of the running max: finite, so exp(m_prev - m_next) never computes inf - inf.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -136,6 +137,18 @@ def softmax_grad(
 def dot_precision(dtype: jnp.dtype) -> jax.lax.Precision | None:
     """fp32 inputs ask for full fp32 matmuls (TPU would otherwise use one bf16 pass)."""
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+# The names a remat policy can save (moss_jax.model.REMAT_POLICIES): the attention output and, for
+# our kernels, the log-sum-exp their backward needs. Saving both spares the backward pass a second
+# run of the forward kernel.
+ATTENTION_OUT = "attention_out"
+ATTENTION_LSE = "attention_lse"
+
+
+def name_residuals(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Tags a kernel forward's `out` and `lse` residuals for `jax.checkpoint` policies."""
+    return checkpoint_name(out, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
 
 
 def on_platform(fn, *args, platform: str, interpret: bool | None):

@@ -338,7 +338,8 @@ def _attention(st: _Static, q, k, v, q_seg, kv_seg, offset):
 def _attention_fwd(st: _Static, q, k, v, q_seg, kv_seg, offset):
     run = functools.partial(_forward, st)
     out, lse = common.on_platform(run, q, k, v, q_seg, kv_seg, offset, platform="tpu", interpret=st.interpret)
-    return out, (q, k, v, q_seg, kv_seg, offset, out, lse)
+    res_out, res_lse = common.name_residuals(out, lse)
+    return out, (q, k, v, q_seg, kv_seg, offset, res_out, res_lse)
 
 
 def _attention_bwd(st: _Static, res, do):
