@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", default="none")
+    parser.add_argument(
+        "--micro_batches",
+        type=int,
+        default=1,
+        help="gradient accumulation: the batch runs as this many slices, then one optimizer update",
+    )
     parser.add_argument("--attention_impl", default="xla")
     parser.add_argument(
         "--segment_ids",
@@ -62,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     config = get_config(args.config, dtype=args.dtype)
     params = init_params(config, jax.random.PRNGKey(0))
     state, step = ts.our_step(
-        config, params, args.batch, args.seq_len, remat=args.remat, scan=True, attention_impl=args.attention_impl
+        config,
+        params,
+        args.batch,
+        args.seq_len,
+        remat=args.remat,
+        scan=True,
+        attention_impl=args.attention_impl,
+        micro_batches=args.micro_batches,
     )
     del params
     inputs, targets = ts.make_batch(config, args.batch, args.seq_len)
@@ -108,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_gflop_per_step": round(step_flops / 1e9, 1),
         "params": config.num_params,
         "remat": args.remat,
+        "micro_batches": args.micro_batches,
         "attention_impl": args.attention_impl,
         "segment_ids": args.segment_ids,
         "matmul": n,

@@ -40,10 +40,12 @@ def our_step(
     scan: bool,
     attention_impl: str,
     head_chunk_tokens=1024,
+    micro_batches: int = 1,
 ):
     """(initial TrainState, jitted step donating the state) for `params` (stacked layers).
 
     `head_chunk_tokens`: the LM objective's fused head + cross-entropy chunk (None or 0: full logits).
+    `micro_batches`: gradient accumulation over that many slices of the batch (one optimizer update).
     """
     import jax
     import jax.numpy as jnp
@@ -63,7 +65,9 @@ def our_step(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(1)
     )
     objective = lm_objective(head_chunk_tokens=head_chunk_tokens or None)
-    step = jax.jit(make_train_step(config, tx, schedule, objective=objective), donate_argnums=0)
+    step = jax.jit(
+        make_train_step(config, tx, schedule, objective=objective, micro_batches=micro_batches), donate_argnums=0
+    )
     return state, step
 
 

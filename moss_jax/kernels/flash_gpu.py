@@ -224,7 +224,10 @@ class _Pass:
         else:
             first = start
         if self.kv_real is not None:
-            first = jnp.where(j == self.num_k - 1, self.num_q, first)
+            # int32 operands spelled out: with a Python-int `first` (no causal mask) the select
+            # lowered to Triton with mismatched i1/i32 operand types.
+            last = jnp.asarray(j, jnp.int32) == self.num_k - 1
+            first = lax.select(last, jnp.int32(self.num_q), jnp.asarray(first, jnp.int32))
         return first
 
 

@@ -42,6 +42,20 @@ def test_flash_forward_and_backward_lower(dtype, head_dim):
     assert names == ["moss_flash_dkv_gpu", "moss_flash_dq_gpu", "moss_flash_fwd_gpu"]
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("length", [45, 128], ids=["ragged", "whole"])
+def test_flash_lowers_without_segment_ids(causal, length):
+    """No segment ids: the unmasked-block bounds are Python ints or traced ints by case. The
+    bidirectional ragged case once failed in Triton lowering (i1 vs i32 select operands)."""
+    x = jax.ShapeDtypeStruct((2, length, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return jnp.sum(flash_gpu.flash_attention_gpu(q, k, v, causal=causal).astype(jnp.float32) ** 2)
+
+    names = _triton_kernels(jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
+    assert names == ["moss_flash_dkv_gpu", "moss_flash_dq_gpu", "moss_flash_fwd_gpu"]
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
 def test_decode_lowers_for_moss_cache(dtype):
     q = jax.ShapeDtypeStruct((4, 24, 256), dtype)
