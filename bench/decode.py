@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-WEIGHT_MODES = ("float32", "bfloat16", "int8")
+WEIGHT_MODES = ("float32", "bfloat16", "int8", "int8_dynamic")
 
 
 def main(argv: list[str] | None = None) -> int:

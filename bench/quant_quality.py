@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-WEIGHT_MODES = ("float32", "bfloat16", "int8")
+WEIGHT_MODES = ("float32", "bfloat16", "int8", "int8_dynamic")
 
 
 def held_out_windows(corpus_dir: str, vocab, seq_len: int, max_docs: int) -> dict[str, list[list[int]]]:

@@ -1,7 +1,11 @@
-"""Weight-only quantisation for decoding: int8 with one fp32 scale per output channel, or bf16.
+"""Quantisation for decoding: int8 weights with one fp32 scale per output channel, or bf16.
 
     qparams = quantize_params(params, "int8")        # every matmul kernel; the embedding stays fp32
     logits = MossLM(config).apply({"params": qparams}, ids)    # generate/Decoder take qparams too
+
+Modes: "float32" (unchanged), "bfloat16" (kernels cast), "int8" (weight-only, W8A16: activations
+stay in the compute dtype) and "int8_dynamic" (W8A8: each matmul also quantises its input rows
+to int8 on the fly, one scale per row, and runs an int8 x int8 -> int32 dot).
 
 A quantised kernel is a `QuantizedWeight(q, scale)`: `q` int8 of the kernel's shape and
 `scale` fp32 of its output dims (the dims after the contracting ones), symmetric, with
@@ -15,6 +19,13 @@ stored width only when the converted operand stays cache-sized: the layer kernel
 vocabulary-sized head is split into `HEAD_CHUNK`-column slices (a loop over column blocks) for
 that reason. bf16 weights are stored for completeness (half the memory) but XLA:CPU converts
 bf16 slowly, so on CPU they decode slower than fp32 (docs/performance.md).
+
+"int8_dynamic" stores a `DynamicQuantizedWeight`: the same int8 values and scales, but `q` holds
+the [N, K] transpose (output channels major, contraction minor). XLA:CPU hands an s8 x s8 -> s32
+dot to YNNPACK, which streams the int8 kernel without widening it; it is fastest with the
+contraction minor on both sides, and it takes no dot with a single row, so a one-row input is
+padded to two (docs/performance.md). The activation scale is max |x| / 127 per row, so the
+error grows with a row's outliers; bench/quant_quality.py measures the perplexity cost.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-WEIGHT_MODES = ("float32", "bfloat16", "int8")
+WEIGHT_MODES = ("float32", "bfloat16", "int8", "int8_dynamic")
 
 # Kernel name -> number of contracting (input) dims after the optional stacked-layers axis.
 KERNELS = {
@@ -59,6 +70,35 @@ class QuantizedWeight:
         return self.q.astype(jnp.float32) * self.scale.reshape((1,) * n_contract + self.scale.shape)
 
 
+@flax.struct.dataclass
+class DynamicQuantizedWeight:
+    """int8 kernel for W8A8 matmuls: `q` is the [N, K] transpose of the int8 kernel (N output
+    channels, K contracted), stored reshaped to the kernel's shape (flax checks the first leaf's
+    shape against the parameter's; a reshape of a row-major array is free), `scale` as in
+    `QuantizedWeight`. With stacked layers both carry the leading layer axis."""
+
+    q: jax.Array  # int8, [Y] + kernel shape, holding [Y] + [N, K] row-major
+    scale: jax.Array  # fp32, [Y] + output dims
+    n_out: int = flax.struct.field(pytree_node=False, default=1)  # output dims of the kernel
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    def transposed(self) -> jax.Array:
+        """The int8 [Y..., N, K] matrix (N output channels, K contracted)."""
+        lead = self.scale.ndim - self.n_out
+        n = int(np.prod(self.scale.shape[lead:]))
+        return self.q.reshape(self.q.shape[:lead] + (n, -1))
+
+    def dequantize(self) -> jax.Array:
+        lead = self.scale.ndim - self.n_out
+        n_contract = self.q.ndim - self.scale.ndim
+        kernel_KxN = jnp.swapaxes(self.transposed(), -1, -2).reshape(self.q.shape)
+        scale = self.scale.reshape(self.scale.shape[:lead] + (1,) * n_contract + self.scale.shape[lead:])
+        return kernel_KxN.astype(jnp.float32) * scale
+
+
 def quantize_int8(w: Any, n_contract: int, stacked: bool = False) -> QuantizedWeight:
     """Symmetric per-output-channel int8: scale = max |w| over the contracting dims / 127.
 
@@ -76,11 +116,23 @@ def quantize_int8(w: Any, n_contract: int, stacked: bool = False) -> QuantizedWe
     return QuantizedWeight(q=q, scale=jnp.squeeze(scale, axis=axes))
 
 
+def quantize_int8_dynamic(w: Any, n_contract: int, stacked: bool = False) -> DynamicQuantizedWeight:
+    """`quantize_int8`'s values and scales in the W8A8 layout (`DynamicQuantizedWeight`)."""
+    qw = quantize_int8(w, n_contract, stacked)
+    lead = 1 if stacked else 0
+    shape = qw.q.shape
+    k = int(np.prod(shape[lead : lead + n_contract]))
+    q_KxN = qw.q.reshape(shape[:lead] + (k, -1))
+    q_NxK = jnp.swapaxes(q_KxN, -1, -2).reshape(shape)
+    return DynamicQuantizedWeight(q=q_NxK, scale=qw.scale, n_out=len(shape) - lead - n_contract)
+
+
 def quantize_params(params: Mapping, mode: str = "int8") -> dict:
     """A copy of a MossLM parameter tree with every matmul kernel stored as `mode`.
 
     "float32" returns the tree unchanged; "bfloat16" casts the kernels; "int8" replaces them
-    with `QuantizedWeight`s. Norms, biases and the embedding table stay as they are.
+    with `QuantizedWeight`s, "int8_dynamic" with `DynamicQuantizedWeight`s. Norms, biases and the
+    embedding table stay as they are.
     """
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weights mode {mode!r} is not one of {WEIGHT_MODES}")
@@ -95,6 +147,8 @@ def quantize_params(params: Mapping, mode: str = "int8") -> dict:
             elif name in KERNELS:
                 if mode == "int8":
                     out[name] = quantize_int8(value, KERNELS[name], stacked)
+                elif mode == "int8_dynamic":
+                    out[name] = quantize_int8_dynamic(value, KERNELS[name], stacked)
                 else:
                     out[name] = jnp.asarray(value).astype(jnp.bfloat16)
             else:
@@ -116,6 +170,8 @@ def dense(spec: str, x: jax.Array, w: Any, dtype: Any) -> jax.Array:
     "bld,dhk->blhk" or "blhk,hkd->bld".
     """
     dtype = jnp.dtype(dtype)
+    if isinstance(w, DynamicQuantizedWeight):
+        return _dynamic_dense(spec, x, w, dtype)
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
     cols = w.q.shape[-1]
@@ -136,3 +192,37 @@ def _chunked_dense(spec: str, x: jax.Array, w: QuantizedWeight, dtype: Any) -> j
     out_NxBx_xC = jax.lax.map(one, jnp.arange(n))
     out = jnp.moveaxis(out_NxBx_xC, 0, -2)  # [..., N, C]
     return out.reshape(out.shape[:-2] + (n * HEAD_CHUNK,))
+
+
+def quantize_rows(x_MxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric per-row int8 of activations: (int8 [M, K], fp32 scale [M, 1]), x ~= q * scale."""
+    x_MxK = x_MxK.astype(jnp.float32)
+    amax_Mx1 = jnp.max(jnp.abs(x_MxK), axis=-1, keepdims=True)
+    scale_Mx1 = jnp.where(amax_Mx1 > 0, amax_Mx1 / 127.0, 1.0)
+    return jnp.clip(jnp.round(x_MxK / scale_Mx1), -127, 127).astype(jnp.int8), scale_Mx1
+
+
+def _dynamic_dense(spec: str, x: jax.Array, w: DynamicQuantizedWeight, dtype: Any) -> jax.Array:
+    """W8A8: rows of x quantised to int8, an int8 x int8 -> int32 dot, both scales applied after."""
+    inputs, out_letters = spec.replace(" ", "").split("->")
+    x_letters, w_letters = inputs.split(",")
+    n_out = w.n_out
+    n_contract = len(w_letters) - n_out
+    if (
+        len(w_letters) != w.q.ndim
+        or x_letters[len(x_letters) - n_contract :] != w_letters[:n_contract]
+        or out_letters != x_letters[: len(x_letters) - n_contract] + w_letters[n_contract:]
+    ):
+        raise ValueError(f"int8_dynamic dense needs 'lead+contract,contract+out->lead+out', got {spec!r}")
+    lead_shape = x.shape[: x.ndim - n_contract]
+    k = int(np.prod(x.shape[x.ndim - n_contract :]))
+    out_shape = w.scale.shape
+    x_MxK = x.reshape(-1, k)
+    m = x_MxK.shape[0]
+    if m == 1:
+        # YNNPACK takes no single-row dot; XLA's own int8 matrix-vector loop is several times slower.
+        x_MxK = jnp.concatenate([x_MxK, x_MxK], axis=0)
+    xq_MxK, xs_Mx1 = quantize_rows(x_MxK)
+    acc_MxN = jax.lax.dot_general(xq_MxK, w.transposed(), (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    y_MxN = acc_MxN.astype(jnp.float32) * xs_Mx1 * w.scale.reshape(-1)
+    return y_MxN[:m].reshape(lead_shape + out_shape).astype(dtype)

@@ -1,4 +1,4 @@
-"""Weight-only quantisation: int8 error bounds, dequantised matmuls, chunked head, int8 decode."""
+"""Quantisation: int8 error bounds, dequantised matmuls, chunked head, int8 decode, W8A8 (int8_dynamic)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,14 @@ from moss_jax import quant
 from moss_jax.config import get_config
 from moss_jax.inference import generate
 from moss_jax.model import MossLM, init_params
-from moss_jax.quant import QuantizedWeight, dense, quantize_int8, quantize_params
+from moss_jax.quant import (
+    DynamicQuantizedWeight,
+    QuantizedWeight,
+    dense,
+    quantize_int8,
+    quantize_int8_dynamic,
+    quantize_params,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +81,7 @@ def test_quantize_params_modes(model):
         quantize_params(params, "int4")
 
 
-@pytest.mark.parametrize("mode, tol", [("int8", 0.05), ("bfloat16", 0.02)])
+@pytest.mark.parametrize("mode, tol", [("int8", 0.05), ("int8_dynamic", 0.05), ("bfloat16", 0.02)])
 def test_quantised_model_logits_close_to_fp32(model, mode, tol):
     config, params = model
     ids = jnp.asarray(np.random.RandomState(3).randint(0, config.vocab_size, (2, 12)))
@@ -83,10 +90,11 @@ def test_quantised_model_logits_close_to_fp32(model, mode, tol):
     assert float(jnp.max(jnp.abs(got - ref))) <= tol * float(jnp.max(jnp.abs(ref)))
 
 
-def test_int8_greedy_decode_equals_int8_full_forward(model, monkeypatch):
+@pytest.mark.parametrize("mode", ["int8", "int8_dynamic"])
+def test_int8_greedy_decode_equals_int8_full_forward(model, monkeypatch, mode):
     config, params = model
     monkeypatch.setattr(quant, "HEAD_CHUNK", 128)  # debug vocab 512: exercise the chunked head
-    q8 = quantize_params(params, "int8")
+    q8 = quantize_params(params, mode)
     prompt = [int(t) for t in np.random.RandomState(4).randint(0, config.vocab_size, 7)]
     out = generate(q8, config, np.asarray([prompt]), 6)[0, len(prompt) :]
     forward = jax.jit(lambda p, x: MossLM(config).apply({"params": p}, x))
@@ -106,3 +114,73 @@ def test_load_model_with_int8_weights(model, tmp_path):
     assert isinstance(loaded["layers"]["mlp"]["fc_in_kernel"], QuantizedWeight)
     with pytest.raises(ValueError, match="weights="):
         load_model(path, weights="int4")
+
+
+# W8A8 (int8_dynamic) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, x_shape, w_shape, n_contract",
+    [
+        ("bld,dhk->blhk", (2, 5, 16), (16, 4, 8), 1),
+        ("blhk,hkd->bld", (2, 5, 4, 8), (4, 8, 16), 2),
+        ("bld,df->blf", (2, 5, 16), (16, 64), 1),
+        ("bld,dv->blv", (1, 1, 16), (16, 64), 1),  # one row: padded to two for the int8 dot
+    ],
+)
+def test_dynamic_dense_within_the_activation_rounding_bound(spec, x_shape, w_shape, n_contract):
+    rng = np.random.RandomState(5)
+    x = jnp.asarray(rng.randn(*x_shape), jnp.float32)
+    w = jnp.asarray(rng.randn(*w_shape) * 0.1, jnp.float32)
+    qw = quantize_int8_dynamic(w, n_contract)
+    assert qw.q.shape == w.shape and qw.q.dtype == jnp.int8 and qw.n_out == len(w_shape) - n_contract
+    # Same values and scales as the weight-only int8, only laid out [N, K].
+    np.testing.assert_array_equal(qw.dequantize(), quantize_int8(w, n_contract).dequantize())
+    got = dense(spec, x, qw, jnp.float32)
+    want = jnp.einsum(spec, x, qw.dequantize())
+    # Each row of x is rounded to a multiple of its scale max|x| / 127, so the error against the
+    # dequantised matmul is at most scale / 2 * sum |w| over the contracted dims.
+    k = int(np.prod(w_shape[:n_contract]))
+    row_scale = jnp.max(jnp.abs(x.reshape(-1, k)), axis=-1).reshape(x_shape[: len(x_shape) - n_contract]) / 127
+    col_abs = jnp.sum(jnp.abs(qw.dequantize()).reshape(k, -1), axis=0).reshape(w_shape[n_contract:])
+    bound = row_scale.reshape(row_scale.shape + (1,) * (len(w_shape) - n_contract)) / 2 * col_abs
+    assert got.shape == want.shape
+    assert bool(jnp.all(jnp.abs(got - want) <= bound * 1.001 + 1e-5))
+
+
+def test_dynamic_dense_rows_are_independent():
+    """A row's result does not depend on its neighbours (per-row scales; one row padded to two)."""
+    rng = np.random.RandomState(6)
+    x = jnp.asarray(rng.randn(3, 1, 16) * np.array([1.0, 10.0, 0.1])[:, None, None], jnp.float32)
+    qw = quantize_int8_dynamic(jnp.asarray(rng.randn(16, 32), jnp.float32), 1)
+    whole = dense("bld,df->blf", x, qw, jnp.float32)
+    for b in range(3):
+        np.testing.assert_allclose(dense("bld,df->blf", x[b : b + 1], qw, jnp.float32), whole[b : b + 1], rtol=1e-6)
+
+
+def test_dynamic_stacked_layers_and_zero_rows():
+    w = jnp.asarray(np.random.RandomState(7).randn(3, 16, 4, 8), jnp.float32)
+    qw = quantize_int8_dynamic(w, 1, stacked=True)
+    ref = quantize_int8(w, 1, stacked=True)
+    np.testing.assert_array_equal(qw.dequantize(), ref.q.astype(jnp.float32) * ref.scale[:, None])
+    layer = jax.tree.map(lambda a: a[1], qw)  # what nn.scan / the decoder's per-layer copies see
+    assert isinstance(layer, DynamicQuantizedWeight) and layer.n_out == 2
+    np.testing.assert_array_equal(layer.dequantize(), qw.dequantize()[1])
+    out = dense("bld,dhk->blhk", jnp.zeros((2, 3, 16)), layer, jnp.float32)
+    assert bool(jnp.all(out == 0))  # an all-zero row gets scale 1, not a division by zero
+
+
+def test_dynamic_dense_rejects_other_contractions():
+    qw = quantize_int8_dynamic(jnp.ones((16, 8)), 1)
+    with pytest.raises(ValueError, match="int8_dynamic"):
+        dense("bd,fd->bf", jnp.ones((2, 8)), qw, jnp.float32)
+
+
+def test_quantize_params_int8_dynamic(model):
+    config, params = model
+    qd = quantize_params(params, "int8_dynamic")
+    assert isinstance(qd["layers"]["attn"]["out"], DynamicQuantizedWeight)
+    assert isinstance(qd["lm_head_kernel"], DynamicQuantizedWeight)
+    assert quant.weight_bytes(qd) == quant.weight_bytes(quantize_params(params, "int8"))
+    with pytest.raises(ValueError, match="weights mode"):
+        quantize_params(params, "int8_static")

@@ -19,9 +19,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor_parallel", type=int, default=1, help="devices to shard the model over (heads/mlp)")
     parser.add_argument(
         "--weights",
-        choices=("float32", "bfloat16", "int8"),
+        choices=("float32", "bfloat16", "int8", "int8_dynamic"),
         default="float32",
-        help="matmul weights for decoding: int8 = weight-only per-channel int8 (moss_jax/quant.py; one device)",
+        help="matmul weights for decoding: int8 = weight-only per-channel int8, int8_dynamic = int8 weights and "
+        "per-row int8 activations (moss_jax/quant.py; one device)",
     )
     parser.add_argument(
         "--tag",

@@ -26,7 +26,7 @@ def load_model(
 ) -> tuple[MossConfig, Any]:
     """(config, params) from our checkpoint (save_params: params + moss_config.json) or a HF dir.
 
-    `weights` = "int8" or "bfloat16" stores the matmul kernels that way for decoding
+    `weights` = "int8", "int8_dynamic" or "bfloat16" stores the matmul kernels that way for decoding
     (moss_jax.quant; single device only).
     """
     if weights not in WEIGHT_MODES:

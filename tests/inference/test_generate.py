@@ -50,7 +50,7 @@ def test_greedy_equals_full_forward_argmax(debug_model, batch):
         assert out[b, 9:].tolist() == _reference(params, config, ids[b][seg[b] != 0], NEW), f"row {b}"
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "int8", "int8_dynamic"])
 def test_unrolled_token_loop_equals_scanned(debug_model, batch, weights):
     """The CPU decode loop's per-layer weight copies (Decoder unroll_layers) change nothing."""
     from moss_jax.inference.decoder import Decoder
