@@ -9,6 +9,11 @@ document of each language file, never trained on; data_pipelines/tasks.py), toke
 run's vocabulary, each document cut into non-overlapping windows of `seq_len` tokens. Every
 weights mode scores the same windows; perplexity = exp(mean next-token NLL). Prints one JSON
 line per mode with the perplexity per language and overall, and the delta to fp32.
+
+Greedy agreement: `--greedy_prompts` held-out windows (their first `--greedy_prompt_len` tokens,
+taken round-robin over the languages) are decoded greedily for `--greedy_tokens` tokens in every
+mode; "greedy_match_fraction" is the share of generated tokens equal to fp32's, and
+"greedy_prefix_fraction" the share before a row's first difference.
 """
 
 from __future__ import annotations
@@ -78,6 +83,24 @@ def nll_sums(params, config, windows: list[list[int]], seq_len: int, batch: int 
     return total, count
 
 
+def greedy_prompts(windows: dict[str, list[list[int]]], n: int, length: int) -> list[list[int]]:
+    """Up to `n` prompts of `length` tokens, round-robin over the languages' windows."""
+    pools = [[w[:length] for w in ws if len(w) >= length] for ws in windows.values()]
+    out = []
+    for i in range(max((len(p) for p in pools), default=0)):
+        out.extend(p[i] for p in pools if i < len(p))
+    return out[:n]
+
+
+def greedy_agreement(tokens, reference) -> tuple[float, float]:
+    """(share of equal tokens, share of tokens before each row's first difference)."""
+    import numpy as np
+
+    same = np.asarray(tokens) == np.asarray(reference)
+    prefix = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
+    return float(same.mean()), float(prefix.mean() / same.shape[1])
+
+
 def load(args):
     from moss_jax.convert.checkpoint_io import export_params_from_run, load_params
     from moss_jax.inference.local import load_model
@@ -101,15 +124,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--max_docs", type=int, default=200, help="held-out documents per language")
     parser.add_argument("--weights", nargs="+", default=list(WEIGHT_MODES), choices=WEIGHT_MODES)
+    parser.add_argument("--greedy_prompts", type=int, default=32)
+    parser.add_argument("--greedy_prompt_len", type=int, default=16)
+    parser.add_argument("--greedy_tokens", type=int, default=32)
     args = parser.parse_args(argv)
     common.set_threads(os.cpu_count() or 1)
 
+    import numpy as np
+
     from data_pipelines.vocab import load_vocabulary
+    from moss_jax.inference import generate
     from moss_jax.quant import quantize_params, weight_bytes
 
     config, params, source_name = load(args)
     windows = held_out_windows(args.corpus, load_vocabulary(args.vocab), args.seq_len, args.max_docs)
-    base = None
+    prompts = np.asarray(greedy_prompts(windows, args.greedy_prompts, args.greedy_prompt_len), np.int32)
+    base, base_tokens = None, None
     for mode in ["float32"] + [m for m in args.weights if m != "float32"]:
         p = quantize_params(params, mode)
         per_lang, total, count = {}, 0.0, 0
@@ -119,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             total, count = total + s, count + n
         ppl = math.exp(total / max(count, 1))
         base = ppl if base is None else base
+        tokens = generate(p, config, prompts, args.greedy_tokens)[:, prompts.shape[1] :] if len(prompts) else None
+        base_tokens = tokens if base_tokens is None else base_tokens
+        match, prefix = greedy_agreement(tokens, base_tokens) if tokens is not None else (None, None)
         if mode in args.weights:
             row = {
                 "bench": "quant_quality",
@@ -131,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": count,
                 "seq_len": args.seq_len,
                 "weight_mib": round(weight_bytes(p) / 2**20, 2),
+                "greedy_match_fraction": None if match is None else round(match, 3),
+                "greedy_prefix_fraction": None if prefix is None else round(prefix, 3),
+                "greedy_rows": len(prompts),
+                "greedy_tokens": args.greedy_tokens,
             }
             print(json.dumps(row), flush=True)
     return 0
