@@ -15,6 +15,9 @@ ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out", "dots_no_batch_attention")
 ATTENTION_IMPLS = ("xla", "blockwise", "pallas_tpu", "pallas_gpu", "cudnn", "auto")
+# KV cache layouts: [Y, B, S, H, K] (what the Pallas decode kernels read) or [Y, B, H, S, K]
+# (XLA:CPU's batched dots read it without a copy; cached attention then runs `xla_attention_bhsk`).
+KV_CACHE_LAYOUTS = ("bshk", "bhsk")
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,7 @@ class MossConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    kv_cache_layout: str = "bshk"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "rotary_dim", "max_len"):
@@ -77,6 +81,7 @@ class MossConfig:
             ("param_dtype", DTYPES),
             ("remat_policy", REMAT_POLICIES),
             ("attention_impl", ATTENTION_IMPLS),
+            ("kv_cache_layout", KV_CACHE_LAYOUTS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"MossConfig.{name}={getattr(self, name)!r} is not one of {allowed}")

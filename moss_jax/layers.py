@@ -8,6 +8,7 @@ through `moss_jax.quant.dense`, so the same layers run fp32, bf16 or int8 (weigh
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from moss_jax.attention import attention
+from moss_jax.attention import attention, xla_attention_bhsk
 from moss_jax.config import MossConfig
 from moss_jax.kernels.common import ATTENTION_OUT
 from moss_jax.quant import dense
@@ -64,9 +65,10 @@ def apply_rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, rotary_dim: int
 class Attention(nn.Module):
     """Multi-head self-attention with partial rotary; optional KV cache.
 
-    The cache is the whole stacked [Y, B, S, H, K] pair plus this layer's index: the layer
-    writes its new keys/values into its own slot in place (a carried buffer, so XLA updates it
-    without copying the cache every step) and reads its slice back for attention.
+    The cache is the whole stacked [Y, B, S, H, K] pair ([Y, B, H, S, K] with `kv_cache_layout`
+    "bhsk") plus this layer's index: the layer writes its new keys/values into its own slot in
+    place (a carried buffer, so XLA updates it without copying the cache every step) and reads
+    its slice back for attention.
     """
 
     config: MossConfig
@@ -115,25 +117,25 @@ class Attention(nn.Module):
             # Write this chunk's keys/values at the shared slot index of this layer, attend over
             # the layer's whole cache.
             cache_segment_ids_BxS, index = decode
-            k_cache_YxBxSxHxK, v_cache_YxBxSxHxK, layer = kv_cache
-            start = (layer, 0, index, 0, 0)
-            k_cache_YxBxSxHxK = lax.dynamic_update_slice(
-                k_cache_YxBxSxHxK, k_BxLxHxK.astype(k_cache_YxBxSxHxK.dtype)[None], start
-            )
-            v_cache_YxBxSxHxK = lax.dynamic_update_slice(
-                v_cache_YxBxSxHxK, v_BxLxHxK.astype(v_cache_YxBxSxHxK.dtype)[None], start
-            )
-            out_BxLxHxK = attention(
+            k_cache, v_cache, layer = kv_cache
+            if cfg.kv_cache_layout == "bhsk":
+                k_new, v_new = k_BxLxHxK.transpose(0, 2, 1, 3), v_BxLxHxK.transpose(0, 2, 1, 3)
+                start, cached_attention = (layer, 0, 0, index, 0), xla_attention_bhsk
+            else:
+                k_new, v_new = k_BxLxHxK, v_BxLxHxK
+                start, cached_attention = (layer, 0, index, 0, 0), functools.partial(attention, impl=cfg.attention_impl)
+            k_cache = lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype)[None], start)
+            v_cache = lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype)[None], start)
+            out_BxLxHxK = cached_attention(
                 q_BxLxHxK,
-                lax.dynamic_index_in_dim(k_cache_YxBxSxHxK, layer, keepdims=False).astype(dtype),
-                lax.dynamic_index_in_dim(v_cache_YxBxSxHxK, layer, keepdims=False).astype(dtype),
+                lax.dynamic_index_in_dim(k_cache, layer, keepdims=False).astype(dtype),
+                lax.dynamic_index_in_dim(v_cache, layer, keepdims=False).astype(dtype),
                 q_segment_ids=segment_ids_BxL,
                 kv_segment_ids=cache_segment_ids_BxS,
                 causal=True,
                 q_offset=index,
-                impl=cfg.attention_impl,
             )
-            new_cache = (k_cache_YxBxSxHxK, v_cache_YxBxSxHxK, layer + 1)
+            new_cache = (k_cache, v_cache, layer + 1)
         y_BxLxD = dense("blhk,hkd->bld", out_BxLxHxK, w_o, dtype)
         return y_BxLxD, new_cache
 

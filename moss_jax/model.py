@@ -6,7 +6,8 @@ Optional inputs: `positions` (rotary positions), `segment_ids` (packed sequences
 never attend across segments; 0 marks padding), `cache` (a KVCache: prefill then
 decode one token at a time; the call then returns `(logits, new_cache)`).
 `head=False` returns the final hidden states [B, L, D] instead of the logits (the LM loss
-applies the head fused with the cross-entropy, moss_jax/train/head_loss.py).
+applies the head fused with the cross-entropy, moss_jax/train/head_loss.py);
+`last_logits_only=True` the last position's logits [B, 1, V] (a generation prefill).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class KVCache:
     positions stay per-row (like the reference's cumsum(attention_mask) - 1).
     """
 
-    k: jax.Array  # [Y, B, S, H, K]
-    v: jax.Array  # [Y, B, S, H, K]
+    k: jax.Array  # [Y, B, S, H, K], or [Y, B, H, S, K] with config.kv_cache_layout "bhsk"
+    v: jax.Array  # same as k
     segment_ids: jax.Array  # [B, S] int32, 0 = empty slot or padding
     lengths: jax.Array  # [B] int32
     index: jax.Array  # [] int32, next slot to write
@@ -61,6 +62,8 @@ class KVCache:
         max_len = config.max_len if max_len is None else max_len
         dtype = jnp.dtype(config.dtype if dtype is None else dtype)
         shape = (config.n_layers, batch, max_len, config.n_heads, config.head_dim)
+        if config.kv_cache_layout == "bhsk":
+            shape = (config.n_layers, batch, config.n_heads, max_len, config.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
@@ -71,7 +74,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.segment_ids.shape[1]
 
 
 def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -117,6 +120,7 @@ class MossLM(nn.Module):
         deterministic: bool = True,
         return_hidden: bool = False,
         head: bool = True,
+        last_logits_only: bool = False,
     ):
         cfg = self.config
         check_input_ids(input_ids_BxL, cfg.vocab_size)
@@ -185,7 +189,9 @@ class MossLM(nn.Module):
             # The caller applies the head itself (the LM loss fuses it with the cross-entropy).
             outputs = x_BxLxD
         else:
-            logits_BxLxV = dense("bld,dv->blv", x_BxLxD, head_DxV, jnp.float32)
+            # A generation prefill needs the last position's logits only (rows are left-padded).
+            head_in_BxLxD = x_BxLxD[:, -1:] if last_logits_only else x_BxLxD
+            logits_BxLxV = dense("bld,dv->blv", head_in_BxLxD, head_DxV, jnp.float32)
             logits_BxLxV = logits_BxLxV + head_bias_V.astype(jnp.float32)
             logits_BxLxV = with_constraint(logits_BxLxV, ("batch", "length", "vocab"))
             outputs = (logits_BxLxV, x_BxLxD) if return_hidden else logits_BxLxV

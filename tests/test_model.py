@@ -45,11 +45,14 @@ def test_every_param_has_axis_names():
         check_axis_names(unnamed)
 
 
-def test_kv_cache_decoding_matches_full_forward(params):
-    model = MossLM(CFG)
+@pytest.mark.parametrize("layout", ["bshk", "bhsk"])
+def test_kv_cache_decoding_matches_full_forward(params, layout):
+    cfg = CFG.replace(kv_cache_layout=layout)
+    model = MossLM(cfg)
     ids = _ids((2, 14))
     full = model.apply({"params": params}, ids)
-    cache = KVCache.init(CFG, batch=2, max_len=32)
+    cache = KVCache.init(cfg, batch=2, max_len=32)
+    assert cache.k.shape[2 if layout == "bshk" else 3] == cache.max_len == 32
     prompt = 5
     logits, cache = model.apply({"params": params}, ids[:, :prompt], cache=cache)
     np.testing.assert_allclose(logits, full[:, :prompt], atol=1e-5, rtol=0)
@@ -60,12 +63,23 @@ def test_kv_cache_decoding_matches_full_forward(params):
     assert int(cache.index) == 14 and cache.lengths.tolist() == [14, 14]
 
 
-def test_kv_cache_left_padded_batch(params):
-    """Rows of different prompt lengths (left-padded) decode like each row alone."""
+def test_last_logits_only(params):
     model = MossLM(CFG)
+    ids = _ids((2, 7), seed=5)
+    full = model.apply({"params": params}, ids)
+    last = model.apply({"params": params}, ids, last_logits_only=True)
+    assert last.shape == (2, 1, CFG.vocab_size)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["bshk", "bhsk"])
+def test_kv_cache_left_padded_batch(params, layout):
+    """Rows of different prompt lengths (left-padded) decode like each row alone."""
+    cfg = CFG.replace(kv_cache_layout=layout)
+    model = MossLM(cfg)
     ids = _ids((2, 10), seed=3)
     seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 10], jnp.int32)
-    cache = KVCache.init(CFG, batch=2, max_len=16)
+    cache = KVCache.init(cfg, batch=2, max_len=16)
     _, cache = model.apply({"params": params}, ids[:, :7], segment_ids_BxL=seg[:, :7], cache=cache)
     step_logits, _ = model.apply({"params": params}, ids[:, 7:], cache=cache)
     alone = model.apply({"params": params}, ids[:1, 3:])

@@ -78,6 +78,9 @@ class Decoder:
       unroll_layers: decode tokens with per-layer weight copies made once per `decode_chunk` call
         (default: on CPU). XLA:CPU copies a layer's slice of the stacked weights before every
         matmul, i.e. all weights once more per token; the copies cost one pass per chunk instead.
+      cache_layout: the KV cache layout (`MossConfig.kv_cache_layout`); default "bhsk" on CPU,
+        where the decode attention's dots then read the cache without copying it per token, and
+        the config's own (the Pallas decode kernels read "bshk") elsewhere.
     """
 
     def __init__(
@@ -90,9 +93,14 @@ class Decoder:
         chunk_size: int = 16,
         max_stop_ids: int = 4,
         unroll_layers: bool | None = None,
+        cache_layout: str | None = None,
     ):
         if batch_size < 1 or cache_len < 2 or chunk_size < 1:
             raise ValueError(f"need batch_size >= 1, cache_len >= 2, chunk_size >= 1; got {batch_size}, {cache_len}")
+        on_cpu = jax.default_backend() == "cpu"
+        if cache_layout is None:
+            cache_layout = "bhsk" if on_cpu else config.kv_cache_layout
+        config = config.replace(kv_cache_layout=cache_layout)
         self.config = config
         self.batch_size = batch_size
         self.cache_len = cache_len
@@ -100,7 +108,7 @@ class Decoder:
         self.chunk_size = chunk_size
         self.max_stop_ids = max_stop_ids
         self.model = MossLM(config)
-        self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
+        self.unroll_layers = on_cpu if unroll_layers is None else unroll_layers
         self._unrolled_model = MossLM(config.replace(scan_layers=False))
         self._state_shardings = None if mesh is None else self._shardings(mesh)
         self._insert_fn = jax.jit(self._insert, donate_argnums=(1,), out_shardings=self._out(2))
@@ -113,7 +121,10 @@ class Decoder:
             return logical_to_sharding(PartitionSpec(*names), mesh)
 
         rep = NamedSharding(mesh, PartitionSpec())
-        kv = logical("layers", None, "kv_length", "heads", "head_dim")
+        if self.config.kv_cache_layout == "bhsk":
+            kv = logical("layers", None, "heads", "kv_length", "head_dim")
+        else:
+            kv = logical("layers", None, "kv_length", "heads", "head_dim")
         return DecodeState(
             cache=KVCache(k=kv, v=kv, segment_ids=rep, lengths=rep, index=rep),
             last_B=rep,
@@ -158,32 +169,33 @@ class Decoder:
     def _insert(self, params, state: DecodeState, ids_kxP, seg_kxP, rows_k, index, budget_k, stops_kxT, sampling_k):
         k, p = ids_kxP.shape
         cfg = self.config
-        logits_kxPxV, new_cache = self.model.apply(
-            {"params": params}, ids_kxP, segment_ids_BxL=seg_kxP, cache=KVCache.init(cfg, k, p)
+        logits_kx1xV, new_cache = self.model.apply(
+            {"params": params}, ids_kxP, segment_ids_BxL=seg_kxP, cache=KVCache.init(cfg, k, p), last_logits_only=True
         )
         cache = state.cache
         start = index - p
 
-        def place(big, small, batch_axis):
+        def place(big, small, batch_axis, slot_axis):
             # Whole rows are rewritten: slots outside the prompt get segment id 0 (never attended).
             shape = big.shape[:batch_axis] + (k,) + big.shape[batch_axis + 1 :]
-            starts = (0,) * (batch_axis + 1) + (start,) + (0,) * (big.ndim - batch_axis - 2)
+            starts = tuple(start if axis == slot_axis else 0 for axis in range(big.ndim))
             rows = jax.lax.dynamic_update_slice(jnp.zeros(shape, big.dtype), small.astype(big.dtype), starts)
             # Padding rows of the k bucket carry row index B and are dropped.
             where = (slice(None),) * batch_axis + (rows_k,)
             return big.at[where].set(rows, mode="drop")
 
         real_kxP = seg_kxP > 0
+        kv_slot_axis = 3 if cfg.kv_cache_layout == "bhsk" else 2
         cache = KVCache(
-            k=place(cache.k, new_cache.k, 1),
-            v=place(cache.v, new_cache.v, 1),
-            segment_ids=place(cache.segment_ids, seg_kxP.astype(jnp.int32), 0),
+            k=place(cache.k, new_cache.k, 1, kv_slot_axis),
+            v=place(cache.v, new_cache.v, 1, kv_slot_axis),
+            segment_ids=place(cache.segment_ids, seg_kxP.astype(jnp.int32), 0, 1),
             lengths=cache.lengths.at[rows_k].set(jnp.sum(real_kxP, axis=1).astype(jnp.int32), mode="drop"),
             index=jnp.asarray(index, jnp.int32),
         )
         rows_idx = jnp.arange(k)[:, None]
         seen_kxV = jnp.zeros((k, cfg.vocab_size), jnp.int8).at[rows_idx, ids_kxP].max(real_kxP.astype(jnp.int8)) > 0
-        first_k = select_next(logits_kxPxV[:, -1], seen_kxV, sampling_k, jnp.zeros((k,), jnp.int32))
+        first_k = select_next(logits_kx1xV[:, 0], seen_kxV, sampling_k, jnp.zeros((k,), jnp.int32))
         seen_kxV = seen_kxV.at[jnp.arange(k), first_k].set(True)
         done_k = _is_stop(first_k, stops_kxT) | (budget_k <= 1)
 

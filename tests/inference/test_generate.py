@@ -73,6 +73,29 @@ def test_unrolled_token_loop_equals_scanned(debug_model, batch, weights):
     np.testing.assert_array_equal(out[True][1], out[False][1])
 
 
+def test_cache_layouts_decode_the_same_tokens(debug_model, batch):
+    """The CPU default [Y, B, H, S, K] KV cache and the kernels' [Y, B, S, H, K] one agree."""
+    from moss_jax.inference.decoder import Decoder
+    from moss_jax.inference.sampling import SamplingParams
+
+    config, params = debug_model
+    ids, seg = batch
+    prompts = [[int(t) for t in row[m != 0]] for row, m in zip(ids, seg, strict=True)]
+    out = {}
+    for layout in ("bshk", "bhsk"):
+        decoder = Decoder(config, batch_size=4, cache_len=32, chunk_size=8, cache_layout=layout)
+        state = decoder.init_state()
+        assert state.cache.k.shape[2 if layout == "bshk" else 3] == 32
+        state, first = decoder.insert(
+            params, state, prompts, [0, 2, 3], 16, [NEW] * 3, [[]] * 3, [SamplingParams()] * 3
+        )
+        state, tokens = decoder.decode_chunk(params, state)
+        out[layout] = np.concatenate([first[:, None], tokens[[0, 2, 3]]], axis=1)
+    np.testing.assert_array_equal(out["bhsk"], out["bshk"])
+    for b in range(3):
+        assert out["bhsk"][b, :9].tolist() == _reference(params, config, prompts[b], 9), f"row {b}"
+
+
 def test_repetition_penalty_over_the_whole_context(debug_model, batch):
     config, params = debug_model
     # Larger embedding/head weights make greedy decoding loop over a few ids, so the penalty matters.
@@ -172,5 +195,6 @@ def test_tensor_parallel_decode_matches_single_device(debug_model, batch):
     assert "tensor" in str(sharded["layers"]["attn"]["query"].sharding.spec)
     out = generate(sharded, config, ids, NEW, segment_ids_BxL=seg, mesh=mesh)
     np.testing.assert_array_equal(out, generate(params, config, ids, NEW, segment_ids_BxL=seg))
-    state = get_decoder(config, 4, 32, mesh, 16).init_state()
-    assert state.cache.k.sharding.spec[3] == "tensor"  # the KV cache is split over heads too
+    decoder = get_decoder(config, 4, 32, mesh, 16)
+    heads_axis = 3 if decoder.config.kv_cache_layout == "bshk" else 2
+    assert decoder.init_state().cache.k.sharding.spec[heads_axis] == "tensor"  # the KV cache is split over heads too
