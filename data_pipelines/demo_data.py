@@ -111,10 +111,11 @@ SKIPPED = {
     ("search", "zh"): "抱歉，我没有找到相关信息。",
 }
 CITE = "<sup><|1|></sup>"
-# Training pairs hold twice as many wrong numbers as the other kinds: telling a wrong number from
-# the tool's needs a digit-by-digit comparison, the hardest of the three for a small preference
-# model. Held-out pairs keep equal weights, so the measured accuracy is over the natural mix.
-TRAIN_REJECTION_WEIGHTS = {"wrong_number": 2.0}
+# Training pairs hold four times as many wrong numbers as each other kind: telling a wrong number
+# from the tool's needs a digit-by-digit comparison, the hardest of the three for a small
+# preference model (docs/alignment.md: weight 2 gave 0.61 on held-out wrong numbers, 4 gave 0.65).
+# Held-out pairs keep equal weights, so the measured accuracy is over the natural mix.
+TRAIN_REJECTION_WEIGHTS = {"wrong_number": 4.0}
 
 
 @dataclasses.dataclass(frozen=True)
