@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from moss_jax.attention import attention, xla_attention_bhsk
 from moss_jax.config import MossConfig
 from moss_jax.kernels.common import ATTENTION_OUT
-from moss_jax.quant import dense
+from moss_jax.quant import FUSED_IN, dense
 from moss_jax.sharding import with_constraint
 
 ACTIVATION_FNS = {
@@ -81,21 +81,28 @@ class Attention(nn.Module):
         segment_ids_BxL: jax.Array | None,
         kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None,
         decode: tuple[jax.Array, jax.Array] | None,
+        qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None]:
+        """`qkv`: the projections already computed by the block (fused int8_dynamic weight)."""
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         d, h, k = cfg.d_model, cfg.n_heads, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
-        w_q, w_k, w_v = (
-            named_param(self, n, init, (d, h, k), ("embed", "heads", "head_dim"), pdtype)
-            for n in ("query", "key", "value")
-        )
         w_o = named_param(self, "out", init, (h, k, d), ("heads", "head_dim", "embed"), pdtype)
 
-        x_BxLxD = x_BxLxD.astype(dtype)
-        q_BxLxHxK = dense("bld,dhk->blhk", x_BxLxD, w_q, dtype)
-        k_BxLxHxK = dense("bld,dhk->blhk", x_BxLxD, w_k, dtype)
-        v_BxLxHxK = dense("bld,dhk->blhk", x_BxLxD, w_v, dtype)
+        if qkv is None:
+            x_BxLxD = x_BxLxD.astype(dtype)
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+                dense(
+                    "bld,dhk->blhk",
+                    x_BxLxD,
+                    named_param(self, n, init, (d, h, k), ("embed", "heads", "head_dim"), pdtype),
+                    dtype,
+                )
+                for n in ("query", "key", "value")
+            )
+        else:
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv
         q_BxLxHxK = apply_rotary(q_BxLxHxK, positions_BxL, cfg.rotary_dim, cfg.rotary_base)
         k_BxLxHxK = apply_rotary(k_BxLxHxK, positions_BxL, cfg.rotary_dim, cfg.rotary_base)
         q_BxLxHxK = with_constraint(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
@@ -146,16 +153,19 @@ class Mlp(nn.Module):
     config: MossConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, fc_in_BxLxF: jax.Array | None = None) -> jax.Array:
+        """`fc_in_BxLxF`: x @ fc_in_kernel already computed by the block (fused int8_dynamic weight)."""
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.initializer_range)
         zeros = nn.initializers.zeros
-        w_in = named_param(self, "fc_in_kernel", init, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), pdtype)
+        if fc_in_BxLxF is None:
+            w_in = named_param(self, "fc_in_kernel", init, (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), pdtype)
+            fc_in_BxLxF = dense("bld,df->blf", x_BxLxD, w_in, dtype)
         b_in = named_param(self, "fc_in_bias", zeros, (cfg.mlp_dim,), ("mlp",), pdtype)
         w_out = named_param(self, "fc_out_kernel", init, (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), pdtype)
         b_out = named_param(self, "fc_out_bias", zeros, (cfg.d_model,), ("embed",), pdtype)
-        h_BxLxF = dense("bld,df->blf", x_BxLxD, w_in, dtype) + b_in.astype(dtype)
+        h_BxLxF = fc_in_BxLxF + b_in.astype(dtype)
         h_BxLxF = ACTIVATION_FNS[cfg.activation](h_BxLxF)
         h_BxLxF = with_constraint(h_BxLxF, ("batch", "length", "mlp"))
         return dense("blf,fd->bld", h_BxLxF, w_out, dtype) + b_out.astype(dtype)
@@ -174,8 +184,19 @@ class Block(nn.Module):
         x_BxLxD, kv_cache = carry
         x_BxLxD = with_constraint(x_BxLxD, ("batch", "length", "embed"))
         h_BxLxD = layer_norm(cfg, "ln")(x_BxLxD).astype(jnp.dtype(cfg.dtype))
-        attn_BxLxD, new_cache = Attention(cfg, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, kv_cache, decode)
-        mlp_BxLxD = Mlp(cfg, name="mlp")(h_BxLxD)
+        qkv = fc_in_BxLxF = None
+        if self.has_variable("params", FUSED_IN):
+            # int8_dynamic weights (moss_jax.quant): query, key, value and fc_in read the same
+            # input, so they are one [3D + F, D] weight: one activation quantisation, one dot.
+            fused_BxLxN = dense("bld,dn->bln", h_BxLxD, self.get_variable("params", FUSED_IN), jnp.dtype(cfg.dtype))
+            d = cfg.d_model
+            qkv_shape = h_BxLxD.shape[:2] + (cfg.n_heads, cfg.head_dim)
+            qkv = tuple(fused_BxLxN[..., i * d : (i + 1) * d].reshape(qkv_shape) for i in range(3))
+            fc_in_BxLxF = fused_BxLxN[..., 3 * d :]
+        attn_BxLxD, new_cache = Attention(cfg, name="attn")(
+            h_BxLxD, positions_BxL, segment_ids_BxL, kv_cache, decode, qkv
+        )
+        mlp_BxLxD = Mlp(cfg, name="mlp")(h_BxLxD, fc_in_BxLxF)
         branch_BxLxD = attn_BxLxD + mlp_BxLxD
         if cfg.dropout_rate:
             branch_BxLxD = nn.Dropout(cfg.dropout_rate)(branch_BxLxD, deterministic=self.deterministic)

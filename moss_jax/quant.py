@@ -24,8 +24,12 @@ bf16 slowly, so on CPU they decode slower than fp32 (docs/performance.md).
 the [N, K] transpose (output channels major, contraction minor). XLA:CPU hands an s8 x s8 -> s32
 dot to YNNPACK, which streams the int8 kernel without widening it; it is fastest with the
 contraction minor on both sides, and it takes no dot with a single row, so a one-row input is
-padded to two (docs/performance.md). The activation scale is max |x| / 127 per row, so the
-error grows with a row's outliers; bench/quant_quality.py measures the perplexity cost.
+padded to two (docs/performance.md). The GPT-J block feeds one layer-norm output to query, key,
+value and fc_in, so "int8_dynamic" stores those four as one block-level `FUSED_IN` weight
+([3D + F, D]: one activation quantisation and one dot per layer instead of four; per-channel
+scales make it the same values as four separate weights); `Block` uses it when present. The
+activation scale is max |x| / 127 per row, so the error grows with a row's outliers;
+bench/quant_quality.py measures the perplexity cost.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ KERNELS = {
     "fc_out_kernel": 1,
     "lm_head_kernel": 1,
 }
+# int8_dynamic: block-level fused [3D + F, D] weight replacing these kernels, in this order.
+FUSED_IN = "fused_in"
+FUSED_IN_KERNELS = (("attn", "query"), ("attn", "key"), ("attn", "value"), ("mlp", "fc_in_kernel"))
 # Output columns per slice of a chunked int8 matmul (see module docstring).
 HEAD_CHUNK = 2048
 
@@ -131,8 +138,8 @@ def quantize_params(params: Mapping, mode: str = "int8") -> dict:
     """A copy of a MossLM parameter tree with every matmul kernel stored as `mode`.
 
     "float32" returns the tree unchanged; "bfloat16" casts the kernels; "int8" replaces them
-    with `QuantizedWeight`s, "int8_dynamic" with `DynamicQuantizedWeight`s. Norms, biases and the
-    embedding table stay as they are.
+    with `QuantizedWeight`s, "int8_dynamic" with `DynamicQuantizedWeight`s, query/key/value/fc_in
+    fused into each block's `FUSED_IN` weight. Norms, biases and the embedding table stay as they are.
     """
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weights mode {mode!r} is not one of {WEIGHT_MODES}")
@@ -153,9 +160,25 @@ def quantize_params(params: Mapping, mode: str = "int8") -> dict:
                     out[name] = jnp.asarray(value).astype(jnp.bfloat16)
             else:
                 out[name] = value
+        if mode == "int8_dynamic" and all(name in tree.get(sub, {}) for sub, name in FUSED_IN_KERNELS):
+            out[FUSED_IN] = fuse_dynamic([out[sub].pop(name) for sub, name in FUSED_IN_KERNELS], stacked)
         return out
 
     return walk(params, False)
+
+
+def fuse_dynamic(weights: list[DynamicQuantizedWeight], stacked: bool = False) -> DynamicQuantizedWeight:
+    """Kernels with the same contraction as one [N1 + N2 + ..., K] W8A8 weight (output dims flattened).
+
+    A dense with it computes every kernel's output, concatenated along the last axis, from one
+    quantisation of the input rows; the values equal the separate weights' (per-channel scales).
+    """
+    lead = 1 if stacked else 0
+    q_NxK = jnp.concatenate([w.transposed() for w in weights], axis=-2)
+    scale = jnp.concatenate([w.scale.reshape(w.scale.shape[:lead] + (-1,)) for w in weights], axis=-1)
+    # Stored reshaped to the [K, N] kernel shape, as every DynamicQuantizedWeight (a free reshape).
+    q = q_NxK.reshape(q_NxK.shape[:lead] + q_NxK.shape[lead:][::-1])
+    return DynamicQuantizedWeight(q=q, scale=scale, n_out=1)
 
 
 def weight_bytes(params: Any) -> int:

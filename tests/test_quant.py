@@ -184,3 +184,33 @@ def test_quantize_params_int8_dynamic(model):
     assert quant.weight_bytes(qd) == quant.weight_bytes(quantize_params(params, "int8"))
     with pytest.raises(ValueError, match="weights mode"):
         quantize_params(params, "int8_static")
+
+
+def test_int8_dynamic_fuses_query_key_value_fc_in(model, monkeypatch):
+    """One block-level [3D + F, D] weight; the model's outputs equal the four separate weights'."""
+    config, params = model
+    fused = quantize_params(params, "int8_dynamic")
+    w = fused["layers"][quant.FUSED_IN]
+    n = 3 * config.d_model + config.mlp_dim
+    assert w.q.shape == (config.n_layers, config.d_model, n) and w.scale.shape == (config.n_layers, n)
+    assert set(fused["layers"]["attn"]) == {"out"} and "fc_in_kernel" not in fused["layers"]["mlp"]
+    parts = [
+        quantize_int8_dynamic(params["layers"][sub][name], 1, stacked=True) for sub, name in quant.FUSED_IN_KERNELS
+    ]
+    np.testing.assert_array_equal(w.dequantize(), quant.fuse_dynamic(parts, stacked=True).dequantize())
+    monkeypatch.setattr(quant, "FUSED_IN_KERNELS", (("attn", "none"),))
+    separate = quantize_params(params, "int8_dynamic")
+    assert quant.FUSED_IN not in separate["layers"]
+    ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 12))
+    np.testing.assert_array_equal(
+        MossLM(config).apply({"params": fused}, ids), MossLM(config).apply({"params": separate}, ids)
+    )
+    unrolled = config.replace(scan_layers=False)
+    layers = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], fused["layers"]) for i in range(config.n_layers)}
+    unstacked = {**{k: v for k, v in fused.items() if k != "layers"}, **layers}
+    np.testing.assert_allclose(  # the per-layer copies the CPU decoder makes (scan vs unrolled: last-ulp rounding)
+        MossLM(unrolled).apply({"params": unstacked}, ids),
+        MossLM(config).apply({"params": fused}, ids),
+        rtol=1e-5,
+        atol=1e-6,
+    )
