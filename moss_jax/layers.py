@@ -88,19 +88,20 @@ class Attention(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         d, h, k = cfg.d_model, cfg.n_heads, cfg.head_dim
         init = nn.initializers.normal(cfg.initializer_range)
+        # Parameters are created query, key, value, out: flax draws each one's init from the module's
+        # rng in creation order, so this order keeps a seed's initial weights unchanged.
+        if qkv is None:
+            w_q, w_k, w_v = (
+                named_param(self, n, init, (d, h, k), ("embed", "heads", "head_dim"), pdtype)
+                for n in ("query", "key", "value")
+            )
         w_o = named_param(self, "out", init, (h, k, d), ("heads", "head_dim", "embed"), pdtype)
 
         if qkv is None:
             x_BxLxD = x_BxLxD.astype(dtype)
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-                dense(
-                    "bld,dhk->blhk",
-                    x_BxLxD,
-                    named_param(self, n, init, (d, h, k), ("embed", "heads", "head_dim"), pdtype),
-                    dtype,
-                )
-                for n in ("query", "key", "value")
-            )
+            q_BxLxHxK = dense("bld,dhk->blhk", x_BxLxD, w_q, dtype)
+            k_BxLxHxK = dense("bld,dhk->blhk", x_BxLxD, w_k, dtype)
+            v_BxLxHxK = dense("bld,dhk->blhk", x_BxLxD, w_v, dtype)
         else:
             q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = qkv
         q_BxLxHxK = apply_rotary(q_BxLxHxK, positions_BxL, cfg.rotary_dim, cfg.rotary_base)
