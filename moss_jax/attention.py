@@ -77,39 +77,25 @@ def make_mask(
 @register("xla")
 def xla_attention(
     q_BxLxHxK: jax.Array,
-    k_BxSxHxK: jax.Array,
-    v_BxSxHxK: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     *,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     causal: bool = True,
     q_offset: jax.Array | int = 0,
+    kv_layout: str = "bshk",
 ) -> jax.Array:
-    """Reference attention: materialises the [B, H, L, S] score matrix in fp32."""
-    return _materialised("bshk", q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, causal, q_offset)
+    """Reference attention: materialises the [B, H, L, S] score matrix in fp32.
 
-
-def xla_attention_bhsk(
-    q_BxLxHxK: jax.Array,
-    k_BxHxSxK: jax.Array,
-    v_BxHxSxK: jax.Array,
-    *,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    causal: bool = True,
-    q_offset: jax.Array | int = 0,
-) -> jax.Array:
-    """`xla_attention` over keys/values laid out [B, H, S, K] (the "bhsk" KV cache).
-
-    The two dots then batch over (B, H) with S and K in place, so XLA:CPU reads the cache as it
-    is; with [B, S, H, K] it copies each layer's cache to [B, H, ...] first, on every token.
+    `kv_layout`: keys/values as [B, S, H, K] ("bshk") or [B, H, S, K] ("bhsk", the CPU KV cache:
+    the two dots then batch over (B, H) with S and K in place, so XLA:CPU reads the cache as it
+    is; with [B, S, H, K] it copies each layer's cache to [B, H, ...] first, on every token).
     """
-    return _materialised("bhsk", q_BxLxHxK, k_BxHxSxK, v_BxHxSxK, q_segment_ids, kv_segment_ids, causal, q_offset)
-
-
-def _materialised(kv_spec, q_BxLxHxK, k, v, q_segment_ids, kv_segment_ids, causal, q_offset) -> jax.Array:
+    if kv_layout not in ("bshk", "bhsk"):
+        raise ValueError(f"kv_layout must be 'bshk' or 'bhsk', got {kv_layout!r}")
     head_dim = q_BxLxHxK.shape[-1]
-    scores_BxHxLxS = jnp.einsum(f"blhk,{kv_spec}->bhls", q_BxLxHxK.astype(jnp.float32), k.astype(jnp.float32)) * (
+    scores_BxHxLxS = jnp.einsum(f"blhk,{kv_layout}->bhls", q_BxLxHxK.astype(jnp.float32), k.astype(jnp.float32)) * (
         1.0 / jnp.sqrt(jnp.float32(head_dim))
     )
     mask = make_mask(
@@ -126,7 +112,7 @@ def _materialised(kv_spec, q_BxLxHxK, k, v, q_segment_ids, kv_segment_ids, causa
     # A fully masked row (a padding query with no visible key) gets zeros, not a uniform average.
     if mask is not None:
         probs_BxHxLxS = jnp.where(mask, probs_BxHxLxS, 0.0)
-    out = jnp.einsum(f"bhls,{kv_spec}->blhk", probs_BxHxLxS, v.astype(jnp.float32))
+    out = jnp.einsum(f"bhls,{kv_layout}->blhk", probs_BxHxLxS, v.astype(jnp.float32))
     return out.astype(v.dtype)
 
 

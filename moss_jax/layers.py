@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from moss_jax.attention import attention, xla_attention_bhsk
+from moss_jax.attention import attention, xla_attention
 from moss_jax.config import MossConfig
 from moss_jax.kernels.common import ATTENTION_OUT
 from moss_jax.quant import FUSED_IN, dense
@@ -128,7 +128,7 @@ class Attention(nn.Module):
             k_cache, v_cache, layer = kv_cache
             if cfg.kv_cache_layout == "bhsk":
                 k_new, v_new = k_BxLxHxK.transpose(0, 2, 1, 3), v_BxLxHxK.transpose(0, 2, 1, 3)
-                start, cached_attention = (layer, 0, 0, index, 0), xla_attention_bhsk
+                start, cached_attention = (layer, 0, 0, index, 0), functools.partial(xla_attention, kv_layout="bhsk")
             else:
                 k_new, v_new = k_BxLxHxK, v_BxLxHxK
                 start, cached_attention = (layer, 0, index, 0, 0), functools.partial(attention, impl=cfg.attention_impl)
