@@ -19,9 +19,19 @@ _moss_hash="$(cat "$_moss_root/setup.py" | sha1sum | cut -c1-12)"
 _moss_stamp="$_moss_root/.venv/.installed-${_moss_extras:-core}-$_moss_hash"
 if [ ! -f "$_moss_stamp" ]; then
   echo "[setup] installing moss_jax${_moss_extras:+[$_moss_extras]} (first run takes a few minutes)"
+  # The test,tpu install is about 5.6 GB in .venv plus pip's unpacked wheels in the temp folder;
+  # a full disk otherwise surfaces as a bare "No space left on device" deep in pip's log.
+  _moss_need_kb=$(( ${MOSS_SETUP_MIN_FREE_GB:-7} * 1024 * 1024 ))
+  for _moss_dir in "$_moss_root" "${TMPDIR:-/tmp}"; do
+    _moss_free_kb="$(df -Pk "$_moss_dir" | awk 'NR==2 {print $4}')"
+    if [ -n "$_moss_free_kb" ] && [ "$_moss_free_kb" -lt "$_moss_need_kb" ]; then
+      echo "error: $_moss_dir has $(( _moss_free_kb / 1024 )) MB free; installing moss_jax${_moss_extras:+[$_moss_extras]} needs about ${MOSS_SETUP_MIN_FREE_GB:-7} GB (set MOSS_SETUP_MIN_FREE_GB to override)" >&2
+      exit 1
+    fi
+  done
   _moss_spec="$_moss_root"
   [ -n "$_moss_extras" ] && _moss_spec="$_moss_root[$_moss_extras]"
-  if ! "$_moss_root/.venv/bin/python" -m pip install -e "$_moss_spec" > "$_moss_root/.venv/install.log" 2>&1; then
+  if ! "$_moss_root/.venv/bin/python" -m pip install --no-cache-dir -e "$_moss_spec" > "$_moss_root/.venv/install.log" 2>&1; then
     tail -n 40 "$_moss_root/.venv/install.log" >&2
     echo "error: pip install failed; full log in $_moss_root/.venv/install.log" >&2
     exit 1
