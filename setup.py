@@ -80,7 +80,7 @@ setup(
     packages=find_packages(
         include=["moss_jax", "moss_jax.*", "data_pipelines", "data_pipelines.*", "tpu_setup", "tpu_setup.*"]
     ),
-    package_data={"moss_jax.inference": ["static/*"]},  # the web chat page served at /
+    package_data={"moss_jax.inference": ["static/*"], "moss_jax.kernels": ["*.cc"]},  # the web chat page served at /
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

@@ -24,12 +24,15 @@ bf16 slowly, so on CPU they decode slower than fp32 (docs/performance.md).
 the [N, K] transpose (output channels major, contraction minor). XLA:CPU hands an s8 x s8 -> s32
 dot to YNNPACK, which streams the int8 kernel without widening it; it is fastest with the
 contraction minor on both sides, and it takes no dot with a single row, so a one-row input is
-padded to two (docs/performance.md). The GPT-J block feeds one layer-norm output to query, key,
-value and fc_in, so "int8_dynamic" stores those four as one block-level `FUSED_IN` weight
-([3D + F, D]: one activation quantisation and one dot per layer instead of four; per-channel
-scales make it the same values as four separate weights); `Block` uses it when present. The
-activation scale is max |x| / 127 per row, so the error grows with a row's outliers;
-bench/quant_quality.py measures the perplexity cost.
+padded to two (docs/performance.md). YNNPACK repacks the weight on every call, so dots of up to
+`int8_cpu.MAX_ROWS` rows (decoding) go to an FFI kernel that streams the weight once
+(moss_jax/kernels/int8_cpu.py: AVX512-VNNI, built with the host's C++ compiler at first use, the
+same int32 sums bit for bit; the XLA dot when it is unavailable or under a multi-device mesh).
+The GPT-J block feeds one layer-norm output to query, key, value and fc_in, so "int8_dynamic"
+stores those four as one block-level `FUSED_IN` weight ([3D + F, D]: one activation quantisation
+and one dot per layer instead of four; per-channel scales make it the same values as four
+separate weights); `Block` uses it when present. The activation scale is max |x| / 127 per row,
+so the error grows with a row's outliers; bench/quant_quality.py measures the perplexity cost.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from moss_jax.kernels import int8_cpu
 
 WEIGHT_MODES = ("float32", "bfloat16", "int8", "int8_dynamic")
 
@@ -242,10 +247,20 @@ def _dynamic_dense(spec: str, x: jax.Array, w: DynamicQuantizedWeight, dtype: An
     out_shape = w.scale.shape
     x_MxK = x.reshape(-1, k)
     m = x_MxK.shape[0]
-    if m == 1:
-        # YNNPACK takes no single-row dot; XLA's own int8 matrix-vector loop is several times slower.
-        x_MxK = jnp.concatenate([x_MxK, x_MxK], axis=0)
     xq_MxK, xs_Mx1 = quantize_rows(x_MxK)
-    acc_MxN = jax.lax.dot_general(xq_MxK, w.transposed(), (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    if m <= int8_cpu.MAX_ROWS and _use_int8_kernel():
+        # Few rows (decoding): the FFI dot streams the weight once, same int32 sums as the XLA dot.
+        acc_MxN = int8_cpu.int8_dot_nt(xq_MxK, w.transposed())
+    else:
+        # YNNPACK takes no single-row dot; XLA's own int8 matrix-vector loop is several times slower.
+        xq_PxK = jnp.concatenate([xq_MxK, xq_MxK], axis=0) if m == 1 else xq_MxK
+        dims = (((1,), (1,)), ((), ()))
+        acc_MxN = jax.lax.dot_general(xq_PxK, w.transposed(), dims, preferred_element_type=jnp.int32)[:m]
     y_MxN = acc_MxN.astype(jnp.float32) * xs_Mx1 * w.scale.reshape(-1)
-    return y_MxN[:m].reshape(lead_shape + out_shape).astype(dtype)
+    return y_MxN.reshape(lead_shape + out_shape).astype(dtype)
+
+
+def _use_int8_kernel() -> bool:
+    """Whether to use the FFI int8 dot: on CPU, outside a multi-device mesh (it has no sharding rule)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1) and int8_cpu.available()

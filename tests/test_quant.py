@@ -8,6 +8,7 @@ import pytest
 from moss_jax import quant
 from moss_jax.config import get_config
 from moss_jax.inference import generate
+from moss_jax.kernels import int8_cpu
 from moss_jax.model import MossLM, init_params
 from moss_jax.quant import (
     DynamicQuantizedWeight,
@@ -214,3 +215,43 @@ def test_int8_dynamic_fuses_query_key_value_fc_in(model, monkeypatch):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+@pytest.mark.skipif(not int8_cpu.available(), reason="int8 CPU kernel not built or no AVX512-VNNI")
+@pytest.mark.parametrize(
+    "spec, x_shape, w_shape, n_contract",
+    [
+        ("bld,dhk->blhk", (1, 1, 16), (16, 4, 8), 1),
+        ("blhk,hkd->bld", (2, 3, 4, 8), (4, 8, 16), 2),
+        ("bld,df->blf", (8, 1, 96), (96, 200), 1),
+        ("bld,df->blf", (2, 16, 16), (16, 8), 1),  # 32 rows: past MAX_ROWS, the XLA dot
+    ],
+)
+def test_dynamic_dense_kernel_equals_the_xla_dot(monkeypatch, spec, x_shape, w_shape, n_contract):
+    """Few-row W8A8 dense through the FFI int8 dot gives the XLA dot's outputs bit for bit."""
+    rng = np.random.RandomState(8)
+    x = jnp.asarray(rng.randn(*x_shape), jnp.float32)
+    qw = quantize_int8_dynamic(jnp.asarray(rng.randn(*w_shape), jnp.float32), n_contract)
+    f = lambda x: dense(spec, x, qw, jnp.float32)
+    with_kernel = jax.jit(f)(x)
+    assert ('custom_call_target="' + int8_cpu.TARGET in jax.jit(f).lower(x).as_text(dialect="hlo")) == (
+        np.prod(x_shape[: len(x_shape) - n_contract]) <= int8_cpu.MAX_ROWS
+    )
+    monkeypatch.setenv("MOSS_JAX_INT8_KERNEL", "0")
+    np.testing.assert_array_equal(with_kernel, jax.jit(f)(x))
+
+
+@pytest.mark.skipif(not int8_cpu.available(), reason="int8 CPU kernel not built or no AVX512-VNNI")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int8_dynamic_decode_same_tokens_with_and_without_kernel(model, monkeypatch, batch):
+    from moss_jax.inference.generate import get_decoder
+
+    config, params = model
+    qd = quantize_params(params, "int8_dynamic")
+    ids = np.random.RandomState(9).randint(0, config.vocab_size, (batch, 5))
+    get_decoder.cache_clear()  # each Decoder traces (and picks the dot) once
+    with_kernel = generate(qd, config, ids, 8)
+    monkeypatch.setenv("MOSS_JAX_INT8_KERNEL", "0")
+    get_decoder.cache_clear()
+    np.testing.assert_array_equal(with_kernel, generate(qd, config, ids, 8))
+    get_decoder.cache_clear()

@@ -7,4 +7,7 @@ flash_gpu   Pallas/Triton flash attention, forward and backward
 decode_tpu  Pallas/Mosaic one-query-per-row attention over a KV cache
 decode_gpu  Pallas/Triton one-query-per-row attention over a KV cache
 partition   shard_map wrapper that runs a kernel per device on a mesh
+
+int8_cpu    not attention: the few-row int8 x int8 -> int32 dot of W8A8 decoding on CPU (XLA FFI,
+            C++ in int8_cpu.cc), used by moss_jax.quant
 """
