@@ -127,6 +127,17 @@ def filter_top_k_top_p(logits_BxV: jax.Array, top_k_B: jax.Array, top_p_B: jax.A
     return jnp.full_like(logits_BxV, -jnp.inf).at[rows_B, order_BxV].set(sorted_BxV)
 
 
+def argmax_last(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` as int32 (first index of the max; a NaN counts as the max).
+
+    Two plain reductions (max, then the least index holding it) instead of XLA's (value, index)
+    pair reduction, which XLA:CPU runs as a scalar loop: 1.8 ms -> 0.18 ms for [8, 51200].
+    """
+    max_x1 = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where((x == max_x1) | jnp.isnan(x), index, x.shape[-1]), axis=-1)
+
+
 def select_next(logits_BxV: jax.Array, seen_BxV: jax.Array, sampling: RowSampling, count_B: jax.Array) -> jax.Array:
     """The next token of every row [B] int32.
 
@@ -138,7 +149,7 @@ def select_next(logits_BxV: jax.Array, seen_BxV: jax.Array, sampling: RowSamplin
         draws fresh randomness and a row's stream does not depend on its batch neighbours.
     """
     logits_BxV = apply_repetition_penalty(logits_BxV.astype(jnp.float32), seen_BxV, sampling.penalty_B)
-    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    greedy_B = argmax_last(logits_BxV)
 
     def sample(_):
         temp_B = jnp.where(sampling.temperature_B > 0, sampling.temperature_B, 1.0)

@@ -10,6 +10,7 @@ from moss_jax.inference.sampling import (
     RowSampling,
     SamplingParams,
     apply_repetition_penalty,
+    argmax_last,
     filter_top_k_top_p,
     select_next,
 )
@@ -94,3 +95,20 @@ def test_sampling_params():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(repetition_penalty=0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_argmax_last_equals_jnp_argmax():
+    """Ties take the first index, a NaN counts as the max, all -inf rows give 0 (as jnp.argmax)."""
+    rng = np.random.RandomState(0)
+    x = rng.randn(9, 300).astype(np.float32)
+    x[1, [5, 70]] = 10.0  # tie
+    x[2, [3, 40]] = np.nan
+    x[3] = -np.inf
+    x[4, 17] = np.inf
+    x[5] = np.nan
+    x[6, 100:] = 0.0
+    x[6, :100] = -1.0  # tie across many
+    for rows in (x, x[:1], x.reshape(3, 3, 300)):
+        got = jax.jit(argmax_last)(jnp.asarray(rows))
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(rows), axis=-1))
