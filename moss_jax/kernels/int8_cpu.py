@@ -86,10 +86,11 @@ def _load() -> ctypes.CDLL | None:
     """Builds, loads and registers the FFI target once; None (logged) when that is not possible."""
     try:
         lib = ctypes.CDLL(str(build()))
-    except (RuntimeError, OSError) as e:
+        handler = lib.MossInt8DotNT
+    except (RuntimeError, OSError, AttributeError) as e:
         log.warning("int8 CPU kernel unavailable, using the XLA dot: %s", e)
         return None
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MossInt8DotNT), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     return lib
 
 

@@ -7,7 +7,10 @@ import pytest
 
 from moss_jax.kernels import int8_cpu
 
-pytestmark = pytest.mark.skipif(not int8_cpu.registered(), reason="no C++ compiler to build the int8 CPU kernel")
+pytestmark = [
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU kernel"),
+    pytest.mark.skipif(not int8_cpu.registered(), reason="no C++ compiler to build the int8 CPU kernel"),
+]
 
 PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(not int8_cpu.available(), reason="no AVX512-VNNI"))]
 
