@@ -54,6 +54,10 @@ class MossConfig:
     remat_policy: str = "none"
     attention_impl: str = "xla"
     kv_cache_layout: str = "bshk"
+    # True: the head's kernel is the embedding's transpose (no `lm_head_kernel` param; the head
+    # keeps its bias). Not MOSS/CodeGen (untied); an option for small models, where it gives
+    # in-context copying of any token a prior (docs/architecture.md). HF export writes a copy.
+    tie_embeddings: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "rotary_dim", "max_len"):
@@ -85,6 +89,8 @@ class MossConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"MossConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"MossConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
@@ -105,9 +111,10 @@ class MossConfig:
 
     @property
     def num_params(self) -> int:
-        """Total parameter count (embedding, layers, final norm, untied head with bias)."""
+        """Total parameter count (embedding, layers, final norm, head: its kernel unless tied, bias)."""
         d, v = self.d_model, self.vocab_size
-        return v * d + self.n_layers * self.params_per_layer + 2 * d + d * v + v
+        head = v if self.tie_embeddings else d * v + v
+        return v * d + self.n_layers * self.params_per_layer + 2 * d + head
 
     @property
     def num_non_embedding_params(self) -> int:
@@ -119,7 +126,8 @@ class MossConfig:
         Attention adds 12 * n_layers * d_model * seq_len (QK^T and AV, forward and backward,
         full square; halve it yourself if counting only the causal half).
         """
-        return 6.0 * self.num_non_embedding_params + 12.0 * self.n_layers * self.d_model * seq_len
+        matmul_params = self.num_non_embedding_params + (self.d_model * self.vocab_size if self.tie_embeddings else 0)
+        return 6.0 * matmul_params + 12.0 * self.n_layers * self.d_model * seq_len
 
     def replace(self, **changes: Any) -> MossConfig:
         return dataclasses.replace(self, **changes)
@@ -132,7 +140,10 @@ class MossConfig:
         if model_type not in ("codegen", "moss"):
             raise ConfigError(f"config.json model_type={model_type!r}: expected 'codegen' or 'moss'")
         if config_dict.get("tie_word_embeddings", False):
-            raise ConfigError("config.json tie_word_embeddings=true: MOSS/CodeGen heads are untied")
+            raise ConfigError(
+                "config.json tie_word_embeddings=true: MOSS/CodeGen heads are untied (a moss_jax "
+                "tie_embeddings model exports an untied copy of its head)"
+            )
         missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if k not in config_dict]
         if missing:
             raise ConfigError(f"config.json is missing field(s) {missing}")

@@ -183,7 +183,12 @@ class MossLM(nn.Module):
             x_BxLxD, new_kv = carry
 
         x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
-        head_DxV = named_param(self, "lm_head_kernel", init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdtype)
+        if cfg.tie_embeddings:
+            head_DxV = embedding_VxD.T
+        else:
+            head_DxV = named_param(
+                self, "lm_head_kernel", init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdtype
+            )
         head_bias_V = named_param(self, "lm_head_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",), pdtype)
         if not head:
             # The caller applies the head itself (the LM loss fuses it with the cross-entropy).
@@ -208,6 +213,13 @@ class MossLM(nn.Module):
 
 
 # Parameter creation -----------------------------------------------------------------
+
+
+def head_kernel(params: Any) -> jax.Array:
+    """The head's [D, V] kernel: its own param, or the embedding's transpose when tied."""
+    if "lm_head_kernel" in params:
+        return params["lm_head_kernel"]
+    return params["embedding"].T
 
 
 def _dummy_ids() -> jax.Array:

@@ -102,7 +102,10 @@ def tensor_rules(config: MossConfig) -> list[TensorRule]:
     rules += [
         TensorRule("transformer.ln_f.weight", (d,), None, (("ln_f", "scale"),), ((d,),), _identity, lambda x: x),
         TensorRule("transformer.ln_f.bias", (d,), None, (("ln_f", "bias"),), ((d,),), _identity, lambda x: x),
-        TensorRule("lm_head.weight", (v, d), None, (("lm_head_kernel",),), ((d, v),), _transpose, np.transpose),
+        # A tied model (MossConfig.tie_embeddings) exports a copy of its embedding as the head.
+        TensorRule("lm_head.weight", (v, d), None, (("embedding",),), ((v, d),), _identity, lambda x: x)
+        if config.tie_embeddings
+        else TensorRule("lm_head.weight", (v, d), None, (("lm_head_kernel",),), ((d, v),), _transpose, np.transpose),
         TensorRule("lm_head.bias", (v,), None, (("lm_head_bias",),), ((v,),), _identity, lambda x: x),
     ]
     return rules
@@ -129,6 +132,11 @@ class ParamsBuilder:
     """
 
     def __init__(self, config: MossConfig, dtype: Any = None, source: str = "state_dict"):
+        if config.tie_embeddings:
+            raise CheckpointError(
+                f"{source}: MossConfig.tie_embeddings=True, but HF CodeGen/MOSS checkpoints have an untied "
+                "head; load them with tie_embeddings=False"
+            )
         self.config = config
         self.dtype = None if dtype is None else np.dtype(dtype)
         self.source = source

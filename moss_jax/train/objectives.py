@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from moss_jax.config import MossConfig
-from moss_jax.model import MossLM
+from moss_jax.model import MossLM, head_kernel
 from moss_jax.reward_model import RewardModel, last_token_scores
 from moss_jax.train.head_loss import DEFAULT_CHUNK_TOKENS, head_cross_entropy
 from moss_jax.train.loss import normalizer as weight_normalizer
@@ -96,7 +96,7 @@ def lm_objective(z_loss: float = 0.0, head_chunk_tokens: int | None = DEFAULT_CH
             return ce_sum + z_sum, {"loss": ce_sum, "z_loss": z_sum}
         hidden = _apply(module, params, batch, "", rng, deterministic, head=False)
         total, ce_sum, z_sum = head_cross_entropy(
-            hidden, params["lm_head_kernel"], params["lm_head_bias"], targets, weights, z_loss, head_chunk_tokens
+            hidden, head_kernel(params), params["lm_head_bias"], targets, weights, z_loss, head_chunk_tokens
         )
         return total, {"loss": ce_sum, "z_loss": z_sum}
 
