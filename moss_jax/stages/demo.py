@@ -65,7 +65,7 @@ SCALES = {
         tool_questions=90,
         equations=400,
         topics=400,
-        tag_prompts=48,
+        tag_prompts=200,
     ),
     # The CI test's reduced pipeline: every stage and artifact, a few steps each.
     "ci": Scale(

@@ -15,12 +15,21 @@ Outputs in `out_dir`: `tags.jsonl` (conversation_id, turn, tag: the `load_tags` 
 `scores.jsonl` (conversation_id, turn, score, tag, split), `thresholds.json`,
 `preference_tags.json` (num_tags, tokens, best, thresholds: read by chat and serve) and
 `conversations.jsonl` (the tagged conversations, the preference-aware stage's training data).
+
+`TagConfig.group_by = "language"` (the demo's setting) fixes the cut points per language of the
+human turn (Chinese if it holds a CJK character, else English): a preference model's scores
+need not share a scale across groups, and one set of global cut points then makes a tag mean
+the group as much as the quality. The demo's model scores correct English replies 3.9 on
+average and correct Chinese ones 1.1, so with global cut points the best tag held 604 English
+but 105 Chinese correct replies, and the model asked for the best tag answered Chinese questions
+in English. Per group, every group has the same share of each tag.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +44,8 @@ from data_pipelines.vocab import load_vocabulary
 from moss_jax.stages.scoring import encode_reply, reply_record, reward_scores
 
 PREFERENCE_TAGS_FILE = "preference_tags.json"
+GROUP_BY = ("none", "language")
+_CJK = re.compile("[\u3400-\u9fff\uf900-\ufaff]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +67,21 @@ class TagConfig:
     num_tags: int = 3
     seq_len: int = 512
     batch_size: int = 32
+    group_by: str = "none"
 
     def __post_init__(self):
         if not 2 <= self.num_tags <= sp.MAX_QUALITY_TAGS:
             raise ValueError(f"num_tags must be in [2, {sp.MAX_QUALITY_TAGS}], got {self.num_tags}")
+        if self.group_by not in GROUP_BY:
+            raise ValueError(f"TagConfig.group_by={self.group_by!r} is not one of {GROUP_BY}")
+
+
+def turn_group(conversation: dict, turn: int, group_by: str) -> str:
+    """The group whose cut points tag this turn's reply: "all", or the human turn's language."""
+    if group_by == "none":
+        return "all"
+    human = conv.record_turns(conversation)[turn - 1].get("Human", "")
+    return "zh" if _CJK.search(human) else "en"
 
 
 def quantile_thresholds(scores: Sequence[float], num_tags: int) -> list[float]:
@@ -72,6 +94,24 @@ def quantile_thresholds(scores: Sequence[float], num_tags: int) -> list[float]:
 def assign_tags(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
     """Tag index per score: the number of cut points at or below it (0 = lowest quality)."""
     return np.searchsorted(np.asarray(thresholds), np.asarray(scores), side="right").astype(np.int32)
+
+
+def grouped_tags(held_scores, held_groups, scores, groups, num_tags: int):
+    """Cut points per group from the held-out scores, and the tags of both score sets.
+
+    Returns ({group: K-1 cut points}, tags of `scores`, tags of `held_scores`).
+    """
+    held_scores, scores = np.asarray(held_scores, np.float64), np.asarray(scores, np.float64)
+    held_groups, groups = np.asarray(held_groups, str), np.asarray(groups, str)
+    cuts = {str(g): quantile_thresholds(held_scores[held_groups == g], num_tags) for g in sorted(set(held_groups))}
+    missing = sorted(set(groups.tolist()) - set(cuts))
+    if missing:
+        raise ValueError(f"no held-out replies in group(s) {missing} to fix their cut points")
+    tags, held_tags = np.zeros(len(scores), np.int32), np.zeros(len(held_scores), np.int32)
+    for g, c in cuts.items():
+        tags[groups == g] = assign_tags(scores[groups == g], c)
+        held_tags[held_groups == g] = assign_tags(held_scores[held_groups == g], c)
+    return cuts, tags, held_tags
 
 
 def _conversations(pair_files: Sequence[str]) -> list[dict]:
@@ -109,12 +149,19 @@ def tag_stage(cfg: TagConfig) -> dict:
     held = _conversations(cfg.heldout_pair_files)
     train = _conversations(cfg.pair_files)
     held_keys, held_scores = _score_turns(params, config, vocab, held, cfg.seq_len, cfg.batch_size, "score held-out")
-    thresholds = quantile_thresholds(held_scores, cfg.num_tags)
     keys, scores = _score_turns(params, config, vocab, train, cfg.seq_len, cfg.batch_size, "score train")
-    tags = assign_tags(scores, thresholds)
-    held_tags = assign_tags(held_scores, thresholds)
+    thresholds = quantile_thresholds(held_scores, cfg.num_tags)
+
+    def groups(ks, conversations):
+        by_id = {c["conversation_id"]: c for c in conversations}
+        return np.asarray([turn_group(by_id[cid], t, cfg.group_by) for cid, t in ks])
+
+    held_groups, train_groups = groups(held_keys, held), groups(keys, train)
+    group_thresholds, tags, held_tags = grouped_tags(held_scores, held_groups, scores, train_groups, cfg.num_tags)
     summary = {
         "thresholds": thresholds,
+        "group_by": cfg.group_by,
+        "group_thresholds": group_thresholds,
         "tagged_replies": len(keys),
         "tag_counts": np.bincount(tags, minlength=cfg.num_tags).tolist(),
         "mean_score_by_tag": [
@@ -142,14 +189,27 @@ def tag_stage(cfg: TagConfig) -> dict:
         "tokens": list(sp.QUALITY_TAGS[: cfg.num_tags]),
         "best": sp.QUALITY_TAGS[cfg.num_tags - 1],
         "thresholds": thresholds,
-        "design": "equal-size quantiles of preference-model scores on held-out replies; tag after <|MOSS|>:",
+        "group_by": cfg.group_by,
+        "group_thresholds": group_thresholds,
+        "design": "equal-size quantiles of preference-model scores on held-out replies (per group when "
+        "group_by is set); tag after <|MOSS|>:",
     }
     write_text_atomic(
-        out / "thresholds.json", json.dumps({"thresholds": thresholds, "num_heldout": len(held_scores)}, indent=2)
+        out / "thresholds.json",
+        json.dumps(
+            {
+                "thresholds": thresholds,
+                "group_by": cfg.group_by,
+                "group_thresholds": group_thresholds,
+                "num_heldout": len(held_scores),
+            },
+            indent=2,
+        ),
     )
     write_text_atomic(out / PREFERENCE_TAGS_FILE, json.dumps(meta, indent=2))
     print(
-        f"[tag] {len(keys)} replies tagged; thresholds {np.round(thresholds, 3).tolist()}; "
+        f"[tag] {len(keys)} replies tagged; thresholds {np.round(thresholds, 3).tolist()} "
+        f"(group_by {cfg.group_by}: { ({g: np.round(c, 3).tolist() for g, c in group_thresholds.items()}) }); "
         f"counts {summary['tag_counts']}"
     )
     return summary

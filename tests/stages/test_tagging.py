@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moss_jax.stages.tagging import TagConfig, assign_tags, quantile_thresholds
+from moss_jax.stages.tagging import TagConfig, assign_tags, grouped_tags, quantile_thresholds, turn_group
 
 
 def test_quantile_tags_split_heldout_scores_into_equal_groups():
@@ -24,3 +24,37 @@ def test_bad_settings_are_clear_errors():
         TagConfig("rm", "v", (), (), "out", num_tags=9)
     with pytest.raises(ValueError, match="held-out scores"):
         quantile_thresholds([1.0, 2.0], 3)
+
+
+def test_grouped_cut_points_give_every_group_the_same_tag_shares():
+    """A preference model scoring one language higher overall: global cut points give that
+    language most best tags; per-group cut points give each group a third of each tag."""
+    rs = np.random.RandomState(1)
+    held = np.concatenate([rs.randn(600) + 3.0, rs.randn(600) - 1.0])
+    held_groups = ["en"] * 600 + ["zh"] * 600
+    train = np.concatenate([rs.randn(900) + 3.0, rs.randn(300) - 1.0])
+    groups = np.array(["en"] * 900 + ["zh"] * 300)
+    global_tags = assign_tags(train, quantile_thresholds(held, 3))
+    assert (global_tags[groups == "zh"] == 2).mean() < 0.05
+    cuts, tags, held_tags = grouped_tags(held, held_groups, train, groups, 3)
+    assert sorted(cuts) == ["en", "zh"] and cuts["en"][0] > cuts["zh"][1]
+    for g in ("en", "zh"):
+        shares = np.bincount(tags[groups == g], minlength=3) / (groups == g).sum()
+        assert np.all(np.abs(shares - 1 / 3) < 0.06), (g, shares)
+        held_shares = np.bincount(held_tags[np.array(held_groups) == g], minlength=3)
+        assert np.all(np.abs(held_shares - 200) <= 1)
+    with pytest.raises(ValueError, match=r"no held-out replies in group\(s\) \['fr'\]"):
+        grouped_tags(held, held_groups, [0.0], ["fr"], 3)
+
+
+def test_turn_group_is_the_human_turn_language():
+    c = {
+        "chat": {
+            "turn_1": {"Human": "<|Human|>: What is 2+2?<eoh>\n", "MOSS": "<|MOSS|>: 4<eom>\n"},
+            "turn_2": {"Human": "<|Human|>: 计算 3*3<eoh>\n", "MOSS": "<|MOSS|>: 9<eom>\n"},
+        }
+    }
+    assert [turn_group(c, t, "language") for t in (1, 2)] == ["en", "zh"]
+    assert turn_group(c, 2, "none") == "all"
+    with pytest.raises(ValueError, match="group_by"):
+        TagConfig("rm", "v", (), (), "out", group_by="topic")
