@@ -237,7 +237,8 @@ def evaluate_and_report(paths, scale, summaries: dict, timings: dict) -> dict:
         metrics[f"pm_score_{label}"] = float(np.mean(score_replies(rm, rm_config, vocab, prompts, replies, seq_len)))
         samples[label] = replies[:3]
     metrics["pm_score_prompts"] = len(prompts)
-    metrics["tag_thresholds"] = tags_meta["thresholds"]
+    metrics["tag_thresholds"] = tags_meta["thresholds"]  # global; the tags used these per group if set:
+    metrics["tag_group_thresholds"] = tags_meta.get("group_thresholds")
     metrics["monotone_by_tag"] = bool(all(a < b for a, b in zip(by_tag, by_tag[1:])))  # noqa: B905
     metrics["checks"] = {
         "pm_pair_accuracy >= 0.9": metrics["pm_pair_accuracy"] >= 0.9,
