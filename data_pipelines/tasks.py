@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import random
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -57,12 +58,35 @@ def _text_dataset(path: str, split: str, shuffle_files: bool, seed: int | None =
     return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
 
 
+_CJK = re.compile(r"[\u3400-\u9fff]")
+
+
+def shuffled_units(text: str, rng: random.Random) -> str:
+    """The words of `text` (CJK characters one by one, other runs split at whitespace) in a
+    random order, spaced as in running text (no space between two CJK characters)."""
+    units = re.findall(r"[\u3400-\u9fff]|[^\s\u3400-\u9fff]+", text)
+    rng.shuffle(units)
+    out: list[str] = []
+    for u in units:
+        if out and not (_CJK.match(out[-1][-1]) and _CJK.match(u[0])):
+            out.append(" ")
+        out.append(u)
+    return "".join(out)
+
+
 def _repeat_dataset(
-    paths: Sequence[str], span_chars: tuple[int, int], split: str, shuffle_files: bool, seed: int | None = None
+    paths: Sequence[str],
+    span_chars: tuple[int, int],
+    split: str,
+    shuffle_files: bool,
+    seed: int | None = None,
+    shuffle_units: bool = False,
 ) -> tf.data.Dataset:
     """Repeated spans of the corpus: `span + "\\n" + span`, one per document (span chosen
     deterministically per document). Predicting the second copy needs in-context copying
-    (induction heads), which small models otherwise learn slowly."""
+    (induction heads), which small models otherwise learn slowly. With `shuffle_units` the
+    span's words are put in a random order first (`shuffled_units`): the second copy is then
+    predictable only by copying, not from word statistics."""
     del shuffle_files, seed
 
     def gen():
@@ -75,6 +99,8 @@ def _repeat_dataset(
             n = rng.randint(lo, min(hi, len(text)))
             start = rng.randint(0, len(text) - n)
             span = text[start : start + n]
+            if shuffle_units:
+                span = shuffled_units(span, rng)
             yield {"text": span + "\n" + span}
 
     return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
@@ -118,12 +144,14 @@ def register_pretrain_tasks(
     rates: Mapping[str, float] = DEFAULT_PRETRAIN_RATES,
     repeat_rate: float = 0.0,
     repeat_span_chars: tuple[int, int] = (40, 240),
+    repeat_shuffle: bool = False,
 ) -> seqio.Mixture:
     """Registers moss_pretrain_{en,zh,code} over `<corpus_dir>/<lang>.jsonl` and the mixture.
 
     `repeat_rate` > 0 adds `moss_pretrain_repeat` (repeated corpus spans, see `_repeat_dataset`)
     as that fraction of the mixture's examples: a small, fast way to give a tiny model in-context
     copying, which tool use needs (copying an expression or a topic into a command).
+    `repeat_shuffle` shuffles each span's words before repeating it (see `_repeat_dataset`).
     """
     if not 0.0 <= repeat_rate < 1.0:
         raise ValueError(f"repeat_rate must be in [0, 1), got {repeat_rate}")
@@ -158,7 +186,8 @@ def register_pretrain_tasks(
         _register_task(
             "moss_pretrain_repeat",
             source=seqio.FunctionDataSource(
-                functools.partial(_repeat_dataset, paths, tuple(repeat_span_chars)), splits=("train", "validation")
+                functools.partial(_repeat_dataset, paths, tuple(repeat_span_chars), shuffle_units=repeat_shuffle),
+                splits=("train", "validation")
             ),
             preprocessors=[
                 functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),

@@ -199,3 +199,40 @@ def test_seqio_packed_row_logits_equal_each_example_alone(corpus_dir, vocab_path
         idx = np.flatnonzero(seg == s)
         alone = model.apply({"params": params}, jnp.asarray(batch["decoder_input_tokens"][0, idx])[None])[0]
         np.testing.assert_allclose(packed[idx], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_repeated_spans_are_two_equal_copies(corpus_dir, vocab_path, shuffle):
+    register_pretrain_tasks(corpus_dir, vocab_path, repeat_rate=0.3, repeat_shuffle=shuffle)
+    vocab = load_vocabulary(vocab_path)
+    texts = [vocab.decode(ex["targets"][:-1].tolist()) for ex in _task_examples("moss_pretrain_repeat")[:50]]
+    assert len(texts) == 50
+    docs = "".join(d for lang in corpus_lib.LANGUAGES for d in corpus_lib.read_corpus(corpus_dir)[lang])
+    verbatim = 0
+    for text in texts:
+        # The span itself may hold newlines: the two copies are the halves around the middle one.
+        half = (len(text) - 1) // 2
+        first, sep, second = text[:half], text[half], text[half + 1 :]
+        assert (sep, first) == ("\n", second), text
+        verbatim += first in docs
+    # Spans are corpus text as written; shuffled spans (of more than one word) almost never are.
+    assert verbatim == 50 if not shuffle else verbatim < 10
+
+
+def test_shuffled_units_keep_the_words_and_cjk_spacing():
+    import random
+    import re
+
+    from data_pipelines.tasks import shuffled_units
+
+    def units(t):
+        return sorted(re.findall(r"[\u3400-\u9fff]|[^\s\u3400-\u9fff]+", t))
+
+    text = "我们今天去北京 visit the  Forbidden City, 好吗"
+    out = shuffled_units(text, random.Random(0))
+    assert out != text and units(out) == units(text)
+    # One space between units, except none between two CJK characters.
+    assert "  " not in out
+    assert not re.search(r"[\u3400-\u9fff] [\u3400-\u9fff]", out)
+    for word in ("visit", "the", "Forbidden", "City,"):
+        assert re.search(rf"(^| ){re.escape(word)}( |$)", out), (word, out)
