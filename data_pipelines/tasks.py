@@ -187,7 +187,7 @@ def register_pretrain_tasks(
             "moss_pretrain_repeat",
             source=seqio.FunctionDataSource(
                 functools.partial(_repeat_dataset, paths, tuple(repeat_span_chars), shuffle_units=repeat_shuffle),
-                splits=("train", "validation")
+                splits=("train", "validation"),
             ),
             preprocessors=[
                 functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
