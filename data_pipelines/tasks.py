@@ -29,6 +29,7 @@ import tensorflow as tf
 from data_pipelines import conversation as conv
 from data_pipelines.feature_converter import WEIGHTS_FEATURE, add_weights_feature
 from data_pipelines.jsonl import DataFormatError, iter_jsonl
+from data_pipelines.specials import USER_DEFINED_SYMBOLS
 from data_pipelines.vocab import load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,42 @@ def _repeat_dataset(
     return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
 
 
+def copy_pieces(vocab_path: str | os.PathLike) -> list[str]:
+    """The vocabulary's ordinary pieces as text: no control, unknown, byte or user-defined
+    (special token, newline, tab) pieces, none that is only whitespace."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(vocab_path))
+    out = []
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i):
+            continue
+        text = sp.decode([i])
+        if text.strip() and text not in USER_DEFINED_SYMBOLS:
+            out.append(text)
+    return out
+
+
+def _copy_dataset(
+    pieces: Sequence[str], n_pieces: tuple[int, int], split: str, shuffle_files: bool, seed: int | None = None
+) -> tf.data.Dataset:
+    """Endless `span + "\\n" + span` examples where `span` is `n_pieces` vocabulary pieces drawn
+    uniformly (every piece equally often, rare Chinese characters included). The second copy is
+    predictable only by in-context copying, for any token: a tiny model forms induction heads on
+    this in a couple of hundred steps, where repeated corpus text (`_repeat_dataset`) does not.
+    Deterministic per split."""
+    del shuffle_files, seed
+    lo, hi = n_pieces
+
+    def gen():
+        rng = random.Random(f"copy-{split}")
+        while True:
+            span = "".join(rng.choices(pieces, k=rng.randint(lo, hi)))
+            yield {"text": span + "\n" + span}
+
+    return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
+
+
 def _with_task_id(task_id: int):
     def fn(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.map(lambda ex: {**ex, TASK_ID_FEATURE: tf.constant(task_id, tf.int32)})
@@ -145,6 +182,8 @@ def register_pretrain_tasks(
     repeat_rate: float = 0.0,
     repeat_span_chars: tuple[int, int] = (40, 240),
     repeat_shuffle: bool = False,
+    copy_rate: float = 0.0,
+    copy_pieces_range: tuple[int, int] = (16, 96),
 ) -> seqio.Mixture:
     """Registers moss_pretrain_{en,zh,code} over `<corpus_dir>/<lang>.jsonl` and the mixture.
 
@@ -152,9 +191,13 @@ def register_pretrain_tasks(
     as that fraction of the mixture's examples: a small, fast way to give a tiny model in-context
     copying, which tool use needs (copying an expression or a topic into a command).
     `repeat_shuffle` shuffles each span's words before repeating it (see `_repeat_dataset`).
+    `copy_rate` > 0 adds `moss_pretrain_copy` (repeated spans of uniformly drawn vocabulary
+    pieces, see `_copy_dataset`) as that fraction of the examples.
     """
     if not 0.0 <= repeat_rate < 1.0:
         raise ValueError(f"repeat_rate must be in [0, 1), got {repeat_rate}")
+    if not 0.0 <= copy_rate < 1.0 or repeat_rate + copy_rate >= 1.0:
+        raise ValueError(f"copy_rate must be in [0, 1) and repeat_rate + copy_rate < 1, got {copy_rate}, {repeat_rate}")
     vocab = load_vocabulary(vocab_path)
     features = _output_features(vocab, add_eos=True)
     missing = [lang for lang in PRETRAIN_LANGUAGES if not (Path(corpus_dir) / f"{lang}.jsonl").is_file()]
@@ -198,8 +241,32 @@ def register_pretrain_tasks(
             ],
             output_features=features,
         )
-        total = sum(r for _, r in mixture)
-        mixture.append(("moss_pretrain_repeat", total * repeat_rate / (1 - repeat_rate)))
+    extra = []
+    if repeat_rate > 0:
+        extra.append(("moss_pretrain_repeat", repeat_rate))
+    if copy_rate > 0:
+        pieces = copy_pieces(vocab_path)
+        if not pieces:
+            raise ValueError(f"{vocab_path}: the vocabulary has no ordinary pieces to draw copy spans from")
+        _register_task(
+            "moss_pretrain_copy",
+            source=seqio.FunctionDataSource(
+                functools.partial(_copy_dataset, pieces, tuple(copy_pieces_range)), splits=("train", "validation")
+            ),
+            preprocessors=[
+                functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+                seqio.preprocessors.tokenize,
+                seqio.preprocessors.append_eos_after_trim,
+                _add_weights,
+                _with_task_id(len(PRETRAIN_LANGUAGES) + 1),
+            ],
+            output_features=features,
+        )
+        extra.append(("moss_pretrain_copy", copy_rate))
+    # Rates are relative: the extra tasks get their fractions of the whole mixture.
+    total = sum(r for _, r in mixture)
+    rest = 1.0 - sum(f for _, f in extra)
+    mixture += [(name, total * f / rest) for name, f in extra]
     return _register_mixture("moss_pretrain", mixture)
 
 

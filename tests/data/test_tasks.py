@@ -236,3 +236,37 @@ def test_shuffled_units_keep_the_words_and_cjk_spacing():
     assert not re.search(r"[\u3400-\u9fff] [\u3400-\u9fff]", out)
     for word in ("visit", "the", "Forbidden", "City,"):
         assert re.search(rf"(^| ){re.escape(word)}( |$)", out), (word, out)
+
+
+def test_copy_task_repeats_uniform_vocabulary_pieces(corpus_dir, vocab_path):
+    from data_pipelines.tasks import copy_pieces
+
+    pieces = copy_pieces(vocab_path)
+    vocab = load_vocabulary(vocab_path)
+    assert pieces and all(p.strip() for p in pieces)
+    assert "<eoh>" not in pieces and "\n" not in pieces
+    mixture = register_pretrain_tasks(corpus_dir, vocab_path, copy_rate=0.25)
+    rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+    assert rates["moss_pretrain_copy"] / sum(rates.values()) == pytest.approx(0.25)
+    ds = seqio.get_mixture_or_task("moss_pretrain_copy").get_dataset({"targets": 4096}, shuffle=False)
+    examples = list(ds.take(40).as_numpy_iterator())
+    seen = set()
+    for ex in examples:
+        ids = ex["targets"][:-1].tolist()  # without EOS
+        text = vocab.decode(ids)
+        first, second = text.split("\n")
+        assert first == second and first
+        # The two copies are the same tokens around one newline token: the second is
+        # predictable only by copying.
+        (newline,) = vocab.encode("\n")
+        cut = ids.index(newline)
+        assert ids[:cut] == ids[cut + 1 :]
+        seen.update(first)
+    # Pieces are drawn uniformly: mostly CJK characters (most of the vocabulary), some ASCII.
+    assert sum("\u4e00" <= c <= "\u9fff" for c in seen) > 100 and any(c.isascii() for c in seen)
+    # Deterministic for a split.
+    task = seqio.get_mixture_or_task("moss_pretrain_copy")
+    again = list(task.get_dataset({"targets": 4096}, shuffle=False).take(3).as_numpy_iterator())
+    assert all((a["targets"] == b["targets"]).all() for a, b in zip(examples, again, strict=False))
+    with pytest.raises(ValueError, match="copy_rate"):
+        register_pretrain_tasks(corpus_dir, vocab_path, repeat_rate=0.5, copy_rate=0.5)
