@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moss_jax.eval.lm import EvalError, EvalModel
 
-SUITES = ("mmlu", "ceval", "humaneval", "bpb", "format", "tools")
+SUITES = ("mmlu", "ceval", "humaneval", "bpb", "format", "tools", "copying")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> dict:
     for suite, flag in needs.items():
         if suite in suites and not getattr(args, flag):
             raise EvalError(f"suite '{suite}' needs --{flag}")
-    if "bpb" in suites and not (args.text_dir or args.corpus_dir):
-        raise EvalError("suite 'bpb' needs --text_dir or --corpus_dir")
+    for suite in ("bpb", "copying"):
+        if suite in suites and not (args.text_dir or args.corpus_dir):
+            raise EvalError(f"suite '{suite}' needs --text_dir or --corpus_dir")
     if "tools" in suites and not args.tool_questions:
         raise EvalError("suite 'tools' needs --tool_questions")
 
@@ -101,7 +102,7 @@ def _load_inputs(suite: str, args: argparse.Namespace):
         from moss_jax.eval import code
 
         return code.load_problems(args.humaneval)[: args.limit]
-    if suite == "bpb":
+    if suite in ("bpb", "copying"):
         from moss_jax.eval import bits_per_byte as bpb
 
         if args.text_dir:
@@ -159,6 +160,10 @@ def _run_suite(suite: str, model: EvalModel, inputs, args: argparse.Namespace) -
         from moss_jax.eval import bits_per_byte as bpb
 
         return bpb.evaluate(model, inputs)
+    if suite == "copying":
+        from moss_jax.eval import copying
+
+        return copying.evaluate(model, inputs, n_spans=args.limit or 64)
     if suite == "format":
         from moss_jax.eval import format_checks
 
@@ -207,6 +212,16 @@ def table(report: dict) -> str:
         elif suite == "bpb":
             for lang, v in r.items():
                 rows.append((suite, f"{lang} bits/byte", f"{v['bits_per_byte']:.3f}", f"ppl {v['perplexity']:.1f}"))
+        elif suite == "copying":
+            for lang, v in r.items():
+                rows.append(
+                    (
+                        suite,
+                        f"{lang} second / first copy",
+                        f"{v['second_copy_accuracy']:.3f} / {v['first_copy_accuracy']:.3f}",
+                        f"{v['spans']} shuffled spans",
+                    )
+                )
         elif suite == "format":
             rows.append((suite, "compliance", f"{r['compliance']:.3f}", f"{r['mode']}, {r['replies']} replies"))
         else:
