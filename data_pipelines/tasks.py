@@ -128,8 +128,8 @@ def _copy_dataset(
 ) -> tf.data.Dataset:
     """Endless `span + "\\n" + span` examples where `span` is `n_pieces` vocabulary pieces drawn
     uniformly (every piece equally often, rare Chinese characters included). The second copy is
-    predictable only by in-context copying, for any token: a tiny model forms induction heads on
-    this in a couple of hundred steps, where repeated corpus text (`_repeat_dataset`) does not.
+    predictable only by in-context copying, for any token. At the demo's scale (300 steps, half
+    of the mixture) no copying circuit formed (docs/alignment.md, "Why search stays at 0").
     Deterministic per split."""
     del shuffle_files, seed
     lo, hi = n_pieces
@@ -188,8 +188,9 @@ def register_pretrain_tasks(
     """Registers moss_pretrain_{en,zh,code} over `<corpus_dir>/<lang>.jsonl` and the mixture.
 
     `repeat_rate` > 0 adds `moss_pretrain_repeat` (repeated corpus spans, see `_repeat_dataset`)
-    as that fraction of the mixture's examples: a small, fast way to give a tiny model in-context
-    copying, which tool use needs (copying an expression or a topic into a command).
+    as that fraction of the mixture's examples: practice in in-context copying, which tool use
+    needs (copying an expression or a topic into a command); within the demo's budget it did not
+    give the tiny model a copying circuit (docs/alignment.md, "Why search stays at 0").
     `repeat_shuffle` shuffles each span's words before repeating it (see `_repeat_dataset`).
     `copy_rate` > 0 adds `moss_pretrain_copy` (repeated spans of uniformly drawn vocabulary
     pieces, see `_copy_dataset`) as that fraction of the examples.
@@ -207,13 +208,12 @@ def register_pretrain_tasks(
         )
     if set(rates) != set(PRETRAIN_LANGUAGES) or any(r <= 0 for r in rates.values()):
         raise ValueError(f"pre-training rates must be positive for exactly {PRETRAIN_LANGUAGES}, got {dict(rates)}")
-    for task_id, lang in enumerate(PRETRAIN_LANGUAGES):
+
+    def text_task(name: str, dataset_fn, task_id: int) -> None:
+        """A pre-training task over a text source: tokenized, EOS, loss weights, task id."""
         _register_task(
-            f"moss_pretrain_{lang}",
-            source=seqio.FunctionDataSource(
-                functools.partial(_text_dataset, str(Path(corpus_dir) / f"{lang}.jsonl")),
-                splits=("train", "validation"),
-            ),
+            name,
+            source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation")),
             preprocessors=[
                 functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
                 seqio.preprocessors.tokenize,
@@ -223,45 +223,24 @@ def register_pretrain_tasks(
             ],
             output_features=features,
         )
-    mixture = [(f"moss_pretrain_{lang}", float(rates[lang])) for lang in PRETRAIN_LANGUAGES]
-    if repeat_rate > 0:
-        paths = [str(Path(corpus_dir) / f"{lang}.jsonl") for lang in PRETRAIN_LANGUAGES]
-        _register_task(
-            "moss_pretrain_repeat",
-            source=seqio.FunctionDataSource(
-                functools.partial(_repeat_dataset, paths, tuple(repeat_span_chars), shuffle_units=repeat_shuffle),
-                splits=("train", "validation"),
-            ),
-            preprocessors=[
-                functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-                seqio.preprocessors.tokenize,
-                seqio.preprocessors.append_eos_after_trim,
-                _add_weights,
-                _with_task_id(len(PRETRAIN_LANGUAGES)),
-            ],
-            output_features=features,
+
+    for task_id, lang in enumerate(PRETRAIN_LANGUAGES):
+        text_task(
+            f"moss_pretrain_{lang}", functools.partial(_text_dataset, str(Path(corpus_dir) / f"{lang}.jsonl")), task_id
         )
+    mixture = [(f"moss_pretrain_{lang}", float(rates[lang])) for lang in PRETRAIN_LANGUAGES]
     extra = []
     if repeat_rate > 0:
+        paths = [str(Path(corpus_dir) / f"{lang}.jsonl") for lang in PRETRAIN_LANGUAGES]
+        repeat_fn = functools.partial(_repeat_dataset, paths, tuple(repeat_span_chars), shuffle_units=repeat_shuffle)
+        text_task("moss_pretrain_repeat", repeat_fn, len(PRETRAIN_LANGUAGES))
         extra.append(("moss_pretrain_repeat", repeat_rate))
     if copy_rate > 0:
         pieces = copy_pieces(vocab_path)
         if not pieces:
             raise ValueError(f"{vocab_path}: the vocabulary has no ordinary pieces to draw copy spans from")
-        _register_task(
-            "moss_pretrain_copy",
-            source=seqio.FunctionDataSource(
-                functools.partial(_copy_dataset, pieces, tuple(copy_pieces_range)), splits=("train", "validation")
-            ),
-            preprocessors=[
-                functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-                seqio.preprocessors.tokenize,
-                seqio.preprocessors.append_eos_after_trim,
-                _add_weights,
-                _with_task_id(len(PRETRAIN_LANGUAGES) + 1),
-            ],
-            output_features=features,
-        )
+        copy_fn = functools.partial(_copy_dataset, pieces, tuple(copy_pieces_range))
+        text_task("moss_pretrain_copy", copy_fn, len(PRETRAIN_LANGUAGES) + 1)
         extra.append(("moss_pretrain_copy", copy_rate))
     # Rates are relative: the extra tasks get their fractions of the whole mixture.
     total = sum(r for _, r in mixture)
