@@ -15,8 +15,11 @@ interpreter, not the kernel.
 
 On a GPU (`--device gpu`) two more choices: `cudnn` is `jax.nn.dot_product_attention(...,
 implementation="cudnn")` (causal; it takes no segment ids, so only with `--segments 0`), and
-`--gpu_blocks` times `pallas_gpu` once per tile setting "block_q,block_k,block_q_bwd,block_k_bwd
-[,num_warps[,num_stages]]" (the kernel's defaults when not given). Each row also has the
+`jax_mgpu` is JAX's own Hopper example kernel (float16, forward only): how close a Pallas Mosaic GPU
+forward gets to cuDNN. `--gpu_blocks` times `pallas_gpu` once per tile setting "block_q,block_k,block_q_bwd,block_k_bwd
+[,num_warps[,num_stages]]" (the kernel's defaults when not given), `--mgpu_tiles` times
+`pallas_mgpu` (the Hopper forward of kernels/flash_mgpu.py, then the Triton backward) once per
+"block_kv,stages". Each row also has the
 attention TFLOP/s of the causal half (4 B H L^2 K / 2 forward, 2.5 times that backward).
 """
 
@@ -65,6 +68,33 @@ def parse_gpu_blocks(spec: str) -> dict:
     return kw
 
 
+def parse_mgpu_tiles(spec: str):
+    """A Hopper-forward tile setting `block_kv,stages` (flash_mgpu.Tiles; block_q is 64)."""
+    from moss_jax.kernels.flash_mgpu import Tiles
+
+    values = [int(x) for x in spec.split(",")]
+    if len(values) != 2:
+        raise ValueError(f"--mgpu_tiles entry {spec!r}: expected block_kv,stages")
+    return Tiles(block_q=64, block_kv=values[0], stages=values[1])
+
+
+def _jax_mgpu_forward(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=True):
+    """JAX's own Hopper example kernel (`jax.experimental.pallas.ops.gpu.attention_mgpu`), forward
+    only: a yardstick for what a Pallas Mosaic GPU forward reaches next to cuDNN. It takes float16
+    and no softmax scale (q is pre-scaled here) nor segment ids."""
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    if q_segment_ids is not None:
+        raise ValueError("jax_mgpu takes no segment ids: use --segments 0")
+    head_dim = q.shape[-1]
+    config = attention_mgpu.TuningConfig(
+        block_q=64, block_kv=128 if head_dim <= 128 else 64, max_concurrent_steps=2, causal=causal
+    )
+    f16 = [x.astype(jnp.float16) for x in (q * head_dim**-0.5, k, v)]
+    return attention_mgpu.attention(*f16, config).astype(q.dtype)
+
+
 def _attention_fn(impl: str, block: int | None, gpu_blocks: str | None):
     import jax
 
@@ -76,6 +106,11 @@ def _attention_fn(impl: str, block: int | None, gpu_blocks: str | None):
         return functools.partial(blockwise_attention, block_q=block, block_k=block)
     if impl == "pallas_gpu" and gpu_blocks:
         return functools.partial(flash_gpu.flash_attention_gpu, **parse_gpu_blocks(gpu_blocks))
+    if impl == "pallas_mgpu" and gpu_blocks:
+        tiles = parse_mgpu_tiles(gpu_blocks)
+        return functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic", mosaic_tiles=tiles)
+    if impl == "jax_mgpu":
+        return _jax_mgpu_forward
     if impl == "cudnn":
 
         def cudnn(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=True):
@@ -110,7 +145,7 @@ def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespa
         "bench": "attention",
         "impl": impl,
         "block": block if impl == "blockwise" else None,
-        "gpu_blocks": gpu_blocks if impl == "pallas_gpu" else None,
+        "gpu_blocks": gpu_blocks if impl in ("pallas_gpu", "pallas_mgpu") else None,
         "seq_len": seq_len,
         "batch": args.batch,
         "heads": args.heads,
@@ -124,6 +159,8 @@ def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespa
     fwd_flop = 4 * args.batch * args.heads * seq_len**2 * args.head_dim / 2  # causal half
     run = impl != "xla" or seq_len <= args.max_ref_len
     for name, fn, flop in (("fwd", fwd, fwd_flop), ("fwd_bwd", fwd_bwd, 3.5 * fwd_flop)):
+        if impl == "jax_mgpu" and name == "fwd_bwd":
+            continue  # its backward has no causal mask
         start = time.perf_counter()
         compiled = jax.jit(fn).lower(q, k, v, seg).compile()
         row[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
@@ -143,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gpu_blocks", nargs="*", default=[], help="pallas_gpu tiles: bq,bk,bq_bwd,bk_bwd[,warps[,stages]] each"
     )
+    parser.add_argument(
+        "--mgpu_tiles", nargs="*", default=[], help="pallas_mgpu forward tiles: block_kv,stages each (block_q 64)"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head_dim", type=int, default=128)
@@ -161,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             if impl == "cudnn" and args.segments:
                 continue  # no segment ids through jax.nn.dot_product_attention
             blocks = [int(b) for b in args.blocks.split(",")] if impl == "blockwise" else [None]
-            tiles = (args.gpu_blocks or [None]) if impl == "pallas_gpu" else [None]
+            tiles = {"pallas_gpu": args.gpu_blocks, "pallas_mgpu": args.mgpu_tiles}.get(impl) or [None]
             for block in blocks:
                 for tile in tiles:
                     try:

@@ -11,12 +11,15 @@ without segment ids ("offset")) forward and dq/dk/dv, bf16 and fp32, head_dim 64
 reference is `xla_attention` in fp32 at full matmul precision (XLA uses TF32 for fp32 matmuls on
 recent GPUs otherwise) on the same bf16-rounded inputs. One JSON line per case:
 
-    {"check": "flash", "dtype", "head_dim", ..., "out_err", "dq_err", "dk_err", "dv_err",
-     "ref_max", "rel_err", "ok", "triton"}
+    {"check": "flash", "forward", "dtype", "head_dim", ..., "out_err", "dq_err", "dk_err", "dv_err",
+     "ref_max", "rel_err", "ok", "triton", "mosaic"}
 
 "*_err" is the max |kernel - reference|, "rel_err" the largest of them over the reference's max
 |value|, "ok" compares it with 2e-2 (bf16: a few ulps) or 1e-5 (fp32). "triton" says whether the
 compiled program launches the Triton kernel (False: the Pallas interpreter ran, as on a CPU).
+The bf16 flash cases run twice by default (`--forwards triton,mosaic`): the second with the forward
+of `kernels/flash_mgpu.py` (Mosaic GPU, Hopper); "mosaic" says whether it ran (a CPU or a
+non-Hopper GPU takes the Triton forward instead).
 `--smoke` uses small shapes (a CPU dry run); `--dtypes`, `--head_dims` and `--checks` keep only those
 cases ("offset" is at head_dim 128 whatever --head_dims says). Exits 1 when a case is not ok or fails.
 """
@@ -49,13 +52,14 @@ def _segments(rng, batch: int, length: int, count: int):
 
 
 def _compile(fn, *args):
-    """(compiled, whether it launches a Triton kernel, compile seconds)."""
+    """(compiled, whether it launches a Triton kernel, whether a Mosaic GPU one, compile seconds)."""
     import jax
 
     start = time.perf_counter()
     lowered = jax.jit(fn).lower(*args)
-    triton = "__gpu$xla.gpu.triton" in lowered.as_text()
-    return lowered.compile(), triton, round(time.perf_counter() - start, 2)
+    text = lowered.as_text()
+    triton, mosaic = "__gpu$xla.gpu.triton" in text, "mosaic_gpu" in text
+    return lowered.compile(), triton, mosaic, round(time.perf_counter() - start, 2)
 
 
 def _errors(got, want) -> tuple[dict, float]:
@@ -71,8 +75,20 @@ def _errors(got, want) -> tuple[dict, float]:
 
 
 def check_flash(
-    dtype: str, head_dim: int, *, batch: int, heads: int, q_len: int, kv_len: int, q_offset: int, segments=3, seed=0
+    dtype: str,
+    head_dim: int,
+    *,
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    q_offset: int,
+    segments=3,
+    seed=0,
+    forward: str = "triton",
 ):
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -97,7 +113,8 @@ def check_flash(
         return fn
 
     args = (q, k, v, ct, seg_q, seg_kv)
-    compiled, triton, compile_s = _compile(run(flash_gpu.flash_attention_gpu), *args)
+    kernel = functools.partial(flash_gpu.flash_attention_gpu, forward=forward)
+    compiled, triton, mosaic, compile_s = _compile(run(kernel), *args)
     got = compiled(*args)
     with jax.default_matmul_precision("highest"):
         f32 = [x.astype(jnp.float32) for x in args[:4]]
@@ -105,6 +122,7 @@ def check_flash(
     errs, rel = _errors(got, want)
     return {
         "check": "flash",
+        "forward": forward,
         "dtype": dtype,
         "head_dim": head_dim,
         "batch": batch,
@@ -118,6 +136,7 @@ def check_flash(
         "rel_err": float(f"{rel:.3g}"),
         "ok": rel <= REL_TOL[dtype],
         "triton": triton,
+        "mosaic": mosaic,
         "compile_s": compile_s,
     }
 
@@ -152,7 +171,7 @@ def check_decode(dtype: str, head_dim: int, *, batch: int, heads: int, kv_len: i
         )
         return out[:, 0]
 
-    compiled, triton, compile_s = _compile(kernel, *args)
+    compiled, triton, _, compile_s = _compile(kernel, *args)
     got = compiled(*args)
     with jax.default_matmul_precision("highest"):
         want = jax.jit(reference)(*(x.astype(jnp.float32) for x in args[:3]), *args[3:])
@@ -181,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--head_dims", default="64,128,256")
     parser.add_argument("--checks", default="flash,causal,offset,decode")
+    parser.add_argument(
+        "--forwards", default="triton,mosaic", help="flash forward kernels; mosaic: bf16 only (Hopper, flash_mgpu)"
+    )
     args = parser.parse_args(argv)
     head_dims = {int(k) for k in args.head_dims.split(",")}
     kinds = set(args.checks.split(","))
@@ -199,10 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in ("bfloat16", "float32"):
         if dtype not in args.dtypes.split(","):
             continue
-        checks += [(check_flash, dtype, k, flash) for k in (64, 128, 256) if "flash" in kinds and k in head_dims]
-        checks += [
-            (check_flash, dtype, k, flash | {"segments": 0}) for k in (128, 256) if "causal" in kinds and k in head_dims
-        ]
+        fwds = [f for f in args.forwards.split(",") if f == "triton" or dtype == "bfloat16"]
+        for fwd in fwds:
+            f = {"forward": fwd}
+            dims = [k for k in (64, 128, 256) if "flash" in kinds and k in head_dims]
+            checks += [(check_flash, dtype, k, flash | f) for k in dims]
+            checks += [
+                (check_flash, dtype, k, flash | f | {"segments": 0})
+                for k in (128, 256)
+                if "causal" in kinds and k in head_dims
+            ]
         checks += [(check_flash, dtype, 128, offset | {"segments": 0})] if "offset" in kinds else []
         decode_dims = (128, 256) if dtype == "bfloat16" else (128,)
         checks += [(check_decode, dtype, k, decode) for k in decode_dims if "decode" in kinds and k in head_dims]

@@ -4,11 +4,14 @@
 #   1. env            machine, driver, versions (bench/gpu_env.py)
 #   2. kernel_check   Pallas/Triton flash fwd+bwd and decode vs the reference, max |error| (bench/gpu_kernel_check.py)
 #      pytest         tests/kernels with the GPU kernels compiled (MOSS_KERNEL_TEST_BACKEND=gpu) -> pytest_gpu.txt
-#   3. attention      pallas_gpu vs cuDNN vs XLA, bf16, B=4, H=16, K=128, causal, seq 2048/4096/8192
+#   3. attention      pallas_gpu vs pallas_mgpu (Hopper forward) vs cuDNN vs XLA, bf16, B=4, H=16, K=128,
+#                     causal, seq 2048/4096/8192
 #   4. mfu_*          train-step MFU, 2b and 350m at seq 2048, bf16 compute, fp32 master weights;
 #                     mfu_big_cudnn / mfu_big_noseg: the 2b with cuDNN attention / ours, no segment ids;
+#                     mfu_big_mgpu: the 2b with pallas_mgpu;
 #                     one pair per remat policy in GPU_SUITE_REMATS (suffix _<policy>)
-#      attention_*    pallas_gpu tile settings at seq 4096; packed segments
+#      attention_*    pallas_gpu and pallas_mgpu tile settings at seq 4096; JAX's Hopper example kernel
+#                     (forward, fp16) next to ours and cuDNN; packed segments
 #   5. train_step     350m vs HF PyTorch (bf16 autocast) at seq 2048
 #
 # Every part runs under its own `timeout`, capped by what is left of GPU_SUITE_BUDGET_S (default
@@ -22,9 +25,9 @@
 #
 # GPU_SUITE_PARTS="env kernel_check ..." runs only those parts; PYTHON picks the interpreter.
 # For a shorter run: GPU_SUITE_CHECK_ARGS is appended to kernel_check's arguments (e.g. "--head_dims 256
-# --checks flash,causal"); GPU_SUITE_ATT_IMPLS (default pallas_gpu,cudnn,xla) and GPU_SUITE_SEQ_LENS
+# --checks flash,causal"); GPU_SUITE_ATT_IMPLS (default pallas_gpu,pallas_mgpu,cudnn,xla) and GPU_SUITE_SEQ_LENS
 # (default 2048,4096,8192; not in a dry run) pick the attention part's rows; GPU_SUITE_TILES replaces
-# attention_tiles' settings (space-separated); GPU_SUITE_REMATS the 2b's remat policies (space-separated), GPU_SUITE_BIG_BATCH its batch.
+# attention_tiles' settings (space-separated), GPU_SUITE_MGPU_TILES attention_mgpu_tiles'; GPU_SUITE_REMATS the 2b's remat policies (space-separated), GPU_SUITE_BIG_BATCH its batch.
 set -o pipefail
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 cd "$(dirname "$0")/.."
@@ -103,7 +106,7 @@ if [ "$DRY" = 1 ]; then # the plumbing only: lowering tests, no compiled kernels
     KERNEL_BACKEND= PYTEST_WORKERS=0 PYTEST_FILES=tests/kernels/test_gpu_lowering.py
 else
     KERNEL_BACKEND=gpu PYTEST_WORKERS=4
-    PYTEST_FILES="tests/kernels/test_flash.py tests/kernels/test_decode.py tests/kernels/test_attention_impls.py"
+    PYTEST_FILES="tests/kernels/test_flash.py tests/kernels/test_flash_mgpu.py tests/kernels/test_decode.py tests/kernels/test_attention_impls.py"
 fi
 export PY PYTEST_LOG KERNEL_BACKEND PYTEST_WORKERS PYTEST_FILES
 
@@ -132,6 +135,8 @@ fi
 CHECK+=($GPU_SUITE_CHECK_ARGS)
 # shellcheck disable=SC2206
 [ -n "${GPU_SUITE_TILES:-}" ] && TILES=($GPU_SUITE_TILES)
+MGPU_TILES=(64,2 128,2 128,3 256,2)
+[ -n "${GPU_SUITE_MGPU_TILES:-}" ] && MGPU_TILES=($GPU_SUITE_MGPU_TILES)
 
 # 1. environment
 part env 60 "$PY" bench/gpu_env.py
@@ -142,7 +147,7 @@ part kernel_check 150 "$PY" bench/gpu_kernel_check.py "${CHECK[@]}"
 part pytest 150 bash -c pytest_part
 
 # 3. attention speed: ours vs cuDNN vs XLA (no segment ids: cuDNN's public API has none)
-part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls "${GPU_SUITE_ATT_IMPLS:-pallas_gpu,cudnn,xla}" \
+part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls "${GPU_SUITE_ATT_IMPLS:-pallas_gpu,pallas_mgpu,cudnn,xla}" \
     --segments 0 --dtype bfloat16 --max_ref_len 4096 "${ATT[@]}"
 
 # 4. train-step MFU with our kernel and with cuDNN's, for each remat policy in GPU_SUITE_REMATS (default
@@ -164,6 +169,8 @@ for remat in $REMATS; do
 done
 part mfu_big_noseg 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" \
     --batch "$BIG_BATCH" --remat "${REMATS%% *}" --attention_impl pallas_gpu --segment_ids none "${MFU[@]}" "${NOMINAL_ARGS[@]}"
+part mfu_big_mgpu 200 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$BIG" \
+    --batch "$BIG_BATCH" --remat "${REMATS%% *}" --attention_impl pallas_mgpu "${MFU[@]}" "${NOMINAL_ARGS[@]}"
 part mfu_small 120 "$PY" bench/mfu.py --device "$DEVICE" --dtype bfloat16 --config "$SMALL" --batch 8 \
     --remat none --attention_impl pallas_gpu "${MFU[@]}" "${NOMINAL_ARGS[@]}"
 unset XLA_PYTHON_CLIENT_MEM_FRACTION
@@ -171,6 +178,10 @@ unset XLA_PYTHON_CLIENT_MEM_FRACTION
 # 3b. tile settings at one length; packed segments (what training runs) with the default tiles
 part attention_tiles 120 "$PY" bench/attention.py --device "$DEVICE" --impls pallas_gpu --segments 0 \
     --dtype bfloat16 --gpu_blocks "${TILES[@]}" "${ATT[@]}" --seq_lens "$ONE_SEQ"
+part attention_jax_mgpu 60 "$PY" bench/attention.py --device "$DEVICE" --impls jax_mgpu,pallas_mgpu,cudnn --segments 0 \
+    --dtype bfloat16 "${ATT[@]}" --seq_lens "$ONE_SEQ"
+part attention_mgpu_tiles 120 "$PY" bench/attention.py --device "$DEVICE" --impls pallas_mgpu --segments 0 \
+    --dtype bfloat16 --mgpu_tiles "${MGPU_TILES[@]}" "${ATT[@]}" --seq_lens "$ONE_SEQ"
 part attention_segments 60 "$PY" bench/attention.py --device "$DEVICE" --impls pallas_gpu,xla --segments 4 \
     --dtype bfloat16 "${ATT[@]}" --seq_lens "$ONE_SEQ"
 

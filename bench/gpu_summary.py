@@ -38,7 +38,9 @@ def _line(r: dict) -> str:
         )
         return (
             f"check {kind} {r['dtype']} K={r['head_dim']} {shape}: {errs} rel={_g(r['rel_err'])} "
-            f"{'ok' if r['ok'] else 'NOT OK'} triton={r['triton']} compile={r['compile_s']}s"
+            f"{'ok' if r['ok'] else 'NOT OK'} triton={r['triton']}"
+            f"{' forward=' + r['forward'] + ' mosaic=' + str(r.get('mosaic')) if 'forward' in r else ''} "
+            f"compile={r['compile_s']}s"
         )
     if kind == "pytest_gpu":
         return f"pytest tests/kernels: {r['summary']}"
@@ -46,8 +48,8 @@ def _line(r: dict) -> str:
         tile = f" tiles={r['gpu_blocks']}" if r.get("gpu_blocks") else ""
         return (
             f"attention {r['impl']}{tile} L={r['seq_len']} seg={r['segments']}: fwd {_g(r['fwd_ms'])} ms "
-            f"({_g(r['fwd_tflops'])} TF/s), fwd+bwd {_g(r['fwd_bwd_ms'])} ms ({_g(r['fwd_bwd_tflops'])} TF/s), "
-            f"temp {_g(r['fwd_temp_mib'])}/{_g(r['fwd_bwd_temp_mib'])} MiB"
+            f"({_g(r['fwd_tflops'])} TF/s), fwd+bwd {_g(r.get('fwd_bwd_ms'))} ms ({_g(r.get('fwd_bwd_tflops'))} TF/s), "
+            f"temp {_g(r['fwd_temp_mib'])}/{_g(r.get('fwd_bwd_temp_mib'))} MiB"
         )
     if kind == "mfu":
         return (
@@ -83,14 +85,15 @@ def ratios(rows: list[dict]) -> list[str]:
             and not r.get("segments")
             and not r.get("gpu_blocks")
         }
-        if "pallas_gpu" in pick and "cudnn" in pick:
-            ours, cudnn = pick["pallas_gpu"], pick["cudnn"]
-            parts = [
-                f"{name} {ours[f'{name}_ms'] / cudnn[f'{name}_ms']:.2f}"
-                for name in ("fwd", "fwd_bwd")
-                if ours.get(f"{name}_ms") and cudnn.get(f"{name}_ms")
-            ]
-            out.append(f"ours/cudnn L={seq}: {', '.join(parts)} (goal <= 1.10)")
+        for impl, label in (("pallas_gpu", "ours"), ("pallas_mgpu", "ours (Hopper fwd)")):
+            if impl in pick and "cudnn" in pick:
+                ours, cudnn = pick[impl], pick["cudnn"]
+                parts = [
+                    f"{name} {ours[f'{name}_ms'] / cudnn[f'{name}_ms']:.2f}"
+                    for name in ("fwd", "fwd_bwd")
+                    if ours.get(f"{name}_ms") and cudnn.get(f"{name}_ms")
+                ]
+                out.append(f"{label}/cudnn L={seq}: {', '.join(parts)} (goal <= 1.10)")
         tiles = [
             r
             for r in rows
@@ -101,7 +104,8 @@ def ratios(rows: list[dict]) -> list[str]:
             if timed and "cudnn" in pick and pick["cudnn"].get(f"{name}_ms"):
                 best = min(timed, key=lambda r: r[f"{name}_ms"])
                 ratio = best[f"{name}_ms"] / pick["cudnn"][f"{name}_ms"]
-                out.append(f"best tiles for {name} L={seq}: {best['gpu_blocks']}, ours/cudnn {ratio:.2f}")
+                setting = f"{best['impl']} {best['gpu_blocks']}"
+                out.append(f"best tiles for {name} L={seq}: {setting}, ours/cudnn {ratio:.2f}")
     return out
 
 

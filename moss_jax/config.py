@@ -14,7 +14,7 @@ from typing import Any
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out", "dots_no_batch_attention")
-ATTENTION_IMPLS = ("xla", "blockwise", "pallas_tpu", "pallas_gpu", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "blockwise", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "cudnn", "auto")
 # KV cache layouts: [Y, B, S, H, K] (what the Pallas decode kernels read) or [Y, B, H, S, K]
 # (XLA:CPU's batched dots read it without a copy; cached attention then runs `xla_attention(kv_layout="bhsk")`).
 KV_CACHE_LAYOUTS = ("bshk", "bhsk")

@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from moss_jax.kernels import common
+from moss_jax.kernels import common, flash_mgpu
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -159,6 +159,8 @@ class _Static:
     segments: bool
     interpret: bool | None
     launch: Launch
+    forward: str = "triton"  # or "mosaic": flash_mgpu's Hopper kernel (q_offset 0 only)
+    mosaic_tiles: flash_mgpu.Tiles | None = None
 
     @property
     def scale_log2(self) -> float:
@@ -484,7 +486,19 @@ def _attention(st: _Static, q, k, v, q_seg, kv_seg, offset):
 
 def _attention_fwd(st: _Static, q, k, v, q_seg, kv_seg, offset):
     run = functools.partial(_forward, st)
-    out, lse = common.on_platform(run, q, k, v, q_seg, kv_seg, offset, platform="cuda", interpret=st.interpret)
+    if st.forward == "mosaic" and st.interpret is None:
+
+        def hopper(q, k, v, q_seg, kv_seg, offset):
+            del offset  # 0: flash_attention_gpu takes this path for a static q_offset of 0 only
+            return flash_mgpu.flash_forward_hopper(
+                q, k, v, q_seg, kv_seg, causal=st.causal, scale=st.scale, tiles=st.mosaic_tiles
+            )
+
+        out, lse = lax.platform_dependent(
+            q, k, v, q_seg, kv_seg, offset, cuda=hopper, default=functools.partial(run, interpret=True)
+        )
+    else:
+        out, lse = common.on_platform(run, q, k, v, q_seg, kv_seg, offset, platform="cuda", interpret=st.interpret)
     res_out, res_lse = common.name_residuals(out, lse)
     return out, (q, k, v, q_seg, kv_seg, offset, res_out, res_lse)
 
@@ -514,6 +528,8 @@ def flash_attention_gpu(
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool | None = None,
+    forward: str = "triton",
+    mosaic_tiles: flash_mgpu.Tiles | None = None,
 ) -> jax.Array:
     """Flash attention (GPU Pallas/Triton kernel) with the semantics of `moss_jax.attention`.
 
@@ -521,7 +537,19 @@ def flash_attention_gpu(
     head_dim and dtype (`resolve_launch`); `num_stages` given applies to all three kernels.
     `interpret=None` compiles the kernel when lowering for CUDA and runs the Pallas
     interpreter on any other platform; True/False force one.
+    `forward="mosaic"` runs the forward pass with `flash_mgpu`'s Hopper kernel where it applies
+    (bf16/fp16, head_dim up to 256, `q_offset` the int 0, a Hopper GPU or none
+    visible, `interpret` None) and the Triton forward otherwise; the backward is Triton's.
+    `mosaic_tiles`: that kernel's tiles (None: `flash_mgpu.default_tiles`).
     """
+    if forward not in ("triton", "mosaic"):
+        raise ValueError(f"forward must be 'triton' or 'mosaic', got {forward!r}")
+    if forward == "mosaic" and (
+        interpret is not None
+        or flash_mgpu.unsupported(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_offset=q_offset, tiles=mosaic_tiles) is not None
+        or flash_mgpu.device_unsupported() is not None
+    ):
+        forward = "triton"
     head_dim = q_BxLxHxK.shape[-1]
     st = _Static(
         causal=causal,
@@ -529,6 +557,8 @@ def flash_attention_gpu(
         segments=common.check_segment_ids(q_segment_ids, kv_segment_ids),
         interpret=interpret,
         launch=resolve_launch(head_dim, q_BxLxHxK.dtype, block_sizes, num_warps, num_stages),
+        forward=forward,
+        mosaic_tiles=mosaic_tiles if forward == "mosaic" else None,
     )
     offset = common.offset_array(q_offset)
     return _attention(st, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset)

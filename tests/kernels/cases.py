@@ -20,6 +20,17 @@ TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 4e-2}
 ON_GPU = os.environ.get("MOSS_KERNEL_TEST_BACKEND") == "gpu"
 GPU_INTERPRET = None if ON_GPU else True
 
+# Newer jax asks which GPU it lowers for (compute capability) instead of assuming sm_90 when the
+# host has none; an abstract device on a one-device abstract mesh names it.
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+def cuda_text(fn, *args) -> str:
+    """StableHLO of `fn(*args)` lowered for CUDA on this host (an H100 named as the target)."""
+    mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:

@@ -20,7 +20,7 @@ from tests.kernels.cases import ON_GPU, Case, assert_matches_reference, make_inp
 
 CFG = PRESETS["debug"]
 IMPLS = [impl for impl in ATTENTION_IMPLS if impl not in ("xla", "cudnn")]  # cudnn: tests/kernels/test_cudnn.py
-KERNEL_IMPLS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+KERNEL_IMPLS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
 
 
 def _kernel_names(fn, *args) -> set[str]:

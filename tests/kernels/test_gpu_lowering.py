@@ -12,16 +12,11 @@ import pytest
 
 from moss_jax.attention import attention
 from moss_jax.kernels import decode_gpu, flash_gpu
-
-# Newer jax asks which GPU it lowers for (compute capability) instead of assuming sm_90 when the
-# host has none; an abstract device on a one-device abstract mesh names it.
-_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+from tests.kernels.cases import cuda_text
 
 
 def _triton_kernels(fn, *args) -> list[str]:
-    mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = cuda_text(fn, *args)
     # Each Triton launch is a custom call whose `name` attribute is the Pallas kernel name.
     assert "__gpu$xla.gpu.triton" in text
     return sorted(re.findall(r'name = "(moss_\w+?)"', text))

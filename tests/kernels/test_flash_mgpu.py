@@ -1,0 +1,151 @@
+"""The Hopper forward (kernels/flash_mgpu.py): lowering for CUDA on this host, routing, limits.
+
+Its numbers need an H100: on a CPU host the kernel is lowered (Pallas's Mosaic GPU lowering checks
+shapes, layouts and shared memory), not run; JAX 0.10's Mosaic GPU interpreter cannot run a
+warp-specialised kernel. `test_matches_reference_on_hopper` runs it where a Hopper GPU is the
+test backend (`MOSS_KERNEL_TEST_BACKEND=gpu`, bench/gpu_suite.sh's pytest part).
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from moss_jax.attention import attention
+from moss_jax.kernels import flash_gpu, flash_mgpu
+from tests.kernels.cases import ON_GPU, Case, assert_matches_reference, cuda_text
+
+MOSAIC = "mosaic_gpu"
+
+
+def _kernels(text: str) -> tuple[bool, list[str]]:
+    """(whether a Mosaic GPU kernel is launched, the Triton kernels' names)."""
+    return MOSAIC in text, sorted(re.findall(r'name = "(moss_\w+?)"', text))
+
+
+def _grad_text(attn, shape, dtype, segments: bool) -> str:
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    seg = jax.ShapeDtypeStruct(shape[:2], jnp.int32)
+
+    def loss(q, k, v, seg):
+        kw = dict(q_segment_ids=seg, kv_segment_ids=seg) if segments else {}
+        return jnp.sum(attn(q, k, v, **kw).astype(jnp.float32) ** 2)
+
+    return cuda_text(jax.grad(loss, argnums=(0, 1, 2)), x, x, x, seg)
+
+
+@pytest.mark.parametrize(
+    "dtype,head_dim,length,segments,causal",
+    [
+        (jnp.bfloat16, 128, 1024, False, True),  # whole tiles, the blocks below the diagonal unmasked
+        (jnp.bfloat16, 128, 1000, True, True),  # ragged: padded keys masked; packed rows
+        (jnp.float16, 64, 300, False, False),  # bidirectional, ragged
+        (jnp.bfloat16, 80, 1000, True, True),  # the 2b's head_dim, padded to 128
+        (jnp.bfloat16, 256, 512, False, True),  # MOSS's head_dim: 64-key blocks
+        (jnp.bfloat16, 64, 70, True, True),  # one key block: one K/V slot
+    ],
+    ids=[
+        "bf16-128-causal",
+        "bf16-128-packed-ragged",
+        "f16-64-bidirectional",
+        "bf16-80-packed",
+        "bf16-256-causal",
+        "bf16-64-one-block",
+    ],
+)
+def test_mosaic_forward_triton_backward_lower(dtype, head_dim, length, segments, causal):
+    attn = functools.partial(flash_gpu.flash_attention_gpu, causal=causal, forward="mosaic")
+    mosaic, triton = _kernels(_grad_text(attn, (2, length, 2, head_dim), dtype, segments))
+    assert mosaic
+    assert triton == ["moss_flash_dkv_gpu", "moss_flash_dq_gpu"]  # no Triton forward
+
+
+def test_impl_routes_training_to_mosaic_and_cache_calls_to_triton():
+    x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    train = cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu"), x, x, x)
+    assert _kernels(train) == (True, [])
+    prompt = jax.ShapeDtypeStruct((1, 16, 2, 64), jnp.bfloat16)  # a prefill at offset 100 of a cache
+    prefill = cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu", q_offset=100), prompt, x, x)
+    assert _kernels(prefill) == (False, ["moss_flash_fwd_gpu"])
+    fp32 = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
+    assert _kernels(cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu"), fp32, fp32, fp32)) == (
+        False,
+        ["moss_flash_fwd_gpu"],
+    )
+
+
+def test_unsupported_names_the_reason():
+    bf16 = jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
+    assert flash_mgpu.unsupported(bf16, bf16, bf16, q_offset=0) is None
+    fp32 = bf16.astype(jnp.float32)
+    assert "float32" in flash_mgpu.unsupported(fp32, fp32, fp32, q_offset=0)
+    wide = jnp.zeros((1, 8, 1, 320), jnp.bfloat16)
+    assert "320" in flash_mgpu.unsupported(wide, wide, wide, q_offset=0)
+    assert "q_offset" in flash_mgpu.unsupported(bf16, bf16, bf16, q_offset=5)
+    assert "q_offset" in flash_mgpu.unsupported(bf16, bf16, bf16, q_offset=jnp.int32(0))  # traced: unknown
+    big = flash_mgpu.Tiles(block_q=64, block_kv=256, stages=4)
+    d256 = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
+    assert "shared memory" in flash_mgpu.unsupported(d256, d256, d256, q_offset=0, tiles=big)
+    with pytest.raises(ValueError, match="flash_forward_hopper: .*float32"):
+        flash_mgpu.flash_forward_hopper(fp32, fp32, fp32, None, None, causal=True, scale=0.125)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(block_q=128), "block_q must be 64"),
+        (dict(block_kv=96), "block_kv must be"),
+        (dict(block_kv=512), "block_kv must be"),
+        (dict(stages=1), "stages must be at least 2"),
+    ],
+)
+def test_tiles_validate(kw, match):
+    with pytest.raises(ValueError, match=match):
+        flash_mgpu.Tiles(**kw)
+
+
+def test_smem_estimate_matches_the_lowering(monkeypatch):
+    """Our shared-memory count is what the Mosaic GPU lowering allocates, within the 4 KiB margin
+    `unsupported` keeps (barriers, alignment): an oversized setting is refused with its size."""
+    monkeypatch.setattr(flash_mgpu, "_SMEM_BUDGET", 10**9)
+    tiles = flash_mgpu.Tiles(block_q=64, block_kv=256, stages=3)
+    x = jax.ShapeDtypeStruct((1, 1024, 1, 256), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+    fn = functools.partial(flash_mgpu.flash_forward_hopper, causal=True, scale=1 / 16, tiles=tiles)
+    with pytest.raises(Exception, match="exceeds available shared memory") as info:
+        cuda_text(fn, x, x, x, seg, seg)
+    allocated = int(re.search(r"smem_bytes=(\d+)", str(info.value)).group(1))
+    estimate = tiles.smem_bytes(256, jnp.bfloat16, segments=True)
+    assert estimate <= allocated <= estimate + 4096, (estimate, allocated)
+    with pytest.raises(Exception, match="exceeds available shared memory") as info:
+        cuda_text(lambda q, k, v: fn(q, k, v, None, None), x, x, x)
+    allocated = int(re.search(r"smem_bytes=(\d+)", str(info.value)).group(1))
+    estimate = tiles.smem_bytes(256, jnp.bfloat16, segments=False)
+    assert estimate <= allocated <= estimate + 4096, (estimate, allocated)
+
+
+def test_off_hopper_the_impl_is_pallas_gpu():
+    """On this CPU host "pallas_mgpu" runs the Triton path in the interpreter: same numbers as
+    "pallas_gpu", bit for bit (the Hopper kernel only replaces the forward on an H100/H200)."""
+    rng = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(r, (1, 70, 2, 64), jnp.bfloat16) for r in rng)
+    got = jax.jit(functools.partial(attention, impl="pallas_mgpu"))(q, k, v)
+    want = jax.jit(functools.partial(attention, impl="pallas_gpu"))(q, k, v)
+    assert bool(jnp.all(got == want))
+
+
+@pytest.mark.skipif(not ON_GPU or flash_mgpu.device_unsupported() is not None, reason="needs a Hopper GPU test backend")
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("mgpu_causal", q_len=1000, kv_len=1000, head_dim=128, causal=True, segments=0, dtype=jnp.bfloat16),
+        Case("mgpu_packed", q_len=1000, kv_len=1000, head_dim=128, causal=True, segments=3, dtype=jnp.bfloat16),
+        Case("mgpu_d256", q_len=512, kv_len=512, head_dim=256, causal=True, segments=2, dtype=jnp.bfloat16),
+        Case("mgpu_d80", q_len=300, kv_len=300, head_dim=80, causal=False, segments=0, dtype=jnp.bfloat16),
+    ],
+    ids=str,
+)
+def test_matches_reference_on_hopper(case):
+    assert_matches_reference(functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic"), case)
