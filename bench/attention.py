@@ -15,7 +15,8 @@ interpreter, not the kernel.
 
 On a GPU (`--device gpu`) two more choices: `cudnn` is `jax.nn.dot_product_attention(...,
 implementation="cudnn")` (causal; it takes no segment ids, so only with `--segments 0`), and
-`jax_mgpu` is JAX's own Hopper example kernel (float16, forward only): how close a Pallas Mosaic GPU
+`pallas_mgpu_fwd` is the Hopper forward with the Triton backward (`pallas_mgpu` has both Hopper
+kernels); `jax_mgpu` is JAX's own Hopper example kernel (float16, forward only): how close a Pallas Mosaic GPU
 forward gets to cuDNN. `--gpu_blocks` times `pallas_gpu` once per tile setting "block_q,block_k,block_q_bwd,block_k_bwd
 [,num_warps[,num_stages]]" (the kernel's defaults when not given), `--mgpu_tiles` times
 `pallas_mgpu` (the Hopper forward of kernels/flash_mgpu.py, then the Triton backward) once per
@@ -108,9 +109,11 @@ def _attention_fn(impl: str, block: int | None, gpu_blocks: str | None):
         return functools.partial(flash_gpu.flash_attention_gpu, **parse_gpu_blocks(gpu_blocks))
     if impl == "pallas_mgpu" and gpu_blocks:
         tiles = parse_mgpu_tiles(gpu_blocks)
-        return functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic", mosaic_tiles=tiles)
+        return functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic", backward="mosaic", mosaic_tiles=tiles)
     if impl == "jax_mgpu":
         return _jax_mgpu_forward
+    if impl == "pallas_mgpu_fwd":  # the Hopper forward with the Triton backward
+        return functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic")
     if impl == "cudnn":
 
         def cudnn(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=True):

@@ -11,15 +11,16 @@ without segment ids ("offset")) forward and dq/dk/dv, bf16 and fp32, head_dim 64
 reference is `xla_attention` in fp32 at full matmul precision (XLA uses TF32 for fp32 matmuls on
 recent GPUs otherwise) on the same bf16-rounded inputs. One JSON line per case:
 
-    {"check": "flash", "forward", "dtype", "head_dim", ..., "out_err", "dq_err", "dk_err", "dv_err",
+    {"check": "flash", "variant", "dtype", "head_dim", ..., "out_err", "dq_err", "dk_err", "dv_err",
      "ref_max", "rel_err", "ok", "triton", "mosaic"}
 
 "*_err" is the max |kernel - reference|, "rel_err" the largest of them over the reference's max
 |value|, "ok" compares it with 2e-2 (bf16: a few ulps) or 1e-5 (fp32). "triton" says whether the
 compiled program launches the Triton kernel (False: the Pallas interpreter ran, as on a CPU).
-The bf16 flash cases run twice by default (`--forwards triton,mosaic`): the second with the forward
-of `kernels/flash_mgpu.py` (Mosaic GPU, Hopper); "mosaic" says whether it ran (a CPU or a
-non-Hopper GPU takes the Triton forward instead).
+The bf16 flash cases run three times by default (`--variants triton,mosaic_fwd,mosaic`): Triton,
+then the Hopper forward of `kernels/flash_mgpu.py` with the Triton backward, then both Hopper
+kernels (`flash_mgpu_bwd.py`); "mosaic" counts the Mosaic GPU kernels that ran (0 on a CPU or a
+non-Hopper GPU, which take the Triton kernels instead).
 `--smoke` uses small shapes (a CPU dry run); `--dtypes`, `--head_dims` and `--checks` keep only those
 cases ("offset" is at head_dim 128 whatever --head_dims says). Exits 1 when a case is not ok or fails.
 """
@@ -37,6 +38,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 REL_TOL = {"bfloat16": 2e-2, "float32": 1e-5}
+# Flash kernels checked: Triton forward and backward; the Hopper (Mosaic GPU) forward with the
+# Triton backward; both Hopper kernels (the backward where head_dim <= 128).
+VARIANTS = {
+    "triton": {},
+    "mosaic_fwd": {"forward": "mosaic"},
+    "mosaic": {"forward": "mosaic", "backward": "mosaic"},
+}
 
 
 def _segments(rng, batch: int, length: int, count: int):
@@ -52,13 +60,13 @@ def _segments(rng, batch: int, length: int, count: int):
 
 
 def _compile(fn, *args):
-    """(compiled, whether it launches a Triton kernel, whether a Mosaic GPU one, compile seconds)."""
+    """(compiled, whether it launches a Triton kernel, how many Mosaic GPU ones, compile seconds)."""
     import jax
 
     start = time.perf_counter()
     lowered = jax.jit(fn).lower(*args)
     text = lowered.as_text()
-    triton, mosaic = "__gpu$xla.gpu.triton" in text, "mosaic_gpu" in text
+    triton, mosaic = "__gpu$xla.gpu.triton" in text, text.count("@mosaic_gpu_v2(")
     return lowered.compile(), triton, mosaic, round(time.perf_counter() - start, 2)
 
 
@@ -85,7 +93,7 @@ def check_flash(
     q_offset: int,
     segments=3,
     seed=0,
-    forward: str = "triton",
+    variant: str = "triton",
 ):
     import functools
 
@@ -113,7 +121,7 @@ def check_flash(
         return fn
 
     args = (q, k, v, ct, seg_q, seg_kv)
-    kernel = functools.partial(flash_gpu.flash_attention_gpu, forward=forward)
+    kernel = functools.partial(flash_gpu.flash_attention_gpu, **VARIANTS[variant])
     compiled, triton, mosaic, compile_s = _compile(run(kernel), *args)
     got = compiled(*args)
     with jax.default_matmul_precision("highest"):
@@ -122,7 +130,7 @@ def check_flash(
     errs, rel = _errors(got, want)
     return {
         "check": "flash",
-        "forward": forward,
+        "variant": variant,
         "dtype": dtype,
         "head_dim": head_dim,
         "batch": batch,
@@ -201,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head_dims", default="64,128,256")
     parser.add_argument("--checks", default="flash,causal,offset,decode")
     parser.add_argument(
-        "--forwards", default="triton,mosaic", help="flash forward kernels; mosaic: bf16 only (Hopper, flash_mgpu)"
+        "--variants",
+        default="triton,mosaic_fwd,mosaic",
+        help="flash kernels: triton, mosaic_fwd (Hopper forward), mosaic (Hopper forward and backward); mosaic*: bf16",
     )
     args = parser.parse_args(argv)
     head_dims = {int(k) for k in args.head_dims.split(",")}
@@ -221,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in ("bfloat16", "float32"):
         if dtype not in args.dtypes.split(","):
             continue
-        fwds = [f for f in args.forwards.split(",") if f == "triton" or dtype == "bfloat16"]
-        for fwd in fwds:
-            f = {"forward": fwd}
+        variants = [v for v in args.variants.split(",") if v == "triton" or dtype == "bfloat16"]
+        for variant in variants:
+            f = {"variant": variant}
             dims = [k for k in (64, 128, 256) if "flash" in kinds and k in head_dims]
             checks += [(check_flash, dtype, k, flash | f) for k in dims]
             checks += [

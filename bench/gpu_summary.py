@@ -39,7 +39,7 @@ def _line(r: dict) -> str:
         return (
             f"check {kind} {r['dtype']} K={r['head_dim']} {shape}: {errs} rel={_g(r['rel_err'])} "
             f"{'ok' if r['ok'] else 'NOT OK'} triton={r['triton']}"
-            f"{' forward=' + r['forward'] + ' mosaic=' + str(r.get('mosaic')) if 'forward' in r else ''} "
+            f"{' variant=' + r['variant'] + ' mosaic=' + str(r.get('mosaic')) if 'variant' in r else ''} "
             f"compile={r['compile_s']}s"
         )
     if kind == "pytest_gpu":
@@ -85,7 +85,11 @@ def ratios(rows: list[dict]) -> list[str]:
             and not r.get("segments")
             and not r.get("gpu_blocks")
         }
-        for impl, label in (("pallas_gpu", "ours"), ("pallas_mgpu", "ours (Hopper fwd)")):
+        for impl, label in (
+            ("pallas_gpu", "ours"),
+            ("pallas_mgpu_fwd", "ours (Hopper fwd)"),
+            ("pallas_mgpu", "ours (Hopper fwd+bwd)"),
+        ):
             if impl in pick and "cudnn" in pick:
                 ours, cudnn = pick[impl], pick["cudnn"]
                 parts = [

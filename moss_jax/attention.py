@@ -18,9 +18,10 @@ Implementations (`impl`, also `MossConfig.attention_impl`):
 * "pallas_tpu" / "pallas_gpu": Pallas flash-attention kernels (Mosaic / Triton); a one-token
   query (the KV-cache decode step) uses the decode kernel instead. Off their platform they run
   in the Pallas interpreter, which is how the tests check them on CPU.
-* "pallas_mgpu": "pallas_gpu" whose forward pass is the Hopper kernel written in Pallas Mosaic GPU
-  (warp-specialised, TMA, wgmma; moss_jax/kernels/flash_mgpu.py) for bf16/fp16 training calls
-  (`q_offset` 0) on an H100/H200; elsewhere, and for the backward pass, exactly "pallas_gpu".
+* "pallas_mgpu": "pallas_gpu" whose forward and backward passes are Hopper kernels written in Pallas
+  Mosaic GPU (warp-specialised, TMA, wgmma; moss_jax/kernels/flash_mgpu.py, flash_mgpu_bwd.py) for
+  bf16/fp16 training calls (`q_offset` 0) on an H100/H200 (the backward for head_dim <= 128);
+  elsewhere exactly "pallas_gpu".
 * "cudnn": cuDNN's flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`,
   bf16/fp16 on a CUDA GPU only. Segment ids become a boolean [B, 1, L, S] mask (cuDNN takes it as
   a bias: correct, O(L^2) memory and slower than without); a call with a `q_offset` (the KV-cache
@@ -189,6 +190,7 @@ def _hopper_flash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids, kv_segment_
         kv_segment_ids=kv_segment_ids,
         causal=causal,
         forward="mosaic",
+        backward="mosaic",
     )
 
 
@@ -206,9 +208,9 @@ def pallas_mgpu_attention(
     causal: bool = True,
     q_offset: jax.Array | int = 0,
 ) -> jax.Array:
-    """ "pallas_gpu" with the forward pass of the Hopper (Mosaic GPU) kernel where it applies
-    (`flash_gpu.flash_attention_gpu(forward="mosaic")`); KV-cache calls (a `q_offset`) run
-    "pallas_gpu" unchanged."""
+    """The Hopper (Mosaic GPU) forward and backward kernels where they apply
+    (`flash_gpu.flash_attention_gpu(forward="mosaic", backward="mosaic")`), else "pallas_gpu";
+    KV-cache calls (a `q_offset`) run "pallas_gpu" unchanged."""
     kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
     if isinstance(q_offset, int) and q_offset == 0 and q_BxLxHxK.shape[1] > 1:
         return _pallas_hopper_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, **kw)

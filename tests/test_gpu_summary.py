@@ -20,7 +20,8 @@ def _attention(impl, fwd, fwd_bwd=None, **kw):
 def test_ratios_for_both_gpu_forwards_and_best_tiles():
     rows = [
         _attention("pallas_gpu", 0.8, 3.2),
-        _attention("pallas_mgpu", 0.6, 3.0),
+        _attention("pallas_mgpu_fwd", 0.6, 3.0),
+        _attention("pallas_mgpu", 0.6, 2.2),
         _attention("cudnn", 0.5, 2.0),
         _attention("jax_mgpu", 0.55),
         _attention("pallas_mgpu", 0.52, 2.9, gpu_blocks="128,3"),
@@ -28,15 +29,16 @@ def test_ratios_for_both_gpu_forwards_and_best_tiles():
     lines = gpu_summary.ratios(rows)
     assert "ours/cudnn L=4096: fwd 1.60, fwd_bwd 1.60 (goal <= 1.10)" in lines
     assert "ours (Hopper fwd)/cudnn L=4096: fwd 1.20, fwd_bwd 1.50 (goal <= 1.10)" in lines
+    assert "ours (Hopper fwd+bwd)/cudnn L=4096: fwd 1.20, fwd_bwd 1.10 (goal <= 1.10)" in lines
     assert "best tiles for fwd L=4096: pallas_mgpu 128,3, ours/cudnn 1.04" in lines
     assert all(gpu_summary._line(r).startswith("attention ") for r in rows)
-    assert "fwd+bwd - ms" in gpu_summary._line(rows[3])
+    assert "fwd+bwd - ms" in gpu_summary._line(rows[4])  # jax_mgpu: forward only
 
 
 def test_kernel_check_line_names_the_forward():
-    row = {"check": "flash", "forward": "mosaic", "mosaic": True, "dtype": "bfloat16", "head_dim": 128}
+    row = {"check": "flash", "variant": "mosaic", "mosaic": 2, "dtype": "bfloat16", "head_dim": 128}
     row |= {"q_len": 1000, "kv_len": 1000, "q_offset": 0, "segments": 3, "out_err": 0.01, "rel_err": 0.004}
     row |= {"ok": True, "triton": True, "compile_s": 3.0}
-    assert "forward=mosaic mosaic=True" in gpu_summary._line(row)
-    old = {k: v for k, v in row.items() if k not in ("forward", "mosaic")}  # a run before the Hopper forward
-    assert "forward=" not in gpu_summary._line(old)
+    assert "variant=mosaic mosaic=2" in gpu_summary._line(row)
+    old = {k: v for k, v in row.items() if k not in ("variant", "mosaic")}  # a run before the Hopper kernels
+    assert "variant=" not in gpu_summary._line(old)

@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from moss_jax.kernels import common, flash_mgpu
+from moss_jax.kernels import common, flash_mgpu, flash_mgpu_bwd
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -160,6 +160,7 @@ class _Static:
     interpret: bool | None
     launch: Launch
     forward: str = "triton"  # or "mosaic": flash_mgpu's Hopper kernel (q_offset 0 only)
+    backward: str = "triton"  # or "mosaic": flash_mgpu_bwd's (with a Mosaic forward only)
     mosaic_tiles: flash_mgpu.Tiles | None = None
 
     @property
@@ -508,7 +509,17 @@ def _attention_bwd(st: _Static, res, do):
     delta_BxHxL = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
     run = functools.partial(_backward, st)
     args = (q, k, v, q_seg, kv_seg, offset, lse, delta_BxHxL, do.astype(q.dtype))
-    dq, dk, dv = common.on_platform(run, *args, platform="cuda", interpret=st.interpret)
+    if st.backward == "mosaic" and st.interpret is None:
+
+        def hopper(q, k, v, q_seg, kv_seg, offset, lse, delta, do):
+            del offset  # 0, as for the forward
+            return flash_mgpu_bwd.flash_backward_hopper(
+                q, k, v, q_seg, kv_seg, lse, delta, do, causal=st.causal, scale=st.scale
+            )
+
+        dq, dk, dv = lax.platform_dependent(*args, cuda=hopper, default=functools.partial(run, interpret=True))
+    else:
+        dq, dk, dv = common.on_platform(run, *args, platform="cuda", interpret=st.interpret)
     return dq, dk, dv, None, None, None
 
 
@@ -529,6 +540,7 @@ def flash_attention_gpu(
     num_stages: int | None = None,
     interpret: bool | None = None,
     forward: str = "triton",
+    backward: str = "triton",
     mosaic_tiles: flash_mgpu.Tiles | None = None,
 ) -> jax.Array:
     """Flash attention (GPU Pallas/Triton kernel) with the semantics of `moss_jax.attention`.
@@ -539,25 +551,32 @@ def flash_attention_gpu(
     interpreter on any other platform; True/False force one.
     `forward="mosaic"` runs the forward pass with `flash_mgpu`'s Hopper kernel where it applies
     (bf16/fp16, head_dim up to 256, `q_offset` the int 0, a Hopper GPU or none
-    visible, `interpret` None) and the Triton forward otherwise; the backward is Triton's.
-    `mosaic_tiles`: that kernel's tiles (None: `flash_mgpu.default_tiles`).
+    visible, `interpret` None) and the Triton forward otherwise. `backward="mosaic"` runs the
+    backward with `flash_mgpu_bwd`'s fused Hopper kernel where the Mosaic forward ran and
+    head_dim <= 128; otherwise the two Triton kernels. `mosaic_tiles`: the Mosaic forward's tiles
+    (None: `flash_mgpu.default_tiles`).
     """
-    if forward not in ("triton", "mosaic"):
-        raise ValueError(f"forward must be 'triton' or 'mosaic', got {forward!r}")
+    for name, value in (("forward", forward), ("backward", backward)):
+        if value not in ("triton", "mosaic"):
+            raise ValueError(f"{name} must be 'triton' or 'mosaic', got {value!r}")
     if forward == "mosaic" and (
         interpret is not None
         or flash_mgpu.unsupported(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_offset=q_offset, tiles=mosaic_tiles) is not None
         or flash_mgpu.device_unsupported() is not None
     ):
         forward = "triton"
+    segments = common.check_segment_ids(q_segment_ids, kv_segment_ids)
+    if forward != "mosaic" or flash_mgpu_bwd.unsupported(q_BxLxHxK, segments=segments) is not None:
+        backward = "triton"
     head_dim = q_BxLxHxK.shape[-1]
     st = _Static(
         causal=causal,
         scale=1.0 / float(head_dim) ** 0.5,
-        segments=common.check_segment_ids(q_segment_ids, kv_segment_ids),
+        segments=segments,
         interpret=interpret,
         launch=resolve_launch(head_dim, q_BxLxHxK.dtype, block_sizes, num_warps, num_stages),
         forward=forward,
+        backward=backward,
         mosaic_tiles=mosaic_tiles if forward == "mosaic" else None,
     )
     offset = common.offset_array(q_offset)

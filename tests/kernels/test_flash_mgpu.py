@@ -1,4 +1,5 @@
-"""The Hopper forward (kernels/flash_mgpu.py): lowering for CUDA on this host, routing, limits.
+"""The Hopper kernels (kernels/flash_mgpu.py forward, flash_mgpu_bwd.py backward): lowering for
+CUDA on this host, routing, limits.
 
 Its numbers need an H100: on a CPU host the kernel is lowered (Pallas's Mosaic GPU lowering checks
 shapes, layouts and shared memory), not run; JAX 0.10's Mosaic GPU interpreter cannot run a
@@ -14,15 +15,13 @@ import jax.numpy as jnp
 import pytest
 
 from moss_jax.attention import attention
-from moss_jax.kernels import flash_gpu, flash_mgpu
+from moss_jax.kernels import flash_gpu, flash_mgpu, flash_mgpu_bwd
 from tests.kernels.cases import ON_GPU, Case, assert_matches_reference, cuda_text
 
-MOSAIC = "mosaic_gpu"
 
-
-def _kernels(text: str) -> tuple[bool, list[str]]:
-    """(whether a Mosaic GPU kernel is launched, the Triton kernels' names)."""
-    return MOSAIC in text, sorted(re.findall(r'name = "(moss_\w+?)"', text))
+def _kernels(text: str) -> tuple[int, list[str]]:
+    """(how many Mosaic GPU kernels are launched, the Triton kernels' names)."""
+    return text.count("@mosaic_gpu_v2("), sorted(re.findall(r'name = "(moss_\w+?)"', text))
 
 
 def _grad_text(attn, shape, dtype, segments: bool) -> str:
@@ -55,23 +54,29 @@ def _grad_text(attn, shape, dtype, segments: bool) -> str:
         "bf16-64-one-block",
     ],
 )
-def test_mosaic_forward_triton_backward_lower(dtype, head_dim, length, segments, causal):
-    attn = functools.partial(flash_gpu.flash_attention_gpu, causal=causal, forward="mosaic")
+@pytest.mark.parametrize("backward", ["triton", "mosaic"])
+def test_mosaic_kernels_lower(dtype, head_dim, length, segments, causal, backward):
+    """Forward and backward lower for CUDA; head_dim 256 keeps the Triton backward (registers)."""
+    attn = functools.partial(flash_gpu.flash_attention_gpu, causal=causal, forward="mosaic", backward=backward)
     mosaic, triton = _kernels(_grad_text(attn, (2, length, 2, head_dim), dtype, segments))
-    assert mosaic
-    assert triton == ["moss_flash_dkv_gpu", "moss_flash_dq_gpu"]  # no Triton forward
+    if backward == "mosaic" and head_dim <= 128:
+        assert (mosaic, triton) == (2, [])
+    else:
+        assert (mosaic, triton) == (1, ["moss_flash_dkv_gpu", "moss_flash_dq_gpu"])  # no Triton forward
 
 
 def test_impl_routes_training_to_mosaic_and_cache_calls_to_triton():
     x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     train = cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu"), x, x, x)
-    assert _kernels(train) == (True, [])
+    assert _kernels(train) == (1, [])
+    grad = _grad_text(functools.partial(attention, impl="pallas_mgpu"), (1, 256, 2, 64), jnp.bfloat16, True)
+    assert _kernels(grad) == (2, [])
     prompt = jax.ShapeDtypeStruct((1, 16, 2, 64), jnp.bfloat16)  # a prefill at offset 100 of a cache
     prefill = cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu", q_offset=100), prompt, x, x)
-    assert _kernels(prefill) == (False, ["moss_flash_fwd_gpu"])
+    assert _kernels(prefill) == (0, ["moss_flash_fwd_gpu"])
     fp32 = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
     assert _kernels(cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu"), fp32, fp32, fp32)) == (
-        False,
+        0,
         ["moss_flash_fwd_gpu"],
     )
 
@@ -90,6 +95,10 @@ def test_unsupported_names_the_reason():
     assert "shared memory" in flash_mgpu.unsupported(d256, d256, d256, q_offset=0, tiles=big)
     with pytest.raises(ValueError, match="flash_forward_hopper: .*float32"):
         flash_mgpu.flash_forward_hopper(fp32, fp32, fp32, None, None, causal=True, scale=0.125)
+    assert flash_mgpu_bwd.unsupported(bf16) is None
+    assert "registers" in flash_mgpu_bwd.unsupported(d256)
+    with pytest.raises(ValueError, match="forward must be"):
+        flash_gpu.flash_attention_gpu(bf16, bf16, bf16, forward="cudnn")
 
 
 @pytest.mark.parametrize(
@@ -126,14 +135,33 @@ def test_smem_estimate_matches_the_lowering(monkeypatch):
     assert estimate <= allocated <= estimate + 4096, (estimate, allocated)
 
 
+def test_backward_smem_estimate_matches_the_lowering(monkeypatch):
+    """As above for the fused backward, made to overflow at head_dim 256."""
+    monkeypatch.setattr(flash_mgpu_bwd, "_MAX_HEAD_DIM", 256)
+    monkeypatch.setattr(flash_mgpu_bwd, "_SMEM_BUDGET", 10**9)
+    x = jax.ShapeDtypeStruct((1, 256, 1, 256), jnp.bfloat16)
+    vec = jax.ShapeDtypeStruct((1, 1, 256), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+    fn = functools.partial(flash_mgpu_bwd.flash_backward_hopper, causal=True, scale=1 / 16)
+    with pytest.raises(Exception, match="exceeds available shared memory") as info:
+        cuda_text(lambda q, k, v, lse, delta, do, s: fn(q, k, v, s, s, lse, delta, do), x, x, x, vec, vec, x, seg)
+    allocated = int(re.search(r"smem_bytes=(\d+)", str(info.value)).group(1))
+    estimate = flash_mgpu_bwd.smem_bytes(256, jnp.bfloat16, segments=True)
+    assert estimate <= allocated <= estimate + 4096, (estimate, allocated)
+
+
 def test_off_hopper_the_impl_is_pallas_gpu():
-    """On this CPU host "pallas_mgpu" runs the Triton path in the interpreter: same numbers as
-    "pallas_gpu", bit for bit (the Hopper kernel only replaces the forward on an H100/H200)."""
+    """On this CPU host "pallas_mgpu" runs the Triton path in the interpreter: same values and
+    gradients as "pallas_gpu", bit for bit (the Hopper kernels replace them on an H100/H200 only)."""
     rng = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(r, (1, 70, 2, 64), jnp.bfloat16) for r in rng)
-    got = jax.jit(functools.partial(attention, impl="pallas_mgpu"))(q, k, v)
-    want = jax.jit(functools.partial(attention, impl="pallas_gpu"))(q, k, v)
-    assert bool(jnp.all(got == want))
+
+    def value_and_grads(impl):
+        loss = functools.partial(lambda q, k, v, impl: jnp.sum(attention(q, k, v, impl=impl) ** 2), impl=impl)
+        return jax.tree.leaves(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v))
+
+    for got, want in zip(value_and_grads("pallas_mgpu"), value_and_grads("pallas_gpu"), strict=True):
+        assert bool(jnp.all(got == want))
 
 
 @pytest.mark.skipif(not ON_GPU or flash_mgpu.device_unsupported() is not None, reason="needs a Hopper GPU test backend")
@@ -147,5 +175,7 @@ def test_off_hopper_the_impl_is_pallas_gpu():
     ],
     ids=str,
 )
-def test_matches_reference_on_hopper(case):
-    assert_matches_reference(functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic"), case)
+@pytest.mark.parametrize("backward", ["triton", "mosaic"])
+def test_matches_reference_on_hopper(case, backward):
+    attn = functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic", backward=backward)
+    assert_matches_reference(attn, case)

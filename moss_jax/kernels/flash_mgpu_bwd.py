@@ -1,0 +1,349 @@
+"""Flash-attention backward for NVIDIA Hopper (sm_90) in Pallas Mosaic GPU: one fused kernel.
+
+The Triton backward (`flash_gpu`) runs two kernels, `dkv` and `dq`, which together do 7 block
+matmuls per (query block, key block) pair; cuDNN and FlashAttention-3 do 5 in one kernel by
+adding each key block's share of dQ into an fp32 buffer in global memory. This kernel does the
+same, with the TMA unit's reduce-add (`copy_smem_to_gmem(..., reduction_op="add")`).
+
+One program owns 2 x 64 keys of one (batch, head):
+
+* warpgroups 0 and 1 each hold 64 keys' K and V in shared memory and loop over the query blocks
+  (64 rows) that can see them: S^T = K Q^T, P^T = exp2(S^T * scale * log2(e) - lse) from the
+  forward's base-2 log-sum-exp, dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+  dK += dS^T Q (all `wgmma`); dS^T goes to shared memory, where dQ_part = dS K (the transposed
+  view) is formed and added to the fp32 dQ buffer by TMA;
+* warpgroup 2 streams Q, dO, lse, delta (and the rows' segment ids) through `stages` slots.
+
+Masking is the forward's (causal, segment ids, padded keys; q_offset 0); with causal masking a key
+block's loop starts at the first query block that sees it, and warpgroup 1 releases the one
+block the program streams for warpgroup 0 only. The summation order of dQ's adds depends on
+scheduling: dQ is not bit-reproducible run to run (dK and dV are), as in FlashAttention-3.
+
+Limits: head_dim (padded to a multiple of 64) at most 128: dK and dV accumulators of [64, 256]
+fp32 would need 256 registers per thread; wider heads keep the Triton backward. Checked on this
+CPU host by lowering for CUDA only, as the forward (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from moss_jax.kernels import common
+from moss_jax.kernels.flash_mgpu import _COL, _COMPUTE_REGS, _COMPUTE_WGS, _LOG2E, _MEMORY_REGS, _ROW, _padded_dim
+
+BLOCK = 64  # query rows per step and keys per warpgroup (one wgmma M)
+STAGES = 2
+_MAX_HEAD_DIM = 128
+_SMEM_BUDGET = 232448 - 4096
+
+
+def smem_bytes(head_dim: int, dtype, segments: bool) -> int:
+    """Buffers: per warpgroup K, V, dS^T and the fp32 dQ part; per slot Q, dO, lse, delta (ids)."""
+    size = jnp.dtype(dtype).itemsize
+    per_wg = 2 * BLOCK * head_dim * size + BLOCK * BLOCK * size + BLOCK * head_dim * 4 + (BLOCK * 4 if segments else 0)
+    per_slot = 2 * BLOCK * head_dim * size + 2 * BLOCK * 4 + (BLOCK * 4 if segments else 0)
+    return _COMPUTE_WGS * per_wg + STAGES * per_slot
+
+
+def unsupported(q: jax.Array, *, segments: bool = True) -> str | None:
+    """Why this kernel cannot run the backward of a call the Hopper forward ran, or None."""
+    head_dim = _padded_dim(q.shape[-1])
+    if head_dim > _MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]}: the Mosaic GPU backward takes up to {_MAX_HEAD_DIM} (registers)"
+    if smem_bytes(head_dim, q.dtype, segments) > _SMEM_BUDGET:
+        return f"head_dim {q.shape[-1]} needs {smem_bytes(head_dim, q.dtype, segments)} bytes of shared memory"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    causal: bool
+    segments: bool
+    scale: float
+    q_len: int  # padded to BLOCK
+    kv_len: int  # padded to 2 * BLOCK
+    kv_real: int | None
+    head_dim: int
+    dtype: jnp.dtype
+
+    @property
+    def num_q(self) -> int:
+        return self.q_len // BLOCK
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return self.kv_len // (_COMPUTE_WGS * BLOCK)
+
+    def q_start(self, kv_first):
+        """First query block whose last row sees key `kv_first`."""
+        if not self.causal:
+            return 0
+        return jnp.minimum(lax.div(kv_first, jnp.int32(BLOCK)), self.num_q)
+
+    def q_whole(self, kv_first, start):
+        """First query block from which on every row sees keys [kv_first, kv_first + BLOCK) whole."""
+        if self.segments:
+            return self.num_q
+        first = start
+        if self.causal:  # row i * BLOCK sees the block's last key kv_first + BLOCK - 1
+            first = jnp.clip(pl.cdiv(kv_first + BLOCK - 1, jnp.int32(BLOCK)), start, self.num_q)
+        if self.kv_real is not None:  # the warpgroup holding padded keys masks every block
+            first = jnp.where(kv_first + BLOCK > self.kv_real, jnp.int32(self.num_q), first)
+        return first
+
+
+def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: _Geometry):
+    if geo.segments:
+        q_seg_ref, kv_seg_ref, dq_acc_ref, dk_ref, dv_ref = refs
+    else:
+        (dq_acc_ref, dk_ref, dv_ref), q_seg_ref, kv_seg_ref = refs, None, None
+    swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    d, wgs = geo.head_dim, _COMPUTE_WGS
+    scratch = dict(
+        k=plgpu.SMEM((wgs, BLOCK, d), geo.dtype, **swizzled),  # then dK
+        v=plgpu.SMEM((wgs, BLOCK, d), geo.dtype, **swizzled),  # then dV
+        ds=plgpu.SMEM((wgs, BLOCK, BLOCK), geo.dtype, **swizzled),  # dS^T
+        dq=plgpu.SMEM((wgs, BLOCK, d), jnp.float32),  # a dQ part on its way to the fp32 buffer
+        kv_seg=plgpu.SMEM((wgs, BLOCK), jnp.int32) if geo.segments else None,
+        q=plgpu.SMEM((STAGES, BLOCK, d), geo.dtype, **swizzled),
+        do=plgpu.SMEM((STAGES, BLOCK, d), geo.dtype, **swizzled),
+        lse=plgpu.SMEM((STAGES, BLOCK), jnp.float32),
+        delta=plgpu.SMEM((STAGES, BLOCK), jnp.float32),
+        q_seg=plgpu.SMEM((STAGES, BLOCK), jnp.int32) if geo.segments else None,
+    )
+    names = ("q", "do", "lse", "delta", "q_seg") if geo.segments else ("q", "do", "lse", "delta")
+    barriers = dict(
+        kv_loaded=plgpu.Barrier(num_barriers=wgs),
+        v_loaded=plgpu.Barrier(num_barriers=wgs),
+        kv_seg_loaded=plgpu.Barrier(num_barriers=wgs) if geo.segments else None,
+        **{f"{n}_loaded": plgpu.Barrier(num_barriers=STAGES) for n in names},
+        consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=STAGES),
+    )
+    gmem = dict(q=q_ref, k=k_ref, v=v_ref, do=do_ref, lse=lse_ref, delta=delta_ref, q_seg=q_seg_ref, kv_seg=kv_seg_ref)
+    out = dict(dq=dq_acc_ref, dk=dk_ref, dv=dv_ref)
+    pl.run_scoped(
+        lambda smem, bars: _program(gmem, out, smem, bars, names, geo=geo),
+        scratch,
+        barriers,
+        collective_axes="wg",
+    )
+
+
+def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
+    batch, head, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
+    wg = lax.axis_index("wg")
+    d = geo.head_dim
+    program_start = geo.q_start(tile * (_COMPUTE_WGS * BLOCK))  # what the TMA warpgroup streams from
+
+    def slot_of(i):
+        return lax.rem(i - program_start, jnp.int32(STAGES))
+
+    def wait_slot(slot):
+        for n in names:
+            plgpu.barrier_wait(bars[f"{n}_loaded"].at[slot])
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(_COMPUTE_REGS, action="increase")
+        kv_first = tile * (_COMPUTE_WGS * BLOCK) + wg * BLOCK
+        keys = (batch, pl.ds(kv_first, BLOCK), head)
+        k_smem, v_smem, ds_smem, dq_smem = smem["k"].at[wg], smem["v"].at[wg], smem["ds"].at[wg], smem["dq"].at[wg]
+        plgpu.copy_gmem_to_smem(gmem["k"].at[keys], k_smem, bars["kv_loaded"].at[wg])
+        plgpu.copy_gmem_to_smem(gmem["v"].at[keys], v_smem, bars["v_loaded"].at[wg])
+        kv_seg = None
+        if geo.segments:
+            ids = gmem["kv_seg"].at[batch, pl.ds(kv_first, BLOCK)]
+            plgpu.copy_gmem_to_smem(ids, smem["kv_seg"].at[wg], bars["kv_seg_loaded"].at[wg])
+            plgpu.barrier_wait(bars["kv_seg_loaded"].at[wg])
+            kv_seg = plgpu.load(smem["kv_seg"].at[wg], (), layout=_ROW)  # S^T's rows are keys
+        plgpu.barrier_wait(bars["kv_loaded"].at[wg])
+        plgpu.barrier_wait(bars["v_loaded"].at[wg])
+
+        start = geo.q_start(kv_first)
+        whole = geo.q_whole(kv_first, start)
+
+        @pl.loop(program_start, start)
+        def _(i):  # warpgroup 1 skips the block only warpgroup 0 needs (causal): release it
+            slot = slot_of(i)
+            wait_slot(slot)
+            plgpu.barrier_arrive(bars["consumed"].at[slot])
+
+        def step(i, carry, *, masked: bool):
+            dk, dv = carry
+            slot = slot_of(i)
+            q_smem, do_smem = smem["q"].at[slot], smem["do"].at[slot]
+            wait_slot(slot)
+
+            def scores_t(acc_ref):
+                plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem, (1, 0)))
+                return acc_ref[...]
+
+            s_t = pl.run_scoped(scores_t, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
+            if masked:
+                q_seg = plgpu.load(smem["q_seg"].at[slot], (), layout=_COL) if geo.segments else None
+                s_t = jnp.where(_visible_t(geo, kv_first, i, kv_seg, q_seg), s_t, -jnp.inf)
+            lse = plgpu.load(smem["lse"].at[slot], (), layout=_COL)
+            p_t = jnp.exp2(s_t * (geo.scale * _LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+            p_lo = p_t.astype(geo.dtype)
+
+            def dv_and_dp(refs):  # two wgmmas, one wait
+                dv_ref, dp_ref = refs
+                plgpu.wgmma(dv_ref, p_lo, do_smem)
+                plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem, (1, 0)))
+
+            zeros = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), plgpu.Layout.WGMMA)
+            dv, dp_t = pl.run_state(dv_and_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+            delta = plgpu.load(smem["delta"].at[slot], (), layout=_COL)
+            ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(geo.dtype)
+
+            def dk_step(acc_ref):
+                plgpu.wgmma(acc_ref, ds_t, q_smem)
+
+            dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
+            ds_smem[...] = ds_t
+            plgpu.commit_smem()
+
+            def dq_part(acc_ref):
+                plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem, (1, 0)), k_smem)
+                return acc_ref[...]
+
+            dq = pl.run_scoped(dq_part, plgpu.ACC((BLOCK, d), jnp.float32))
+            plgpu.barrier_arrive(bars["consumed"].at[slot])  # Q, dO, lse, delta of this slot are done
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous part has left dq_smem
+            dq_smem[...] = dq
+            plgpu.commit_smem()
+            rows = (batch, pl.ds(i * BLOCK, BLOCK), head)
+            plgpu.copy_smem_to_gmem(dq_smem, out["dq"].at[rows], reduction_op="add")
+            return dk, dv
+
+        zeros = plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32), plgpu.Layout.WGMMA)
+        carry = lax.fori_loop(start, whole, functools.partial(step, masked=True), (zeros, zeros))
+        dk, dv = lax.fori_loop(whole, geo.num_q, functools.partial(step, masked=False), carry)
+
+        k_smem[...] = (dk * geo.scale).astype(geo.dtype)  # dS^T is w.r.t. the scaled scores
+        v_smem[...] = dv.astype(geo.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, out["dk"].at[keys], commit_group=False)
+        plgpu.copy_smem_to_gmem(v_smem, out["dv"].at[keys], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(_MEMORY_REGS, action="decrease")
+
+        def fetch(i, slot):
+            rows = (batch, pl.ds(i * BLOCK, BLOCK), head)
+            vec = (batch, head, pl.ds(i * BLOCK, BLOCK))
+            sources = dict(q=gmem["q"].at[rows], do=gmem["do"].at[rows], lse=gmem["lse"].at[vec])
+            sources["delta"] = gmem["delta"].at[vec]
+            if geo.segments:
+                sources["q_seg"] = gmem["q_seg"].at[batch, pl.ds(i * BLOCK, BLOCK)]
+            for n in names:
+                plgpu.copy_gmem_to_smem(sources[n], smem[n].at[slot], bars[f"{n}_loaded"].at[slot])
+
+        for s in range(STAGES):
+
+            @pl.when(program_start + s < geo.num_q)
+            def _():
+                fetch(program_start + s, s)
+
+        @pl.loop(program_start + STAGES, geo.num_q)
+        def _(i):
+            slot = slot_of(i)
+            plgpu.barrier_wait(bars["consumed"].at[slot])
+            fetch(i, slot)
+
+
+def _visible_t(geo: _Geometry, kv_first, i, kv_seg, q_seg):
+    """Which entries of S^T (keys x query rows of block i) are visible: [BLOCK, BLOCK] bool."""
+    shape = (BLOCK, BLOCK)
+    ok = None
+    keys = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + kv_first
+    if geo.causal:
+        rows = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + i * BLOCK
+        ok = rows >= keys
+    if geo.kv_real is not None:
+        real = keys < geo.kv_real
+        ok = real if ok is None else jnp.logical_and(ok, real)
+    if geo.segments:
+        same = lax.broadcast_in_dim(kv_seg, shape, [0]) == lax.broadcast_in_dim(q_seg, shape, [1])
+        ok = same if ok is None else jnp.logical_and(ok, same)
+    return ok
+
+
+def flash_backward_hopper(
+    q_BxLxHxK: jax.Array,
+    k_BxSxHxK: jax.Array,
+    v_BxSxHxK: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    lse_BxHxL: jax.Array,
+    delta_BxHxL: jax.Array,
+    do_BxLxHxK: jax.Array,
+    *,
+    causal: bool,
+    scale: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq, dk, dv) of `flash_mgpu.flash_forward_hopper` (q_offset 0) from its base-2 log-sum-exp
+    and delta = rowsum(out * dO) [B, H, L]; see `unsupported`."""
+    segments = common.check_segment_ids(q_segment_ids, kv_segment_ids)
+    reason = unsupported(q_BxLxHxK, segments=segments)
+    if reason is not None:
+        raise ValueError(f"flash_backward_hopper: {reason}")
+    batch, q_len, heads, head_dim = q_BxLxHxK.shape
+    kv_len = k_BxSxHxK.shape[1]
+    dp = _padded_dim(head_dim)
+    q_pad, kv_pad = common.round_up(q_len, BLOCK), common.round_up(kv_len, _COMPUTE_WGS * BLOCK)
+    geo = _Geometry(
+        causal=causal,
+        segments=segments,
+        scale=scale,
+        q_len=q_pad,
+        kv_len=kv_pad,
+        kv_real=None if kv_pad == kv_len else kv_len,
+        head_dim=dp,
+        dtype=jnp.dtype(q_BxLxHxK.dtype),
+    )
+
+    def rows(x, length):
+        return common.pad_axis(common.pad_axis(x.astype(geo.dtype), 1, length), 3, dp)
+
+    # Padded query rows: zero q and dO, lse = delta = 0, so p^T = 1 meets dO = 0 and dP^T = 0: nothing.
+    args = [
+        rows(q_BxLxHxK, q_pad),
+        rows(k_BxSxHxK, kv_pad),
+        rows(v_BxSxHxK, kv_pad),
+        rows(do_BxLxHxK, q_pad),
+        common.pad_axis(lse_BxHxL.astype(jnp.float32), 2, q_pad),
+        common.pad_axis(delta_BxHxL.astype(jnp.float32), 2, q_pad),
+    ]
+    if segments:
+        args += [
+            common.pad_axis(q_segment_ids.astype(jnp.int32), 1, q_pad),
+            common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_pad),
+        ]
+    dq_acc = jax.new_ref(jnp.zeros((batch, q_pad, heads, dp), jnp.float32))
+    kv_shape = jax.ShapeDtypeStruct((batch, kv_pad, heads, dp), geo.dtype)
+    dk, dv = pl.kernel(
+        functools.partial(_kernel, geo=geo),
+        out_type=(kv_shape, kv_shape),
+        mesh=plgpu.Mesh(
+            grid=(heads, geo.num_kv_tiles, batch),
+            grid_names=("heads", "kv_seq", "batch"),
+            num_threads=_COMPUTE_WGS + 1,
+            thread_name="wg",
+        ),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        name="moss_flash_bwd_hopper",
+    )(*args, dq_acc)
+    dq = (dq_acc[...] * scale)[:, :q_len, :, :head_dim].astype(q_BxLxHxK.dtype)
+    crop = (slice(None), slice(0, kv_len), slice(None), slice(0, head_dim))
+    return dq, dk[crop], dv[crop]
