@@ -12,10 +12,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moss_jax.attention import attention
-from moss_jax.kernels import flash_gpu, flash_mgpu, flash_mgpu_bwd
+from moss_jax.kernels import common, flash_gpu, flash_mgpu, flash_mgpu_bwd
 from tests.kernels.cases import ON_GPU, Case, assert_matches_reference, cuda_text
 
 
@@ -179,3 +180,68 @@ def test_off_hopper_the_impl_is_pallas_gpu():
 def test_matches_reference_on_hopper(case, backward):
     attn = functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic", backward=backward)
     assert_matches_reference(attn, case)
+
+
+def _visible(rows, cols, *, causal, kv_real):
+    """[rows, cols] visibility by position (causal, padded keys), as `common.visible`."""
+    ok = np.ones((len(rows), len(cols)), bool)
+    if causal:
+        ok &= rows[:, None] >= cols[None, :]
+    if kv_real is not None:
+        ok &= cols[None, :] < kv_real
+    return ok
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("kv_len", [1000, 1024, 70], ids=["ragged", "whole", "one-block"])
+def test_forward_loop_bounds_cover_exactly_the_visible_blocks(causal, kv_len):
+    """Per compute warpgroup: key blocks >= kv_steps hold no visible score, blocks < kv_whole are
+    visible whole (no mask), and the TMA warpgroup streams every block either warpgroup needs."""
+    bq, bkv = 64, 128
+    q_len, kv_pad = common.round_up(kv_len, 2 * bq), common.round_up(kv_len, bkv)
+    geo = flash_mgpu._Geometry(
+        causal=causal, segments=False, scale_log2=1.0, block_q=bq, block_kv=bkv, stages=2, q_len=q_len,
+        kv_len=kv_pad, kv_real=None if kv_pad == kv_len else kv_len, head_dim=64, dtype=jnp.dtype(jnp.bfloat16),
+    )  # fmt: skip
+    for tile in range(geo.num_q_tiles):
+        program_steps = int(geo.kv_steps(jnp.int32((tile + 1) * 2 * bq)))
+        for wg in range(2):
+            first = tile * 2 * bq + wg * bq
+            steps, whole = int(geo.kv_steps(jnp.int32(first + bq))), int(geo.kv_whole(jnp.int32(first)))
+            assert 0 <= whole <= steps <= program_steps <= geo.num_kv
+            rows = np.arange(first, first + bq)
+            for j in range(geo.num_kv):
+                seen = _visible(rows, np.arange(j * bkv, (j + 1) * bkv), causal=causal, kv_real=geo.kv_real)
+                if j >= steps:
+                    assert not seen.any(), (tile, wg, j)
+                if j < whole:
+                    assert seen.all(), (tile, wg, j)
+                if seen.any():
+                    assert j < steps, (tile, wg, j)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("kv_len", [1000, 1024, 70], ids=["ragged", "whole", "one-block"])
+def test_backward_loop_bounds_cover_exactly_the_visible_blocks(causal, kv_len):
+    """Per compute warpgroup of the fused backward: query blocks < q_start see none of its keys,
+    blocks >= q_whole see them whole, and the program streams from the first warpgroup's start."""
+    block = flash_mgpu_bwd.BLOCK
+    q_pad, kv_pad = common.round_up(kv_len, block), common.round_up(kv_len, 2 * block)
+    geo = flash_mgpu_bwd._Geometry(
+        causal=causal, segments=False, scale=1.0, q_len=q_pad, kv_len=kv_pad,
+        kv_real=None if kv_pad == kv_len else kv_len, head_dim=64, dtype=jnp.dtype(jnp.bfloat16),
+    )  # fmt: skip
+    for tile in range(geo.num_kv_tiles):
+        program_start = int(geo.q_start(jnp.int32(tile * 2 * block)))
+        for wg in range(2):
+            kv_first = tile * 2 * block + wg * block
+            start = int(geo.q_start(jnp.int32(kv_first)))
+            whole = int(geo.q_whole(jnp.int32(kv_first), jnp.int32(start)))
+            assert program_start <= start <= whole <= geo.num_q
+            cols = np.arange(kv_first, kv_first + block)
+            for i in range(geo.num_q):
+                seen = _visible(np.arange(i * block, (i + 1) * block), cols, causal=causal, kv_real=geo.kv_real)
+                if i < start:
+                    assert not seen.any(), (tile, wg, i)
+                if i >= whole:
+                    assert seen.all(), (tile, wg, i)
