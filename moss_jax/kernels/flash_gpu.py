@@ -562,7 +562,7 @@ def flash_attention_gpu(
     if forward == "mosaic" and (
         interpret is not None
         or flash_mgpu.unsupported(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_offset=q_offset, tiles=mosaic_tiles) is not None
-        or flash_mgpu.device_unsupported() is not None
+        or flash_mgpu.device_unsupported(causal) is not None
     ):
         forward = "triton"
     segments = common.check_segment_ids(q_segment_ids, kv_segment_ids)

@@ -115,9 +115,13 @@ def _padded_dim(head_dim: int) -> int:
 
 
 @functools.cache
-def device_unsupported() -> str | None:
-    """Why this host's GPU cannot run the kernel (not a Hopper part), or None: a Hopper GPU, or
-    no GPU visible (a CPU host lowering for CUDA ahead of time is taken to target Hopper)."""
+def device_unsupported(causal: bool = True) -> str | None:
+    """Why this host's GPU cannot run the kernels, or None: a Hopper GPU, or no GPU visible (a
+    CPU host lowering for CUDA ahead of time is taken to target Hopper).
+
+    CUDA runtimes 12.8.0 up to (not including) 12.9.1 are refused for causal masking: ptxas
+    miscompiles it there (JAX's own example kernel refuses them too), silently.
+    """
     try:
         device = jax.local_devices(backend="gpu")[0]
     except RuntimeError:  # no GPU backend on this host
@@ -125,7 +129,18 @@ def device_unsupported() -> str | None:
     capability = str(getattr(device, "compute_capability", ""))
     if capability.split(".")[0] != "9":
         return f"GPU {device.device_kind!r} (compute capability {capability or '?'}): wgmma needs sm_90 (Hopper)"
+    runtime = _cuda_runtime_version()
+    if causal and runtime is not None and 12080 <= runtime < 12091:
+        return f"CUDA runtime {runtime}: ptxas 12.8.0-12.9.0 miscompiles the causal mask (JAX's example refuses it too)"
     return None
+
+
+def _cuda_runtime_version() -> int | None:
+    try:
+        from jax._src.lib import cuda_versions
+    except ImportError:
+        return None
+    return None if cuda_versions is None else int(cuda_versions.cuda_runtime_get_version())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +275,9 @@ def _program(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, smem,
                 if geo.segments:
                     plgpu.barrier_wait(kv_seg_loaded.at[slot])
                     kv_seg = plgpu.load(kv_seg_smem.at[slot], (), layout=_COL)
-                s = jnp.where(_visible(geo, j, first_row, q_seg, kv_seg), s, -jnp.inf)
+                ok = _visible(geo, j, first_row, q_seg, kv_seg)
+                if ok is not None:  # None: nothing to mask (the masked loop then runs no step)
+                    s = jnp.where(ok, s, -jnp.inf)
             m_next = jnp.maximum(m, s.max(axis=1) * geo.scale_log2)
             alpha = jnp.exp2(m - m_next)
             p = jnp.exp2(s * geo.scale_log2 - lax.broadcast_in_dim(m_next, s.shape, [0]))
@@ -352,7 +369,8 @@ def _program(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, smem,
 
 
 def _visible(geo: _Geometry, j, first_row, q_seg, kv_seg):
-    """Which scores of key block j the warpgroup's rows may use: [block_q, block_kv] bool."""
+    """Which scores of key block j the warpgroup's rows may use: [block_q, block_kv] bool, or None
+    when nothing is masked (bidirectional, no segment ids, no padded keys)."""
     shape, bkv = (geo.block_q, geo.block_kv), geo.block_kv
     ok = None
     if geo.causal or geo.kv_real is not None:

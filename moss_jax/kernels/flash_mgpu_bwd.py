@@ -110,7 +110,11 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: _Geomet
         k=plgpu.SMEM((wgs, BLOCK, d), geo.dtype, **swizzled),  # then dK
         v=plgpu.SMEM((wgs, BLOCK, d), geo.dtype, **swizzled),  # then dV
         ds=plgpu.SMEM((wgs, BLOCK, BLOCK), geo.dtype, **swizzled),  # dS^T
-        dq=plgpu.SMEM((wgs, BLOCK, d), jnp.float32),  # a dQ part on its way to the fp32 buffer
+        # A dQ part on its way to the fp32 buffer; swizzled (128-byte rows of 32 floats) against
+        # bank conflicts when the registers are stored.
+        dq=plgpu.SMEM(
+            (wgs, BLOCK, d), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+        ),
         kv_seg=plgpu.SMEM((wgs, BLOCK), jnp.int32) if geo.segments else None,
         q=plgpu.SMEM((STAGES, BLOCK, d), geo.dtype, **swizzled),
         do=plgpu.SMEM((STAGES, BLOCK, d), geo.dtype, **swizzled),
@@ -188,7 +192,9 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             s_t = pl.run_scoped(scores_t, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
             if masked:
                 q_seg = plgpu.load(smem["q_seg"].at[slot], (), layout=_COL) if geo.segments else None
-                s_t = jnp.where(_visible_t(geo, kv_first, i, kv_seg, q_seg), s_t, -jnp.inf)
+                ok = _visible_t(geo, kv_first, i, kv_seg, q_seg)
+                if ok is not None:  # None: nothing to mask (the masked loop then runs no step)
+                    s_t = jnp.where(ok, s_t, -jnp.inf)
             lse = plgpu.load(smem["lse"].at[slot], (), layout=_COL)
             p_t = jnp.exp2(s_t * (geo.scale * _LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
             p_lo = p_t.astype(geo.dtype)
@@ -207,6 +213,7 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
                 plgpu.wgmma(acc_ref, ds_t, q_smem)
 
             dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
+            plgpu.barrier_arrive(bars["consumed"].at[slot])  # Q, dO, lse, delta of this slot are done
             ds_smem[...] = ds_t
             plgpu.commit_smem()
 
@@ -215,7 +222,6 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
                 return acc_ref[...]
 
             dq = pl.run_scoped(dq_part, plgpu.ACC((BLOCK, d), jnp.float32))
-            plgpu.barrier_arrive(bars["consumed"].at[slot])  # Q, dO, lse, delta of this slot are done
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous part has left dq_smem
             dq_smem[...] = dq
             plgpu.commit_smem()
@@ -263,7 +269,8 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
 
 
 def _visible_t(geo: _Geometry, kv_first, i, kv_seg, q_seg):
-    """Which entries of S^T (keys x query rows of block i) are visible: [BLOCK, BLOCK] bool."""
+    """Which entries of S^T (keys x query rows of block i) are visible: [BLOCK, BLOCK] bool, or
+    None when nothing is masked."""
     shape = (BLOCK, BLOCK)
     ok = None
     keys = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + kv_first

@@ -45,6 +45,7 @@ def _grad_text(attn, shape, dtype, segments: bool) -> str:
         (jnp.bfloat16, 80, 1000, True, True),  # the 2b's head_dim, padded to 128
         (jnp.bfloat16, 256, 512, False, True),  # MOSS's head_dim: 64-key blocks
         (jnp.bfloat16, 64, 70, True, True),  # one key block: one K/V slot
+        (jnp.bfloat16, 128, 1024, False, False),  # nothing to mask at all
     ],
     ids=[
         "bf16-128-causal",
@@ -53,6 +54,7 @@ def _grad_text(attn, shape, dtype, segments: bool) -> str:
         "bf16-80-packed",
         "bf16-256-causal",
         "bf16-64-one-block",
+        "bf16-128-unmasked",
     ],
 )
 @pytest.mark.parametrize("backward", ["triton", "mosaic"])
@@ -245,3 +247,32 @@ def test_backward_loop_bounds_cover_exactly_the_visible_blocks(causal, kv_len):
                     assert not seen.any(), (tile, wg, i)
                 if i >= whole:
                     assert seen.all(), (tile, wg, i)
+
+
+def test_device_checks(monkeypatch):
+    """A non-Hopper GPU is refused; a CUDA 12.8.0-12.9.0 runtime is refused for causal masking
+    (ptxas miscompiles it); a Hopper GPU with another runtime, or no GPU, is accepted."""
+
+    class Device:
+        def __init__(self, kind, capability):
+            self.device_kind, self.compute_capability = kind, capability
+
+    def with_gpu(kind, capability, runtime):
+        monkeypatch.setattr(jax, "local_devices", lambda backend=None: [Device(kind, capability)])
+        monkeypatch.setattr(flash_mgpu, "_cuda_runtime_version", lambda: runtime)
+        flash_mgpu.device_unsupported.cache_clear()
+
+    try:
+        with_gpu("NVIDIA A100-SXM4-80GB", "8.0", 13000)
+        assert "sm_90" in flash_mgpu.device_unsupported(True)
+        with_gpu("NVIDIA H100 80GB HBM3", "9.0", 12085)
+        assert "12085" in flash_mgpu.device_unsupported(True)
+        assert flash_mgpu.device_unsupported(False) is None
+        with_gpu("NVIDIA H100 80GB HBM3", "9.0", 13000)
+        assert flash_mgpu.device_unsupported(True) is None
+        monkeypatch.undo()
+        flash_mgpu.device_unsupported.cache_clear()
+        if not ON_GPU:  # a CPU host: no GPU, so lowering for CUDA targets Hopper
+            assert flash_mgpu.device_unsupported(True) is None
+    finally:
+        flash_mgpu.device_unsupported.cache_clear()
