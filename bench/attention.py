@@ -19,7 +19,7 @@ implementation="cudnn")` (causal; it takes no segment ids, so only with `--segme
 kernels); `jax_mgpu` is JAX's own Hopper example kernel (float16, forward only): how close a Pallas Mosaic GPU
 forward gets to cuDNN. `--gpu_blocks` times `pallas_gpu` once per tile setting "block_q,block_k,block_q_bwd,block_k_bwd
 [,num_warps[,num_stages]]" (the kernel's defaults when not given), `--mgpu_tiles` times
-`pallas_mgpu` (the Hopper forward of kernels/flash_mgpu.py, then the Triton backward) once per
+`pallas_mgpu` (the Hopper forward of kernels/flash_mgpu.py with the Hopper backward) once per
 "block_kv,stages". Each row also has the
 attention TFLOP/s of the causal half (4 B H L^2 K / 2 forward, 2.5 times that backward).
 """
