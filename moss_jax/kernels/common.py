@@ -151,9 +151,10 @@ def name_residuals(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array
     return checkpoint_name(out, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
 
 
-def on_platform(fn, *args, platform: str, interpret: bool | None):
+def on_platform(fn, *args, platform: str, interpret: bool | None, compiled=None):
     """Runs `fn(*args, interpret=...)`: compiled where the program is lowered for `platform`,
-    interpreted elsewhere, unless `interpret` forces one.
+    interpreted elsewhere, unless `interpret` forces one. `compiled`, if given, runs instead of
+    the compiled `fn` on `platform` (another kernel for the same result).
 
     The choice is made at lowering time (`lax.platform_dependent`), not from the host's
     default backend, so a CPU host compiling ahead of time for a TPU topology gets the
@@ -161,6 +162,5 @@ def on_platform(fn, *args, platform: str, interpret: bool | None):
     """
     if interpret is not None:
         return fn(*args, interpret=interpret)
-    return jax.lax.platform_dependent(
-        *args, default=functools.partial(fn, interpret=True), **{platform: functools.partial(fn, interpret=False)}
-    )
+    on_target = functools.partial(fn, interpret=False) if compiled is None else compiled
+    return jax.lax.platform_dependent(*args, default=functools.partial(fn, interpret=True), **{platform: on_target})

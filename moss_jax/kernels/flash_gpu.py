@@ -486,8 +486,8 @@ def _attention(st: _Static, q, k, v, q_seg, kv_seg, offset):
 
 
 def _attention_fwd(st: _Static, q, k, v, q_seg, kv_seg, offset):
-    run = functools.partial(_forward, st)
-    if st.forward == "mosaic" and st.interpret is None:
+    hopper = None
+    if st.forward == "mosaic":
 
         def hopper(q, k, v, q_seg, kv_seg, offset):
             del offset  # 0: flash_attention_gpu takes this path for a static q_offset of 0 only
@@ -495,11 +495,9 @@ def _attention_fwd(st: _Static, q, k, v, q_seg, kv_seg, offset):
                 q, k, v, q_seg, kv_seg, causal=st.causal, scale=st.scale, tiles=st.mosaic_tiles
             )
 
-        out, lse = lax.platform_dependent(
-            q, k, v, q_seg, kv_seg, offset, cuda=hopper, default=functools.partial(run, interpret=True)
-        )
-    else:
-        out, lse = common.on_platform(run, q, k, v, q_seg, kv_seg, offset, platform="cuda", interpret=st.interpret)
+    run = functools.partial(_forward, st)
+    args = (q, k, v, q_seg, kv_seg, offset)
+    out, lse = common.on_platform(run, *args, platform="cuda", interpret=st.interpret, compiled=hopper)
     res_out, res_lse = common.name_residuals(out, lse)
     return out, (q, k, v, q_seg, kv_seg, offset, res_out, res_lse)
 
@@ -509,7 +507,8 @@ def _attention_bwd(st: _Static, res, do):
     delta_BxHxL = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
     run = functools.partial(_backward, st)
     args = (q, k, v, q_seg, kv_seg, offset, lse, delta_BxHxL, do.astype(q.dtype))
-    if st.backward == "mosaic" and st.interpret is None:
+    hopper = None
+    if st.backward == "mosaic":
 
         def hopper(q, k, v, q_seg, kv_seg, offset, lse, delta, do):
             del offset  # 0, as for the forward
@@ -517,9 +516,7 @@ def _attention_bwd(st: _Static, res, do):
                 q, k, v, q_seg, kv_seg, lse, delta, do, causal=st.causal, scale=st.scale
             )
 
-        dq, dk, dv = lax.platform_dependent(*args, cuda=hopper, default=functools.partial(run, interpret=True))
-    else:
-        dq, dk, dv = common.on_platform(run, *args, platform="cuda", interpret=st.interpret)
+    dq, dk, dv = common.on_platform(run, *args, platform="cuda", interpret=st.interpret, compiled=hopper)
     return dq, dk, dv, None, None, None
 
 

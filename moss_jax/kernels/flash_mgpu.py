@@ -275,7 +275,16 @@ def _program(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, smem,
                 if geo.segments:
                     plgpu.barrier_wait(kv_seg_loaded.at[slot])
                     kv_seg = plgpu.load(kv_seg_smem.at[slot], (), layout=_COL)
-                ok = _visible(geo, j, first_row, q_seg, kv_seg)
+                ok = visible_tile(
+                    (bq, bkv),
+                    row_axis=0,
+                    first_row=first_row,
+                    first_col=j * bkv,
+                    q_seg=q_seg,
+                    kv_seg=kv_seg,
+                    causal=geo.causal,
+                    kv_len=geo.kv_real,
+                )
                 if ok is not None:  # None: nothing to mask (the masked loop then runs no step)
                     s = jnp.where(ok, s, -jnp.inf)
             m_next = jnp.maximum(m, s.max(axis=1) * geo.scale_log2)
@@ -368,23 +377,21 @@ def _program(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, smem,
             fetch_v(j, slot)
 
 
-def _visible(geo: _Geometry, j, first_row, q_seg, kv_seg):
-    """Which scores of key block j the warpgroup's rows may use: [block_q, block_kv] bool, or None
-    when nothing is masked (bidirectional, no segment ids, no padded keys)."""
-    shape, bkv = (geo.block_q, geo.block_kv), geo.block_kv
-    ok = None
-    if geo.causal or geo.kv_real is not None:
-        cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + j * bkv
-        if geo.causal:
-            rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + first_row
-            ok = rows >= cols
-        if geo.kv_real is not None:
-            real = cols < geo.kv_real
-            ok = real if ok is None else jnp.logical_and(ok, real)
-    if geo.segments:
-        same = lax.broadcast_in_dim(q_seg, shape, [0]) == lax.broadcast_in_dim(kv_seg, shape, [1])
-        ok = same if ok is None else jnp.logical_and(ok, same)
-    return ok
+def visible_tile(shape, *, row_axis: int, first_row, first_col, q_seg, kv_seg, causal: bool, kv_len: int | None):
+    """`common.visible` for one tile in registers: [rows, cols] (`row_axis` 0) or the transposed
+    [cols, rows] (`row_axis` 1, the backward's S^T); `q_seg` / `kv_seg` are the rows' / columns'
+    ids in the matching reduced layouts. None when nothing is masked."""
+    col_axis = 1 - row_axis
+
+    def positions(axis, first):
+        return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA) + first
+
+    rows = positions(row_axis, first_row) if causal else None
+    cols = positions(col_axis, first_col) if causal or kv_len is not None else None
+    if q_seg is not None:
+        q_seg = lax.broadcast_in_dim(q_seg, shape, [row_axis])
+        kv_seg = lax.broadcast_in_dim(kv_seg, shape, [col_axis])
+    return common.visible(rows, cols, q_seg, kv_seg, causal=causal, kv_len=kv_len)
 
 
 def flash_forward_hopper(

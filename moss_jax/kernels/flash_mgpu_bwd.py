@@ -36,12 +36,21 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from moss_jax.kernels import common
-from moss_jax.kernels.flash_mgpu import _COL, _COMPUTE_REGS, _COMPUTE_WGS, _LOG2E, _MEMORY_REGS, _ROW, _padded_dim
+from moss_jax.kernels.flash_mgpu import (
+    _COL,
+    _COMPUTE_REGS,
+    _COMPUTE_WGS,
+    _LOG2E,
+    _MEMORY_REGS,
+    _ROW,
+    _SMEM_BUDGET,
+    _padded_dim,
+    visible_tile,
+)
 
 BLOCK = 64  # query rows per step and keys per warpgroup (one wgmma M)
 STAGES = 2
 _MAX_HEAD_DIM = 128
-_SMEM_BUDGET = 232448 - 4096
 
 
 def smem_bytes(head_dim: int, dtype, segments: bool) -> int:
@@ -192,7 +201,16 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             s_t = pl.run_scoped(scores_t, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
             if masked:
                 q_seg = plgpu.load(smem["q_seg"].at[slot], (), layout=_COL) if geo.segments else None
-                ok = _visible_t(geo, kv_first, i, kv_seg, q_seg)
+                ok = visible_tile(
+                    (BLOCK, BLOCK),
+                    row_axis=1,  # S^T: keys down, query rows across
+                    first_row=i * BLOCK,
+                    first_col=kv_first,
+                    q_seg=q_seg,
+                    kv_seg=kv_seg,
+                    causal=geo.causal,
+                    kv_len=geo.kv_real,
+                )
                 if ok is not None:  # None: nothing to mask (the masked loop then runs no step)
                     s_t = jnp.where(ok, s_t, -jnp.inf)
             lse = plgpu.load(smem["lse"].at[slot], (), layout=_COL)
@@ -266,24 +284,6 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             slot = slot_of(i)
             plgpu.barrier_wait(bars["consumed"].at[slot])
             fetch(i, slot)
-
-
-def _visible_t(geo: _Geometry, kv_first, i, kv_seg, q_seg):
-    """Which entries of S^T (keys x query rows of block i) are visible: [BLOCK, BLOCK] bool, or
-    None when nothing is masked."""
-    shape = (BLOCK, BLOCK)
-    ok = None
-    keys = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + kv_first
-    if geo.causal:
-        rows = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + i * BLOCK
-        ok = rows >= keys
-    if geo.kv_real is not None:
-        real = keys < geo.kv_real
-        ok = real if ok is None else jnp.logical_and(ok, real)
-    if geo.segments:
-        same = lax.broadcast_in_dim(kv_seg, shape, [0]) == lax.broadcast_in_dim(q_seg, shape, [1])
-        ok = same if ok is None else jnp.logical_and(ok, same)
-    return ok
 
 
 def flash_backward_hopper(
