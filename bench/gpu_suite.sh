@@ -4,8 +4,9 @@
 #   1. env            machine, driver, versions (bench/gpu_env.py)
 #   2. kernel_check   Pallas/Triton flash fwd+bwd and decode vs the reference, max |error| (bench/gpu_kernel_check.py)
 #      pytest         tests/kernels with the GPU kernels compiled (MOSS_KERNEL_TEST_BACKEND=gpu) -> pytest_gpu.txt
-#   3. attention      pallas_gpu vs pallas_mgpu_fwd / pallas_mgpu (Hopper forward / both) vs cuDNN vs XLA, bf16, B=4, H=16, K=128,
-#                     causal, seq 2048/4096/8192
+#   3. attention      pallas_gpu vs cuDNN vs XLA, bf16, B=4, H=16, K=128, causal, seq 2048/4096/8192
+#      attention_mgpu the same rows for pallas_mgpu_fwd / pallas_mgpu (Hopper forward / both kernels), in a
+#                     part of their own: an untried kernel that hangs on its first run costs only this part
 #   4. mfu_*          train-step MFU, 2b and 350m at seq 2048, bf16 compute, fp32 master weights;
 #                     mfu_big_cudnn / mfu_big_noseg: the 2b with cuDNN attention / ours, no segment ids;
 #                     mfu_big_mgpu: the 2b with pallas_mgpu;
@@ -25,7 +26,7 @@
 #
 # GPU_SUITE_PARTS="env kernel_check ..." runs only those parts; PYTHON picks the interpreter.
 # For a shorter run: GPU_SUITE_CHECK_ARGS is appended to kernel_check's arguments (e.g. "--head_dims 256
-# --checks flash,causal"); GPU_SUITE_ATT_IMPLS (default pallas_gpu,pallas_mgpu_fwd,pallas_mgpu,cudnn,xla) and GPU_SUITE_SEQ_LENS
+# --checks flash,causal"); GPU_SUITE_ATT_IMPLS (default pallas_gpu,cudnn,xla) and GPU_SUITE_SEQ_LENS
 # (default 2048,4096,8192; not in a dry run) pick the attention part's rows; GPU_SUITE_TILES replaces
 # attention_tiles' settings (space-separated), GPU_SUITE_MGPU_TILES attention_mgpu_tiles'; GPU_SUITE_REMATS the 2b's remat policies (space-separated), GPU_SUITE_BIG_BATCH its batch.
 set -o pipefail
@@ -106,7 +107,7 @@ if [ "$DRY" = 1 ]; then # the plumbing only: lowering tests, no compiled kernels
     KERNEL_BACKEND= PYTEST_WORKERS=0 PYTEST_FILES=tests/kernels/test_gpu_lowering.py
 else
     KERNEL_BACKEND=gpu PYTEST_WORKERS=4
-    PYTEST_FILES="tests/kernels/test_flash.py tests/kernels/test_flash_mgpu.py tests/kernels/test_decode.py tests/kernels/test_attention_impls.py"
+    PYTEST_FILES="tests/kernels/test_flash.py tests/kernels/test_decode.py tests/kernels/test_attention_impls.py tests/kernels/test_flash_mgpu.py"
 fi
 export PY PYTEST_LOG KERNEL_BACKEND PYTEST_WORKERS PYTEST_FILES
 
@@ -147,7 +148,9 @@ part kernel_check 150 "$PY" bench/gpu_kernel_check.py "${CHECK[@]}"
 part pytest 150 bash -c pytest_part
 
 # 3. attention speed: ours vs cuDNN vs XLA (no segment ids: cuDNN's public API has none)
-part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls "${GPU_SUITE_ATT_IMPLS:-pallas_gpu,pallas_mgpu_fwd,pallas_mgpu,cudnn,xla}" \
+part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls "${GPU_SUITE_ATT_IMPLS:-pallas_gpu,cudnn,xla}" \
+    --segments 0 --dtype bfloat16 --max_ref_len 4096 "${ATT[@]}"
+part attention_mgpu 120 "$PY" bench/attention.py --device "$DEVICE" --impls pallas_mgpu_fwd,pallas_mgpu \
     --segments 0 --dtype bfloat16 --max_ref_len 4096 "${ATT[@]}"
 
 # 4. train-step MFU with our kernel and with cuDNN's, for each remat policy in GPU_SUITE_REMATS (default
