@@ -4,6 +4,7 @@
 #   1. env            machine, driver, versions (bench/gpu_env.py)
 #   2. kernel_check   Pallas/Triton flash fwd+bwd and decode vs the reference, max |error| (bench/gpu_kernel_check.py)
 #      pytest         tests/kernels with the GPU kernels compiled (MOSS_KERNEL_TEST_BACKEND=gpu) -> pytest_gpu.txt
+#      pytest_mgpu    tests/kernels/test_flash_mgpu.py the same way (the Hopper kernels) -> pytest_mgpu.txt
 #   3. attention      pallas_gpu vs cuDNN vs XLA, bf16, B=4, H=16, K=128, causal, seq 2048/4096/8192
 #      attention_mgpu the same rows for pallas_mgpu_fwd / pallas_mgpu (Hopper forward / both kernels), in a
 #                     part of their own: an untried kernel that hangs on its first run costs only this part
@@ -99,7 +100,7 @@ pytest_part() {
     MOSS_KERNEL_TEST_BACKEND=$KERNEL_BACKEND XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -q \
         -p no:cacheprovider -n "$PYTEST_WORKERS" -k "gpu or auto" -rfE $PYTEST_FILES >"$PYTEST_LOG" 2>&1
     local rc=$?
-    echo "{\"bench\": \"pytest_gpu\", \"summary\": \"$(grep -v "^[[:space:]]*$" "$PYTEST_LOG" | tail -n 1 | tr -d '"=\\' | sed 's/^ *//;s/ *$//')\"}"
+    echo "{\"bench\": \"pytest_gpu\", \"files\": \"$PYTEST_FILES\", \"summary\": \"$(grep -v "^[[:space:]]*$" "$PYTEST_LOG" | tail -n 1 | tr -d '"=\\' | sed 's/^ *//;s/ *$//')\"}"
     return $rc
 }
 export -f pytest_part
@@ -107,7 +108,7 @@ if [ "$DRY" = 1 ]; then # the plumbing only: lowering tests, no compiled kernels
     KERNEL_BACKEND= PYTEST_WORKERS=0 PYTEST_FILES=tests/kernels/test_gpu_lowering.py
 else
     KERNEL_BACKEND=gpu PYTEST_WORKERS=4
-    PYTEST_FILES="tests/kernels/test_flash.py tests/kernels/test_decode.py tests/kernels/test_attention_impls.py tests/kernels/test_flash_mgpu.py"
+    PYTEST_FILES="tests/kernels/test_flash.py tests/kernels/test_decode.py tests/kernels/test_attention_impls.py"
 fi
 export PY PYTEST_LOG KERNEL_BACKEND PYTEST_WORKERS PYTEST_FILES
 
@@ -146,6 +147,8 @@ part env 60 "$PY" bench/gpu_env.py
 # 2. correctness
 part kernel_check 150 "$PY" bench/gpu_kernel_check.py "${CHECK[@]}"
 part pytest 150 bash -c pytest_part
+# The Hopper kernels' tests on their own (an untried kernel that hangs costs only this part).
+part pytest_mgpu 120 env PYTEST_FILES=tests/kernels/test_flash_mgpu.py PYTEST_LOG="$OUT/pytest_mgpu.txt" bash -c pytest_part
 
 # 3. attention speed: ours vs cuDNN vs XLA (no segment ids: cuDNN's public API has none)
 part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls "${GPU_SUITE_ATT_IMPLS:-pallas_gpu,cudnn,xla}" \

@@ -43,7 +43,7 @@ def _line(r: dict) -> str:
             f"compile={r['compile_s']}s"
         )
     if kind == "pytest_gpu":
-        return f"pytest tests/kernels: {r['summary']}"
+        return f"pytest {r.get('files', 'tests/kernels')}: {r['summary']}"
     if kind == "attention":
         tile = f" tiles={r['gpu_blocks']}" if r.get("gpu_blocks") else ""
         return (

@@ -42,3 +42,9 @@ def test_kernel_check_line_names_the_forward():
     assert "variant=mosaic mosaic=2" in gpu_summary._line(row)
     old = {k: v for k, v in row.items() if k not in ("variant", "mosaic")}  # a run before the Hopper kernels
     assert "variant=" not in gpu_summary._line(old)
+
+
+def test_pytest_lines_name_their_files():
+    row = {"bench": "pytest_gpu", "files": "tests/kernels/test_flash_mgpu.py", "summary": "44 passed in 9s"}
+    assert gpu_summary._line(row) == "pytest tests/kernels/test_flash_mgpu.py: 44 passed in 9s"
+    assert gpu_summary._line({"bench": "pytest_gpu", "summary": "1 passed"}) == "pytest tests/kernels: 1 passed"
