@@ -62,6 +62,17 @@ def pad_axis(x: jax.Array, axis: int, size: int, value: int | float = 0) -> jax.
     return jnp.pad(x, widths, constant_values=value)
 
 
+def pad_tokens(x_BxLxHxK: jax.Array, seq_len: int, head_dim: int) -> jax.Array:
+    """[B, L, H, K] zero-padded to `seq_len` tokens and `head_dim` columns (zeros change neither
+    q.k nor the kept output columns; padded tokens are masked or sliced off by the caller)."""
+    return pad_axis(pad_axis(x_BxLxHxK, 1, seq_len), 3, head_dim)
+
+
+def pad_segment_ids(q_seg: jax.Array, kv_seg: jax.Array, q_len: int, kv_len: int) -> tuple[jax.Array, jax.Array]:
+    """[B, L] / [B, S] segment ids as int32, padded with 0 to `q_len` / `kv_len`."""
+    return pad_axis(q_seg.astype(jnp.int32), 1, q_len), pad_axis(kv_seg.astype(jnp.int32), 1, kv_len)
+
+
 def check_segment_ids(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None) -> bool:
     """True when segment ids are given; both or neither, as in `moss_jax.attention.make_mask`."""
     if (q_segment_ids is None) != (kv_segment_ids is None):

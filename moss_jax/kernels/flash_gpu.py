@@ -363,10 +363,6 @@ def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, *refs, st: _Static, geo: _Pass):
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _pad(x: jax.Array, seq_len: int, head_dim: int) -> jax.Array:
-    return common.pad_axis(common.pad_axis(x, 1, seq_len), 3, head_dim)
-
-
 def _head_dim(k: int) -> int:
     return max(16, pl.next_power_of_2(k))  # tl.dot needs K >= 16
 
@@ -391,10 +387,7 @@ class _Specs:
 def _segments(st: _Static, geo: _Pass, q_seg, kv_seg) -> list[jax.Array]:
     if not st.segments:
         return []
-    return [
-        common.pad_axis(q_seg.astype(jnp.int32), 1, geo.q_len),
-        common.pad_axis(kv_seg.astype(jnp.int32), 1, geo.kv_len),
-    ]
+    return list(common.pad_segment_ids(q_seg, kv_seg, geo.q_len, geo.kv_len))
 
 
 def _forward(st: _Static, q, k, v, q_seg, kv_seg, offset, *, interpret: bool):
@@ -403,7 +396,7 @@ def _forward(st: _Static, q, k, v, q_seg, kv_seg, offset, *, interpret: bool):
     blocks = st.launch.blocks
     geo = _Pass.make(blocks.block_q, blocks.block_k, q_len, k.shape[1])
     kp = _head_dim(head_dim)
-    q_p, k_p, v_p = _pad(q, geo.q_len, kp), _pad(k, geo.kv_len, kp), _pad(v, geo.kv_len, kp)
+    q_p, k_p, v_p = (common.pad_tokens(x, n, kp) for x, n in ((q, geo.q_len), (k, geo.kv_len), (v, geo.kv_len)))
     sp = _Specs(geo, kp)
     seg_specs = [sp.seg_q_tile, sp.seg_k_rows] if st.segments else []
     out, lse = pl.pallas_call(
@@ -429,8 +422,8 @@ def _backward(st: _Static, q, k, v, q_seg, kv_seg, offset, lse, delta, do, *, in
     blocks = st.launch.blocks
     geo = _Pass.make(blocks.block_q_bwd, blocks.block_k_bwd, q_len, kv_len)
     kp = _head_dim(head_dim)
-    q_p, do_p = _pad(q, geo.q_len, kp), _pad(do, geo.q_len, kp)
-    k_p, v_p = _pad(k, geo.kv_len, kp), _pad(v, geo.kv_len, kp)
+    q_p, do_p = common.pad_tokens(q, geo.q_len, kp), common.pad_tokens(do, geo.q_len, kp)
+    k_p, v_p = common.pad_tokens(k, geo.kv_len, kp), common.pad_tokens(v, geo.kv_len, kp)
     lse_p, delta_p = common.pad_axis(lse, 2, geo.q_len), common.pad_axis(delta, 2, geo.q_len)
     segs = _segments(st, geo, q_seg, kv_seg)
     sp = _Specs(geo, kp)

@@ -434,15 +434,12 @@ def flash_forward_hopper(
         dtype=jnp.dtype(q_BxLxHxK.dtype),
     )
     args = [
-        common.pad_axis(common.pad_axis(q_BxLxHxK, 1, q_pad), 3, dp),
-        common.pad_axis(common.pad_axis(k_BxSxHxK, 1, kv_pad), 3, dp),
-        common.pad_axis(common.pad_axis(v_BxSxHxK, 1, kv_pad), 3, dp),
+        common.pad_tokens(q_BxLxHxK, q_pad, dp),
+        common.pad_tokens(k_BxSxHxK, kv_pad, dp),
+        common.pad_tokens(v_BxSxHxK, kv_pad, dp),
     ]
     if segments:
-        args += [
-            common.pad_axis(q_segment_ids.astype(jnp.int32), 1, q_pad),
-            common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_pad),
-        ]
+        args += common.pad_segment_ids(q_segment_ids, kv_segment_ids, q_pad, kv_pad)
     out, lse = plgpu.kernel(
         functools.partial(_kernel, geo=geo),
         out_type=(

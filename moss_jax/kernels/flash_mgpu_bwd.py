@@ -321,7 +321,7 @@ def flash_backward_hopper(
     )
 
     def rows(x, length):
-        return common.pad_axis(common.pad_axis(x.astype(geo.dtype), 1, length), 3, dp)
+        return common.pad_tokens(x.astype(geo.dtype), length, dp)
 
     # Padded query rows: zero q and dO, lse = delta = 0, so p^T = 1 meets dO = 0 and dP^T = 0: nothing.
     args = [
@@ -333,10 +333,7 @@ def flash_backward_hopper(
         common.pad_axis(delta_BxHxL.astype(jnp.float32), 2, q_pad),
     ]
     if segments:
-        args += [
-            common.pad_axis(q_segment_ids.astype(jnp.int32), 1, q_pad),
-            common.pad_axis(kv_segment_ids.astype(jnp.int32), 1, kv_pad),
-        ]
+        args += common.pad_segment_ids(q_segment_ids, kv_segment_ids, q_pad, kv_pad)
     dq_acc = jax.new_ref(jnp.zeros((batch, q_pad, heads, dp), jnp.float32))
     kv_shape = jax.ShapeDtypeStruct((batch, kv_pad, heads, dp), geo.dtype)
     dk, dv = pl.kernel(

@@ -229,8 +229,7 @@ def _segment_operands(st: _Static, geo: _Pass, q_seg, kv_seg) -> list[jax.Array]
     """Segment ids padded and broadcast to the lane/sublane layouts the kernels read."""
     if not st.segments:
         return []
-    q_seg = common.pad_axis(q_seg.astype(jnp.int32), 1, geo.q_len)
-    kv_seg = common.pad_axis(kv_seg.astype(jnp.int32), 1, geo.kv_len)
+    q_seg, kv_seg = common.pad_segment_ids(q_seg, kv_seg, geo.q_len, geo.kv_len)
     batch = q_seg.shape[0]
     return [
         lax.broadcast_in_dim(q_seg, (batch, geo.q_len, LANES), (0, 1)),
