@@ -28,9 +28,10 @@ masking the blocks above the diagonal are never loaded. A row that sees no key g
 the residual `flash_gpu`'s Triton backward kernels take: this module is a forward only.
 
 Testing: on a CPU host the kernel is lowered for CUDA (`tests/kernels/test_flash_mgpu.py`), which
-runs Pallas's Mosaic GPU lowering (shapes, layouts, shared-memory allocation); its numbers need an
-H100 (`bench/gpu_kernel_check.py`). JAX 0.10's Mosaic GPU interpreter cannot run it (no
-`run_state`, no `layout_cast` on CPU, and warp-specialised barriers stall it).
+runs Pallas's Mosaic GPU lowering (shapes, layouts, shared-memory allocation), and run in JAX's
+Mosaic GPU interpreter for its numbers and barrier protocol (`mgpu_interpret`,
+`tests/kernels/test_flash_mgpu_interpret.py`); its speed needs an H100 (`bench/gpu_kernel_check.py`,
+`bench/attention.py`).
 """
 
 from __future__ import annotations
@@ -451,5 +452,6 @@ def flash_forward_hopper(
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=common.mosaic_interpret(),
     )(*args)
     return out[:, :q_len, :, :head_dim], lse[:, :, :q_len]

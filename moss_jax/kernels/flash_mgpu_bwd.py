@@ -346,6 +346,7 @@ def flash_backward_hopper(
             thread_name="wg",
         ),
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=common.mosaic_interpret() or False,
         name="moss_flash_bwd_hopper",
     )(*args, dq_acc)
     dq = (dq_acc[...] * scale)[:, :q_len, :, :head_dim].astype(q_BxLxHxK.dtype)

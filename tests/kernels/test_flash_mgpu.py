@@ -1,11 +1,10 @@
 """The Hopper kernels (kernels/flash_mgpu.py forward, flash_mgpu_bwd.py backward): lowering for
 CUDA on this host, routing, limits.
 
-Its numbers need an H100: on a CPU host the kernel is lowered (Pallas's Mosaic GPU lowering checks
-shapes, layouts and shared memory), not run; JAX 0.10's Mosaic GPU interpreter cannot run a
-warp-specialised kernel. `test_matches_reference_on_hopper` runs it where a Hopper GPU is the
-test backend (`MOSS_KERNEL_TEST_BACKEND=gpu`, bench/gpu_suite.sh's pytest part).
-"""
+On a CPU host the kernels are lowered here (Pallas's Mosaic GPU lowering checks shapes, layouts and
+shared memory); their numbers on this host come from JAX's Mosaic GPU interpreter
+(test_flash_mgpu_interpret.py). `test_matches_reference_on_hopper` runs them compiled where a
+Hopper GPU is the test backend (`MOSS_KERNEL_TEST_BACKEND=gpu`, bench/gpu_suite.sh's pytest part)."""
 
 import functools
 import re

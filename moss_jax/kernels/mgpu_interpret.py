@@ -1,0 +1,384 @@
+"""Running the Hopper kernels (`flash_mgpu`, `flash_mgpu_bwd`) on a CPU, in JAX's Mosaic GPU
+interpreter.
+
+JAX ships a GPU interpret mode for Pallas Mosaic GPU kernels: every warpgroup becomes a CPU
+thread, shared and global memory are simulated buffers, barriers are real blocking barriers that
+track phases, TMA copies and `wgmma` are numpy copies and matmuls. JAX 0.10's interpreter does not
+yet cover everything a FlashAttention-3-style kernel uses. `install()` adds what is missing, each
+piece the semantics the hardware gives:
+
+1. `plgpu.layout_cast` is a register-layout hint: the identity on values (the interpreter has no
+   CPU rule for it).
+2. `pl.run_state` over a WGMMA accumulator (acc = alpha * acc + P V) becomes a scoped accumulator
+   allocation: store the initial value, run the body, read the final value. The body's other
+   value inputs are discharged (passed as values). `plgpu.load` from shared memory into registers
+   becomes a plain read.
+3. `wgmma` with its left operand in registers (P in P V) and with transposed shared-memory
+   operands (K^T in Q K^T): the interpreter handled neither.
+4. A barrier may end its life with phases no thread waited for. The TMA warpgroup stops waiting
+   for "slot consumed" once it has nothing left to load, while the compute warpgroups still
+   release their last slots. On hardware each waiter tracks its own parity, so trailing
+   completions nobody awaits are harmless; the interpreter raised at deallocation. A barrier
+   completing twice before any waiter observed it, the hazard that matters, is still an error.
+5. `copy_smem_to_gmem(..., reduction_op="add")`, the TMA reduce-add the backward uses to sum dQ
+   over key blocks: read, add, store, under a lock (the hardware's reduction is atomic).
+6. A `Ref` passed into `pl.kernel` (the backward's fp32 dQ buffer) arrives with no memory space:
+   it is global memory.
+
+What this checks and what it does not: the numbers (the kernels' index arithmetic, masking,
+online softmax, padding, the five backward matmuls, the dQ reduction), the barrier protocol
+(a wait for a phase that never completes hangs; a slot refilled before it was released completes
+a barrier twice, which raises), and, with `detect_races=True`, the interpreter's race detector on
+shared-memory reads and writes. Not checked: speed, register pressure, shared-memory bank
+conflicts, anything the interpreter runs synchronously (TMA copies and `wgmma` complete at issue,
+so a missing `wgmma_wait` or `wait_smem_to_gmem` goes unnoticed), and ptxas. Those need an H100
+(`bench/gpu_kernel_check.py`).
+
+The interpreter runs each warpgroup as a CPU computation that blocks on barriers. JAX's CPU client
+dispatches computations asynchronously onto a pool with one thread per core, so on a machine with
+fewer cores than warpgroups (3) they deadlock. Turn async dispatch off before JAX's first
+computation (the CPU client reads it once, when it starts):
+`jax.config.update("jax_cpu_enable_async_dispatch", False)`. (It is a JAX flag, not read from
+the environment.) `hopper_interpret()` checks it.
+
+A kernel that raises inside the interpreter leaves the other warpgroups waiting on barriers: the
+process hangs. Run it under a timeout (the tests run it in a subprocess).
+
+Use::
+
+    with mgpu_interpret.hopper_interpret():
+        out = flash_gpu.flash_attention_gpu(q, k, v, forward="mosaic", backward="mosaic")
+
+Inside the context `common.on_platform` takes the kernels' compiled variants (the Hopper kernels)
+on any platform, and those pass the interpreter's parameters as their `interpret`; the Triton
+kernels (the backward at head_dim 256) keep Pallas's own interpreter. Trace inside the context: a
+function traced outside it keeps the Triton path. Call the kernels op by op, not inside an
+enclosing `jax.jit`: XLA:CPU runs a jitted program's callbacks on its intra-op pool, one thread
+per core, where the blocking warpgroups starve each other (the same deadlock as above).
+
+The patches target JAX 0.10's interpreter internals; `install()` raises naming the missing piece
+on a JAX whose internals differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import callback, xla_bridge
+from jax._src import core as jax_core
+from jax._src import linear_util as lu
+from jax._src.interpreters import mlir
+from jax._src.interpreters import partial_eval as pe
+from jax._src.state import discharge as state_discharge
+from jax._src.state import primitives as state_primitives
+from jax._src.state import types as state_types
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from moss_jax.kernels import common
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+def _internals() -> dict[str, Any]:
+    """The interpreter modules patched here; a clear error where this JAX lacks them."""
+    try:
+        from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+        from jax._src.pallas.mosaic_gpu import core as gpu_core
+        from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks, jaxpr_interpret, shared_memory
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+        from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
+    except ImportError as e:
+        raise RuntimeError(f"mgpu_interpret: this JAX ({jax.__version__}) has no Mosaic GPU interpreter: {e}") from e
+    found = dict(
+        interpret_utils=interpret_utils,
+        gpu_core=gpu_core,
+        gpu_primitives=gpu_primitives,
+        gpu_callbacks=gpu_callbacks,
+        jaxpr_interpret=jaxpr_interpret,
+        ipc=ipc,
+        interpret_params=interpret_params,
+        shared_memory=shared_memory,
+    )
+    needed = [
+        ("gpu_core", "layout_cast_p"),
+        ("gpu_core", "WGMMAAbstractAccumulatorRef"),
+        ("gpu_primitives", "load_p"),
+        ("gpu_callbacks", "copy_smem_to_gmem"),
+        ("gpu_callbacks", "is_gmem_memory_space"),
+        ("gpu_callbacks", "HostAllocationKey"),
+        ("gpu_callbacks", "_get_shared_memory"),
+        ("gpu_callbacks", "_remove_noop_transforms"),
+        ("jaxpr_interpret", "JaxprInterpreter"),
+        ("shared_memory", "Barrier"),
+        ("ipc", "get_races"),
+        ("interpret_params", "InterpretGPUParams"),
+    ]
+    for module, name in needed:
+        if not hasattr(found[module], name):
+            raise RuntimeError(
+                f"mgpu_interpret: JAX {jax.__version__}'s Mosaic GPU interpreter has no {module}.{name}; "
+                "these patches target JAX 0.10"
+            )
+    for method in ("interpret", "_interpret_wgmma_ref_p"):
+        if not hasattr(found["jaxpr_interpret"].JaxprInterpreter, method):
+            raise RuntimeError(f"mgpu_interpret: JaxprInterpreter.{method} is missing in JAX {jax.__version__}")
+    return found
+
+
+# 2. run_state over accumulators, register loads ---------------------------------------------
+
+
+def _run_state_as_scoped(eqn, m):
+    """A function of the run_state's inputs returning its outputs, built from run_scoped."""
+    body = eqn.params["jaxpr"]
+    outer_ref = [isinstance(v.aval, state_types.AbstractRef) for v in eqn.invars]
+    is_acc = [isinstance(v.aval, m["gpu_core"].WGMMAAbstractAccumulatorRef) for v in body.invars]
+    plain = [not r and not a for r, a in zip(outer_ref, is_acc, strict=True)]
+    closed = state_discharge.discharge_state(jax_core.ClosedJaxpr(body, ()), should_discharge=plain)
+
+    def run(*ins):
+        accs = [x for x, a in zip(ins, is_acc, strict=True) if a]
+
+        def scoped(*acc_refs):
+            refs = iter(acc_refs)
+            args = [next(refs) if a else x for x, a in zip(ins, is_acc, strict=True)]
+            for ref, x in zip(acc_refs, accs, strict=True):
+                state_primitives.ref_set(ref, (), x)  # a plain store: the interpreter has no accumulator store
+            plain_out = jax_core.eval_jaxpr(closed.jaxpr, closed.consts, *args)
+            return [ref[...] for ref in acc_refs], plain_out
+
+        acc_out, plain_out = pl.run_scoped(scoped, *[plgpu.ACC(jnp.shape(x), jnp.result_type(x)) for x in accs])
+        acc_it, plain_it = iter(acc_out), iter(plain_out)
+        return [
+            x if r else (next(acc_it) if a else next(plain_it)) for x, r, a in zip(ins, outer_ref, is_acc, strict=True)
+        ]
+
+    return run
+
+
+_rewritten: dict[int, tuple[Any, Any, list]] = {}
+
+
+def _rewrite(jaxpr, m):
+    """`jaxpr` with run_state and register loads replaced (cached), and its new constants."""
+    special = (state_discharge.run_state_p, m["gpu_primitives"].load_p)
+    if not any(e.primitive in special for e in jaxpr.eqns):
+        return jaxpr, []
+    hit = _rewritten.get(id(jaxpr))
+    if hit is not None and hit[0] is jaxpr:
+        return hit[1], hit[2]
+
+    def fn(*args):
+        env = {}
+
+        def read(a):
+            return a.val if isinstance(a, jax_core.Literal) else env[a]
+
+        for var, x in zip(jaxpr.constvars + jaxpr.invars, args, strict=True):
+            env[var] = x
+        for e in jaxpr.eqns:
+            ins = [read(a) for a in e.invars]
+            if e.primitive is state_discharge.run_state_p:
+                outs = _run_state_as_scoped(e, m)(*ins)
+            elif e.primitive is m["gpu_primitives"].load_p:  # shared memory to registers: a read
+                outs = [state_primitives.get_p.bind(*ins, tree=e.params["tree"])]
+            else:
+                outs = e.primitive.bind(*ins, **e.params)
+                if not e.primitive.multiple_results:
+                    outs = [outs]
+            for var, x in zip(e.outvars, outs, strict=True):
+                env[var] = x
+        return [read(v) for v in jaxpr.outvars]
+
+    avals = [v.aval for v in jaxpr.constvars + jaxpr.invars]
+    new, _, consts = pe.trace_to_jaxpr_dynamic(lu.wrap_init(fn, debug_info=jaxpr.debug_info), avals)
+    _rewritten[id(jaxpr)] = (jaxpr, new, consts)  # keeps `jaxpr` alive, so its id stays unique
+    return new, consts
+
+
+# 3. wgmma with a register operand and transposed operands -----------------------------------
+
+
+def _read_operand(m, shared, key_array, transforms, thread, info) -> np.ndarray:
+    index, perms = [], []
+    for t in m["gpu_callbacks"]._remove_noop_transforms(transforms):
+        if isinstance(t, state_types.TransposeTransform):
+            perms.append(tuple(t.permutation))
+        elif perms:
+            raise NotImplementedError(f"mgpu_interpret: an indexer after a transpose ({transforms})")
+        else:
+            index.append(jax.tree.map(int, t))
+    key = m["gpu_callbacks"].HostAllocationKey.from_array(key_array)
+    val, _, _ = shared.get_buffer_content(key, m["interpret_utils"].to_range(index), thread, logging_info=info)
+    if val is None:
+        raise RuntimeError(f"mgpu_interpret: wgmma read an unallocated buffer {key}")
+    for perm in perms:
+        val = np.transpose(val, perm)
+    return val
+
+
+def _wgmma(m, *, token, device_id, grid_point_coords, thread_id, acc, acc_transforms, acc_dtype, a, a_transforms,
+           a_in_registers, b, b_transforms, source_info=None):  # fmt: skip
+    device_id, thread_id = int(device_id), int(thread_id)
+    shared = m["gpu_callbacks"]._get_shared_memory()
+    thread = shared.get_global_thread_id(device_id, thread_id)
+    info = m["interpret_utils"].GPULoggingInfo(
+        device_id=device_id,
+        grid_point_coords=tuple(int(x) for x in grid_point_coords),
+        thread_id=thread_id,
+        source_info=source_info,
+    )
+    lhs = np.asarray(a) if a_in_registers else _read_operand(m, shared, a, a_transforms, thread, info)
+    rhs = _read_operand(m, shared, b, b_transforms, thread, info)
+    acc_key = m["gpu_callbacks"].HostAllocationKey.from_array(acc)
+    acc_range = m["interpret_utils"].to_range(
+        jax.tree.map(int, m["gpu_callbacks"]._remove_noop_transforms(acc_transforms))
+    )
+    current, _, _ = shared.get_buffer_content(acc_key, acc_range, thread, logging_info=info)
+    # The tensor cores multiply bf16/fp16 operands exactly and accumulate in fp32.
+    product = np.matmul(lhs.astype(np.float32), rhs.astype(np.float32))
+    shared.store_buffer_content(acc_key, acc_range, (current + product).astype(acc_dtype), thread, logging_info=info)
+    return token
+
+
+def _interpret_wgmma_ref_p(self, m, eqn, token, get_invals):
+    acc, a, b, *leaves = get_invals()
+    empty = jax.tree.structure([])
+    trees = jax.tree_util.treedef_tuple(tuple(eqn.params[f"{x}_transforms_tree"] or empty for x in ("acc", "a", "b")))
+    acc_t, a_t, b_t = jax.tree.unflatten(trees, leaves)
+    out = callback.io_callback(
+        functools.partial(
+            _wgmma,
+            m,
+            acc_dtype=eqn.invars[0].aval.dtype,
+            a_in_registers=not isinstance(eqn.invars[1].aval, state_types.AbstractRef),
+            source_info=eqn.source_info,
+        ),
+        m["gpu_callbacks"].TOKEN_SHAPE_DTYPE,
+        token=token,
+        device_id=self.device_info.device_id,
+        grid_point_coords=self.grid_point_coords,
+        thread_id=self.thread_id,
+        acc=acc,
+        acc_transforms=acc_t,
+        a=a,
+        a_transforms=a_t,
+        b=b,
+        b_transforms=b_t,
+        ordered=True,
+    )
+    return out, []
+
+
+# 4. trailing barrier phases; 5. TMA reduce-add ----------------------------------------------
+
+
+def _barrier_deallocate(self):
+    with self.cv:
+        self.ref_count -= 1
+
+
+_reduce_lock = threading.Lock()
+
+
+def _copy_smem_to_gmem(m, original, *, reduction_op, **kw):
+    if reduction_op is None:
+        return original(reduction_op=None, **kw)
+    if reduction_op != "add":
+        raise NotImplementedError(f"mgpu_interpret: TMA reduction {reduction_op!r} (only 'add')")
+    if kw["predicate"] is not None:
+        raise NotImplementedError("mgpu_interpret: a predicated TMA reduction")
+    cb, utils = m["gpu_callbacks"], m["interpret_utils"]
+    device_id, thread_id = int(kw["device_id"]), int(kw["thread_id"])
+    shared = cb._get_shared_memory()
+    thread = shared.get_global_thread_id(device_id, thread_id)
+    info = utils.GPULoggingInfo(
+        device_id=device_id,
+        grid_point_coords=tuple(int(x) for x in kw["grid_point_coords"]),
+        thread_id=thread_id,
+        source_info=kw["source_info"],
+    )
+
+    def where(side):
+        key = cb.HostAllocationKey.from_array(kw[f"{side}_allocation_key_as_array"])
+        return key, utils.to_range(jax.tree.map(int, cb._remove_noop_transforms(kw[f"{side}_transforms"])))
+
+    src_key, src_range = where("src")
+    dst_key, dst_range = where("dst")
+    val, _, _ = shared.get_buffer_content(src_key, src_range, thread, logging_info=info)
+    with _reduce_lock:  # the hardware's reduce-add is atomic per element
+        current, _, _ = shared.get_buffer_content(dst_key, dst_range, thread, logging_info=info)
+        shared.store_buffer_content(dst_key, dst_range, current + val, thread, logging_info=info)
+    return kw["token"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def install() -> None:
+    """Patches JAX's Mosaic GPU interpreter (once per process); see the module docstring."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        m = _internals()
+        layout_cast_p = m["gpu_core"].layout_cast_p
+        layout_cast_p.def_impl(lambda x, new_layout: x)  # 1.
+        mlir.register_lowering(layout_cast_p, lambda ctx, x, new_layout: [x], platform="cpu")
+
+        interpreter = m["jaxpr_interpret"].JaxprInterpreter
+        original_interpret = interpreter.interpret
+
+        def interpret(self, jaxpr, token, *args):  # 2.
+            new, consts = _rewrite(jaxpr, m)
+            if new is jaxpr:
+                return original_interpret(self, jaxpr, token, *args)
+            return original_interpret(self, new, token, *consts, *args)
+
+        interpreter.interpret = interpret
+        interpreter._interpret_wgmma_ref_p = functools.partialmethod(_interpret_wgmma_ref_p, m)  # 3.
+        m["shared_memory"].Barrier.deallocate = _barrier_deallocate  # 4.
+        cb = m["gpu_callbacks"]
+        cb.copy_smem_to_gmem = functools.partial(_copy_smem_to_gmem, m, cb.copy_smem_to_gmem)  # 5.
+        is_gmem = cb.is_gmem_memory_space
+        cb.is_gmem_memory_space = lambda space: space is None or is_gmem(space)  # 6.
+        _installed = True
+
+
+def check_dispatch() -> None:
+    """Raises unless JAX's CPU client runs computations inline (see the module docstring)."""
+    if xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value:
+        raise RuntimeError(
+            "mgpu_interpret: the interpreter's warpgroups deadlock under JAX's asynchronous CPU dispatch "
+            "on a machine with fewer cores than warpgroups; call "
+            "jax.config.update('jax_cpu_enable_async_dispatch', False) before JAX's first computation"
+        )
+
+
+def races_found() -> bool:
+    """Whether the interpreter's race detector (`hopper_interpret(detect_races=True)`) saw a race."""
+    return bool(_internals()["ipc"].get_races().races_found)
+
+
+@contextlib.contextmanager
+def hopper_interpret(*, detect_races: bool = False):
+    """Runs the Hopper kernels in JAX's Mosaic GPU interpreter for code traced inside."""
+    install()
+    check_dispatch()
+    m = _internals()
+    params = m["interpret_params"].InterpretGPUParams(detect_races=detect_races)
+    with common.compiled_variants(mosaic_interpret=params):
+        try:
+            yield
+        except BaseException:
+            m["ipc"].reset_gpu_interpret_mode_state()
+            raise

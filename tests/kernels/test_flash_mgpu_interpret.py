@@ -1,0 +1,71 @@
+"""The Hopper kernels' numbers on this CPU: `flash_mgpu`'s forward and `flash_mgpu_bwd`'s backward
+run in JAX's Mosaic GPU interpreter (`moss_jax/kernels/mgpu_interpret.py`), every warpgroup a
+thread, barriers blocking, with the race detector on, against the XLA reference (values and
+dq/dk/dv within the dtype's tolerance).
+
+Each group of cases runs in a subprocess (`tests/kernels/mgpu_interpret_run.py`): the interpreter
+needs JAX's CPU dispatch synchronous from the process's start, and a kernel that fails inside it
+leaves the other warpgroups waiting on barriers, which the timeout turns into a failure naming
+the case. Speed, registers and anything asynchronous on the hardware still need an H100
+(`test_flash_mgpu.py::test_matches_reference_on_hopper`, bench/gpu_kernel_check.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.kernels import mgpu_interpret_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# Two groups of about the same time (~40 s each here), for pytest -n 2.
+GROUPS = {
+    "causal_ragged_d256": ["causal", "packed_ragged", "one_block", "d256_triton_bwd"],
+    "f16_random_ids_slots": ["f16_bidirectional", "d80_random_ids", "three_slots"],
+}
+TIMEOUT_S = 600  # the whole group; a hung case ends sooner (mgpu_interpret_run --case_timeout_s)
+
+
+def test_groups_cover_every_case():
+    listed = [name for names in GROUPS.values() for name in names]
+    assert sorted(listed) == sorted(mgpu_interpret_run.CASES)
+
+
+def _records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_hopper_kernels_match_reference_in_the_interpreter(group):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_WORKER_HOSTNAMES="localhost")
+    cmd = [sys.executable, "-m", "tests.kernels.mgpu_interpret_run", "--detect_races", *GROUPS[group]]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        started = [r["case"] for r in _records(out) if r["status"] == "start"]
+        pytest.fail(f"the interpreter hung (> {TIMEOUT_S} s) in case {started[-1] if started else '?'}:\n{out}")
+    records = {r["case"]: r for r in _records(proc.stdout) if r["status"] != "start"}
+    started = [r["case"] for r in _records(proc.stdout) if r["status"] == "start"]
+    if started and started[-1] not in records:
+        pytest.fail(f"the interpreter hung in case {started[-1]}; its threads:\n{proc.stderr[-6000:]}")
+    failures = {name: r.get("error", "") for name, r in records.items() if r["status"] != "pass"}
+    assert not failures, "\n\n".join(f"{name}:\n{err}" for name, err in failures.items())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(records) == sorted(GROUPS[group]), proc.stdout
+
+
+def test_hopper_interpret_refuses_asynchronous_dispatch():
+    """This pytest process keeps JAX's default asynchronous CPU dispatch, under which the
+    interpreter's warpgroups would deadlock on a 2-core machine: refused with the fix named."""
+    from moss_jax.kernels import mgpu_interpret
+
+    with pytest.raises(RuntimeError, match=r"jax_cpu_enable_async_dispatch', False\) before"):
+        with mgpu_interpret.hopper_interpret():
+            pass
