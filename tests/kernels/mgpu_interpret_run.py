@@ -6,14 +6,16 @@ synchronous from the process's first computation, and a kernel that fails inside
 the other warpgroups blocked on barriers: a case still running after `--case_timeout_s` dumps
 every thread's stack to stderr and exits.
 
-Each case runs `flash_attention_gpu(forward="mosaic", backward=...)` under jit, value and VJP,
-against the XLA reference (`cases.assert_matches_reference`), and counts the Hopper kernels'
-calls, so a case that silently took the Triton path fails.
+Each case runs `flash_attention_gpu(forward="mosaic", backward=...)` (or the model's way in,
+`attention(impl="pallas_mgpu")`) op by op, value and VJP, against the XLA reference
+(`cases.assert_matches_reference`), and counts the Hopper kernels' calls, so a case that silently
+took the Triton path fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import functools
 import json
@@ -24,38 +26,50 @@ import traceback
 import jax
 import jax.numpy as jnp
 
+from moss_jax.attention import attention
 from moss_jax.kernels import flash_gpu, flash_mgpu, flash_mgpu_bwd, mgpu_interpret
 from tests.kernels import cases
 from tests.kernels.cases import Case, assert_matches_reference
 
-# name -> (case, backward, Mosaic forward tiles)
-CASES = {
-    c[0].name: c
-    for c in [
-        # whole tiles: the blocks below the diagonal skip the mask; several programs per head
-        (Case("causal", 256, 256, 128, causal=True, segments=0, dtype=jnp.bfloat16, batch=1), "mosaic", None),
-        # ragged: padded keys masked, packed rows
-        (Case("packed_ragged", 300, 300, 128, causal=True, segments=3, dtype=jnp.bfloat16, batch=1), "mosaic", None),
-        # fp16, bidirectional, ragged, head_dim 64
-        (Case("f16_bidirectional", 200, 200, 64, causal=False, segments=0, dtype=jnp.float16, batch=1), "mosaic", None),
-        # random segment ids: some rows see no key at all (output 0); head_dim 80 padded to 128
-        (Case("d80_random_ids", 256, 256, 80, causal=True, segments=-1, dtype=jnp.bfloat16, batch=1), "mosaic", None),
-        # one key block: one K/V slot
-        (Case("one_block", 70, 70, 64, causal=True, segments=2, dtype=jnp.bfloat16, batch=1), "mosaic", None),
-        # a ring of three 64-key slots, reused several times
-        (
-            Case("three_slots", 448, 448, 64, causal=False, segments=0, dtype=jnp.bfloat16, batch=1, heads=1),
-            "mosaic",
-            flash_mgpu.Tiles(block_q=64, block_kv=64, stages=3),
-        ),
-        # MOSS 16B's head_dim: the Hopper forward, then the Triton backward (in the interpreter too)
-        (
-            Case("d256_triton_bwd", 192, 192, 256, causal=True, segments=0, dtype=jnp.bfloat16, batch=1, heads=1),
-            "triton",
-            None,
-        ),
-    ]
-}
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    case: Case
+    backward: str = "mosaic"  # or "triton"
+    tiles: flash_mgpu.Tiles | None = None  # the Mosaic forward's; None: its defaults
+    registry: bool = False  # through moss_jax.attention's "pallas_mgpu" instead of flash_attention_gpu
+
+    def attention(self):
+        if self.registry:
+            return functools.partial(attention, impl="pallas_mgpu")
+        return functools.partial(
+            flash_gpu.flash_attention_gpu, forward="mosaic", backward=self.backward, mosaic_tiles=self.tiles
+        )
+
+
+def _bf16(name, length, head_dim, causal, segments, **kw):
+    return Case(name, length, length, head_dim, causal=causal, segments=segments, dtype=jnp.bfloat16, batch=1, **kw)
+
+
+RUNS = [
+    # whole tiles: the blocks below the diagonal skip the mask; several programs per head
+    Run(_bf16("causal", 256, 128, True, 0)),
+    # ragged: padded keys masked, packed rows
+    Run(_bf16("packed_ragged", 300, 128, True, 3)),
+    # fp16, bidirectional, ragged, head_dim 64
+    Run(Case("f16_bidirectional", 200, 200, 64, causal=False, segments=0, dtype=jnp.float16, batch=1)),
+    # random segment ids: some rows see no key at all (output 0); head_dim 80 padded to 128
+    Run(_bf16("d80_random_ids", 256, 80, True, -1)),
+    # one key block: one K/V slot
+    Run(_bf16("one_block", 70, 64, True, 2)),
+    # a ring of three 64-key slots, reused several times
+    Run(_bf16("three_slots", 448, 64, False, 0, heads=1), tiles=flash_mgpu.Tiles(block_q=64, block_kv=64, stages=3)),
+    # MOSS 16B's head_dim: the Hopper forward, then the Triton backward (in the interpreter too)
+    Run(_bf16("d256_triton_bwd", 192, 256, True, 0, heads=1), backward="triton"),
+    # the model's way in: attention(impl="pallas_mgpu")
+    Run(_bf16("registry", 192, 64, True, 2), registry=True),
+]
+CASES = {run.case.name: run for run in RUNS}
 
 
 def _counting(module, name, counts):
@@ -96,7 +110,7 @@ def main(argv=None) -> int:
     _counting(flash_mgpu_bwd, "flash_backward_hopper", counts)
     failed = 0
     for name in args.cases:
-        case, backward, tiles = CASES[name]
+        run = CASES[name]
         print(json.dumps({"case": name, "status": "start"}), flush=True)
         faulthandler.dump_traceback_later(args.case_timeout_s, exit=True)
         counts.clear()
@@ -104,11 +118,8 @@ def main(argv=None) -> int:
         record = {"case": name}
         try:
             with mgpu_interpret.hopper_interpret(detect_races=args.detect_races):
-                attn = functools.partial(
-                    flash_gpu.flash_attention_gpu, forward="mosaic", backward=backward, mosaic_tiles=tiles
-                )
-                errors = assert_matches_reference(attn, case)
-            want = {"flash_forward_hopper": 1, "flash_backward_hopper": int(backward == "mosaic")}
+                errors = assert_matches_reference(run.attention(), run.case)
+            want = {"flash_forward_hopper": 1, "flash_backward_hopper": int(run.backward == "mosaic")}
             got = {k: counts.get(k, 0) for k in want}
             if got != want:
                 raise AssertionError(f"Hopper kernel calls {got}, expected {want}")

@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Two groups of about the same time (~40 s each here), for pytest -n 2.
 GROUPS = {
     "causal_ragged_d256": ["causal", "packed_ragged", "one_block", "d256_triton_bwd"],
-    "f16_random_ids_slots": ["f16_bidirectional", "d80_random_ids", "three_slots"],
+    "f16_random_ids_slots_registry": ["f16_bidirectional", "d80_random_ids", "three_slots", "registry"],
 }
 TIMEOUT_S = 600  # the whole group; a hung case ends sooner (mgpu_interpret_run --case_timeout_s)
 
