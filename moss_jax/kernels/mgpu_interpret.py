@@ -15,11 +15,12 @@ piece the semantics the hardware gives:
    becomes a plain read.
 3. `wgmma` with its left operand in registers (P in P V) and with transposed shared-memory
    operands (K^T in Q K^T): the interpreter handled neither.
-4. A barrier may end its life with phases no thread waited for. The TMA warpgroup stops waiting
-   for "slot consumed" once it has nothing left to load, while the compute warpgroups still
-   release their last slots. On hardware each waiter tracks its own parity, so trailing
-   completions nobody awaits are harmless; the interpreter raised at deallocation. A barrier
-   completing twice before any waiter observed it, the hazard that matters, is still an error.
+4. A barrier may end its life with phases its last thread, the TMA warpgroup in both kernels,
+   did not wait for: it stops waiting for "slot consumed" once it has nothing left to load, while
+   the compute warpgroups still release their last slots. On hardware each waiter tracks its own
+   parity, so trailing completions nobody awaits are harmless; the interpreter raised at
+   deallocation. A compute warpgroup that skips its last wait, and a barrier completing twice
+   before any waiter observed it, are still errors.
 5. `copy_smem_to_gmem(..., reduction_op="add")`, the TMA reduce-add the backward uses to sum dQ
    over key blocks: read, add, store, under a lock (the hardware's reduction is atomic).
 6. A `Ref` passed into `pl.kernel` (the backward's fp32 dQ buffer) arrives with no memory space:
@@ -29,17 +30,20 @@ What this checks and what it does not: the numbers (the kernels' index arithmeti
 online softmax, padding, the five backward matmuls, the dQ reduction), the barrier protocol
 (a wait for a phase that never completes hangs; a slot refilled before it was released completes
 a barrier twice, which raises), and, with `detect_races=True`, the interpreter's race detector on
-shared-memory reads and writes. Not checked: speed, register pressure, shared-memory bank
-conflicts, anything the interpreter runs synchronously (TMA copies and `wgmma` complete at issue,
-so a missing `wgmma_wait` or `wait_smem_to_gmem` goes unnoticed), and ptxas. Those need an H100
-(`bench/gpu_kernel_check.py`).
+shared-memory reads (including `wgmma`'s operands, which this module race-checks) and writes
+(`races_found()` covers every kernel since the context began). Not checked: speed, register
+pressure, shared-memory bank conflicts, anything the interpreter runs synchronously or ignores
+(TMA copies and `wgmma` complete at issue, and `commit_smem` is a no-op, so a missing
+`wgmma_wait`, `wait_smem_to_gmem` or shared-memory fence goes unnoticed), and ptxas. Those need an
+H100 (`bench/gpu_kernel_check.py`).
 
 The interpreter runs each warpgroup as a CPU computation that blocks on barriers. JAX's CPU client
 dispatches computations asynchronously onto a pool with one thread per core, so on a machine with
 fewer cores than warpgroups (3) they deadlock. Turn async dispatch off before JAX's first
 computation (the CPU client reads it once, when it starts):
 `jax.config.update("jax_cpu_enable_async_dispatch", False)`. (It is a JAX flag, not read from
-the environment.) `hopper_interpret()` checks it.
+the environment.) `hopper_interpret()` checks the flag; it cannot see a client started before the
+flag changed, which then hangs (the timeout below ends it).
 
 A kernel that raises inside the interpreter leaves the other warpgroups waiting on barriers: the
 process hangs. Run it under a timeout (the tests run it in a subprocess).
@@ -51,10 +55,12 @@ Use::
 
 Inside the context `common.on_platform` takes the kernels' compiled variants (the Hopper kernels)
 on any platform, and those pass the interpreter's parameters as their `interpret`; the Triton
-kernels (the backward at head_dim 256) keep Pallas's own interpreter. Trace inside the context: a
-function traced outside it keeps the Triton path. Call the kernels op by op, not inside an
-enclosing `jax.jit`: XLA:CPU runs a jitted program's callbacks on its intra-op pool, one thread
-per core, where the blocking warpgroups starve each other (the same deadlock as above).
+kernels (the backward at head_dim 256) keep Pallas's own interpreter. Trace inside the context:
+a function traced outside it keeps the Triton path, and a function jitted inside it keeps the
+interpreter where its cached trace is reused outside (jit's cache does not see the context).
+Call the kernels op by op, not inside an enclosing `jax.jit`: XLA:CPU runs a jitted program's
+callbacks on its intra-op pool, one thread per core, where the blocking warpgroups starve each
+other (the same deadlock as above).
 
 The patches target JAX 0.10's interpreter internals; `install()` raises naming the missing piece
 on a JAX whose internals differ.
@@ -70,7 +76,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import callback, xla_bridge
+from jax._src import callback, source_info_util, xla_bridge
 from jax._src import core as jax_core
 from jax._src import linear_util as lu
 from jax._src.interpreters import mlir
@@ -119,7 +125,9 @@ def _internals() -> dict[str, Any]:
         ("gpu_callbacks", "_remove_noop_transforms"),
         ("jaxpr_interpret", "JaxprInterpreter"),
         ("shared_memory", "Barrier"),
-        ("ipc", "get_races"),
+        ("gpu_callbacks", "_initialize_shared_memory"),
+        ("gpu_callbacks", "_races"),
+        ("gpu_callbacks", "get_races"),
         ("interpret_params", "InterpretGPUParams"),
     ]
     for module, name in needed:
@@ -187,14 +195,17 @@ def _rewrite(jaxpr, m):
             env[var] = x
         for e in jaxpr.eqns:
             ins = [read(a) for a in e.invars]
-            if e.primitive is state_discharge.run_state_p:
-                outs = _run_state_as_scoped(e, m)(*ins)
-            elif e.primitive is m["gpu_primitives"].load_p:  # shared memory to registers: a read
-                outs = [state_primitives.get_p.bind(*ins, tree=e.params["tree"])]
-            else:
-                outs = e.primitive.bind(*ins, **e.params)
-                if not e.primitive.multiple_results:
-                    outs = [outs]
+            # Each equation keeps its source location (the kernel's line in barrier and race reports).
+            name_stack = source_info_util.current_name_stack() + e.source_info.name_stack
+            with source_info_util.user_context(e.source_info.traceback, name_stack=name_stack):
+                if e.primitive is state_discharge.run_state_p:
+                    outs = _run_state_as_scoped(e, m)(*ins)
+                elif e.primitive is m["gpu_primitives"].load_p:  # shared memory to registers: a read
+                    outs = [state_primitives.get_p.bind(*ins, tree=e.params["tree"])]
+                else:
+                    outs = e.primitive.bind(*ins, **e.primitive.get_bind_params(e.params))
+                    if not e.primitive.multiple_results:
+                        outs = [outs]
             for var, x in zip(e.outvars, outs, strict=True):
                 env[var] = x
         return [read(v) for v in jaxpr.outvars]
@@ -208,7 +219,9 @@ def _rewrite(jaxpr, m):
 # 3. wgmma with a register operand and transposed operands -----------------------------------
 
 
-def _read_operand(m, shared, key_array, transforms, thread, info) -> np.ndarray:
+def _read_operand(m, shared, key_array, transforms, ids, info) -> np.ndarray:
+    """A `wgmma` operand from shared memory, race-checked like any read of it."""
+    device_id, thread_id, thread = ids
     index, perms = [], []
     for t in m["gpu_callbacks"]._remove_noop_transforms(transforms):
         if isinstance(t, state_types.TransposeTransform):
@@ -218,9 +231,14 @@ def _read_operand(m, shared, key_array, transforms, thread, info) -> np.ndarray:
         else:
             index.append(jax.tree.map(int, t))
     key = m["gpu_callbacks"].HostAllocationKey.from_array(key_array)
-    val, _, _ = shared.get_buffer_content(key, m["interpret_utils"].to_range(index), thread, logging_info=info)
+    read_range = m["interpret_utils"].to_range(index)
+    val, _, clock = shared.get_buffer_content(key, read_range, thread, logging_info=info)
     if val is None:
         raise RuntimeError(f"mgpu_interpret: wgmma read an unallocated buffer {key}")
+    if shared.detect_races:  # e.g. a K/V slot read before its "loaded" barrier was awaited
+        m["gpu_callbacks"].get_races().check_read(
+            device_id, thread_id, clock, key, read_range, source_info=info.source_info
+        )
     for perm in perms:
         val = np.transpose(val, perm)
     return val
@@ -237,8 +255,9 @@ def _wgmma(m, *, token, device_id, grid_point_coords, thread_id, acc, acc_transf
         thread_id=thread_id,
         source_info=source_info,
     )
-    lhs = np.asarray(a) if a_in_registers else _read_operand(m, shared, a, a_transforms, thread, info)
-    rhs = _read_operand(m, shared, b, b_transforms, thread, info)
+    ids = (device_id, thread_id, thread)
+    lhs = np.asarray(a) if a_in_registers else _read_operand(m, shared, a, a_transforms, ids, info)
+    rhs = _read_operand(m, shared, b, b_transforms, ids, info)
     acc_key = m["gpu_callbacks"].HostAllocationKey.from_array(acc)
     acc_range = m["interpret_utils"].to_range(
         jax.tree.map(int, m["gpu_callbacks"]._remove_noop_transforms(acc_transforms))
@@ -283,8 +302,20 @@ def _interpret_wgmma_ref_p(self, m, eqn, token, get_invals):
 
 
 def _barrier_deallocate(self):
+    """JAX's check, except that the last thread, the TMA warpgroup (`wg == _COMPUTE_WGS` in both
+    kernels), may stop waiting before the last completions: it has nothing left to load. A compute
+    warpgroup that skips its last wait is still an error."""
     with self.cv:
         self.ref_count -= 1
+        if self.ref_count > 0:
+            return
+        producer = self.num_participating_threads - 1
+        for tid, next_phase in enumerate(self.next_awaited_phase_by_thread):
+            waited = next_phase - 1
+            if tid != producer and 0 < waited < self.phase:
+                raise ValueError(
+                    f"Thread {tid} did not observe all phases ({self.phase}) for barrier (but observed {waited})."
+                )
 
 
 _reduce_lock = threading.Lock()
@@ -349,6 +380,7 @@ def install() -> None:
         m["shared_memory"].Barrier.deallocate = _barrier_deallocate  # 4.
         cb = m["gpu_callbacks"]
         cb.copy_smem_to_gmem = functools.partial(_copy_smem_to_gmem, m, cb.copy_smem_to_gmem)  # 5.
+        cb._initialize_shared_memory = functools.partial(_initialize_shared_memory, m, cb._initialize_shared_memory)
         is_gmem = cb.is_gmem_memory_space
         cb.is_gmem_memory_space = lambda space: space is None or is_gmem(space)  # 6.
         _installed = True
@@ -364,17 +396,34 @@ def check_dispatch() -> None:
         )
 
 
+_races_before = False  # races seen by kernels before the current one, since `hopper_interpret` began
+
+
+def _initialize_shared_memory(m, original, **kw):
+    """JAX's, which starts a fresh race-detection state per kernel: the old one's verdict is kept."""
+    global _races_before
+    cb = m["gpu_callbacks"]
+    if cb._races is not None and cb._races.races_found:
+        _races_before = True
+    return original(**kw)
+
+
 def races_found() -> bool:
-    """Whether the interpreter's race detector (`hopper_interpret(detect_races=True)`) saw a race."""
-    return bool(_internals()["ipc"].get_races().races_found)
+    """Whether the interpreter's race detector (`hopper_interpret(detect_races=True)`) saw a race in
+    any kernel run since the context began."""
+    current = _internals()["gpu_callbacks"]._races
+    return _races_before or bool(current is not None and current.races_found)
 
 
 @contextlib.contextmanager
 def hopper_interpret(*, detect_races: bool = False):
     """Runs the Hopper kernels in JAX's Mosaic GPU interpreter for code traced inside."""
+    global _races_before
     install()
     check_dispatch()
     m = _internals()
+    _races_before = False
+    m["gpu_callbacks"]._races = None
     params = m["interpret_params"].InterpretGPUParams(detect_races=detect_races)
     with common.compiled_variants(mosaic_interpret=params):
         try:
