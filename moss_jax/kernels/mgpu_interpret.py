@@ -219,6 +219,25 @@ def _rewrite(jaxpr, m):
 # 3. wgmma with a register operand and transposed operands -----------------------------------
 
 
+def _thread_context(m, device_id, thread_id, grid_point_coords, source_info):
+    """(the simulated memory, the global thread id, the logging info) of a callback's thread."""
+    shared = m["gpu_callbacks"]._get_shared_memory()
+    info = m["interpret_utils"].GPULoggingInfo(
+        device_id=device_id,
+        grid_point_coords=tuple(int(x) for x in grid_point_coords),
+        thread_id=thread_id,
+        source_info=source_info,
+    )
+    return shared, shared.get_global_thread_id(device_id, thread_id), info
+
+
+def _location(m, key_array, transforms):
+    """(allocation key, index range) of a buffer reference with only index transforms left."""
+    cb = m["gpu_callbacks"]
+    rng = m["interpret_utils"].to_range(jax.tree.map(int, cb._remove_noop_transforms(transforms)))
+    return cb.HostAllocationKey.from_array(key_array), rng
+
+
 def _read_operand(m, shared, key_array, transforms, ids, info) -> np.ndarray:
     """A `wgmma` operand from shared memory, race-checked like any read of it."""
     device_id, thread_id, thread = ids
@@ -247,21 +266,11 @@ def _read_operand(m, shared, key_array, transforms, ids, info) -> np.ndarray:
 def _wgmma(m, *, token, device_id, grid_point_coords, thread_id, acc, acc_transforms, acc_dtype, a, a_transforms,
            a_in_registers, b, b_transforms, source_info=None):  # fmt: skip
     device_id, thread_id = int(device_id), int(thread_id)
-    shared = m["gpu_callbacks"]._get_shared_memory()
-    thread = shared.get_global_thread_id(device_id, thread_id)
-    info = m["interpret_utils"].GPULoggingInfo(
-        device_id=device_id,
-        grid_point_coords=tuple(int(x) for x in grid_point_coords),
-        thread_id=thread_id,
-        source_info=source_info,
-    )
+    shared, thread, info = _thread_context(m, device_id, thread_id, grid_point_coords, source_info)
     ids = (device_id, thread_id, thread)
     lhs = np.asarray(a) if a_in_registers else _read_operand(m, shared, a, a_transforms, ids, info)
     rhs = _read_operand(m, shared, b, b_transforms, ids, info)
-    acc_key = m["gpu_callbacks"].HostAllocationKey.from_array(acc)
-    acc_range = m["interpret_utils"].to_range(
-        jax.tree.map(int, m["gpu_callbacks"]._remove_noop_transforms(acc_transforms))
-    )
+    acc_key, acc_range = _location(m, acc, acc_transforms)
     current, _, _ = shared.get_buffer_content(acc_key, acc_range, thread, logging_info=info)
     # The tensor cores multiply bf16/fp16 operands exactly and accumulate in fp32.
     product = np.matmul(lhs.astype(np.float32), rhs.astype(np.float32))
@@ -328,23 +337,10 @@ def _copy_smem_to_gmem(m, original, *, reduction_op, **kw):
         raise NotImplementedError(f"mgpu_interpret: TMA reduction {reduction_op!r} (only 'add')")
     if kw["predicate"] is not None:
         raise NotImplementedError("mgpu_interpret: a predicated TMA reduction")
-    cb, utils = m["gpu_callbacks"], m["interpret_utils"]
     device_id, thread_id = int(kw["device_id"]), int(kw["thread_id"])
-    shared = cb._get_shared_memory()
-    thread = shared.get_global_thread_id(device_id, thread_id)
-    info = utils.GPULoggingInfo(
-        device_id=device_id,
-        grid_point_coords=tuple(int(x) for x in kw["grid_point_coords"]),
-        thread_id=thread_id,
-        source_info=kw["source_info"],
-    )
-
-    def where(side):
-        key = cb.HostAllocationKey.from_array(kw[f"{side}_allocation_key_as_array"])
-        return key, utils.to_range(jax.tree.map(int, cb._remove_noop_transforms(kw[f"{side}_transforms"])))
-
-    src_key, src_range = where("src")
-    dst_key, dst_range = where("dst")
+    shared, thread, info = _thread_context(m, device_id, thread_id, kw["grid_point_coords"], kw["source_info"])
+    src_key, src_range = _location(m, kw["src_allocation_key_as_array"], kw["src_transforms"])
+    dst_key, dst_range = _location(m, kw["dst_allocation_key_as_array"], kw["dst_transforms"])
     val, _, _ = shared.get_buffer_content(src_key, src_range, thread, logging_info=info)
     with _reduce_lock:  # the hardware's reduce-add is atomic per element
         current, _, _ = shared.get_buffer_content(dst_key, dst_range, thread, logging_info=info)
