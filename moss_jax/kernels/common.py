@@ -165,25 +165,25 @@ def name_residuals(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array
     return checkpoint_name(out, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
 
 
-_COMPILED_VARIANTS = contextvars.ContextVar("moss_jax_compiled_variants", default=False)
 _MOSAIC_INTERPRET = contextvars.ContextVar("moss_jax_mosaic_interpret", default=None)
 
 
 @contextlib.contextmanager
-def compiled_variants(mosaic_interpret: Any = None):
-    """Within (while tracing): `on_platform` runs the `compiled` alternative wherever one is given,
-    on any platform, and the Mosaic GPU kernels pass `mosaic_interpret` as their `interpret`
-    (`mgpu_interpret` runs the Hopper kernels in JAX's Mosaic GPU interpreter on a CPU this way)."""
-    tokens = _COMPILED_VARIANTS.set(True), _MOSAIC_INTERPRET.set(mosaic_interpret)
+def interpret_mosaic(params: Any):
+    """Within (while tracing): `on_platform` runs the `compiled` alternative (the Mosaic GPU
+    kernels) wherever one is given, on any platform, and those kernels take `params` as their
+    `interpret` (`mgpu_interpret` runs the Hopper kernels in JAX's Mosaic GPU interpreter this way)."""
+    if params is None:
+        raise ValueError("interpret_mosaic needs the interpreter's parameters")
+    token = _MOSAIC_INTERPRET.set(params)
     try:
         yield
     finally:
-        _COMPILED_VARIANTS.reset(tokens[0])
-        _MOSAIC_INTERPRET.reset(tokens[1])
+        _MOSAIC_INTERPRET.reset(token)
 
 
 def mosaic_interpret() -> Any:
-    """The `interpret` argument for Mosaic GPU kernels: None unless `compiled_variants` set one."""
+    """The `interpret` argument for Mosaic GPU kernels: None outside `interpret_mosaic`."""
     return _MOSAIC_INTERPRET.get()
 
 
@@ -191,13 +191,13 @@ def on_platform(fn, *args, platform: str, interpret: bool | None, compiled=None)
     """Runs `fn(*args, interpret=...)`: compiled where the program is lowered for `platform`,
     interpreted elsewhere, unless `interpret` forces one. `compiled`, if given, runs instead of
     the compiled `fn` on `platform` (another kernel for the same result), and everywhere inside
-    `compiled_variants()`.
+    `interpret_mosaic()`.
 
     The choice is made at lowering time (`lax.platform_dependent`), not from the host's
     default backend, so a CPU host compiling ahead of time for a TPU topology gets the
     compiled kernel.
     """
-    if compiled is not None and _COMPILED_VARIANTS.get():
+    if compiled is not None and mosaic_interpret() is not None:
         return compiled(*args)
     if interpret is not None:
         return fn(*args, interpret=interpret)

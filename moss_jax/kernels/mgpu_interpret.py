@@ -421,7 +421,7 @@ def hopper_interpret(*, detect_races: bool = False):
     _races_before = False
     m["gpu_callbacks"]._races = None
     params = m["interpret_params"].InterpretGPUParams(detect_races=detect_races)
-    with common.compiled_variants(mosaic_interpret=params):
+    with common.interpret_mosaic(params):
         try:
             yield
         except BaseException:
