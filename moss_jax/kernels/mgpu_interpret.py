@@ -93,8 +93,10 @@ _installed = False
 _install_lock = threading.Lock()
 
 
+@functools.cache
 def _internals() -> dict[str, Any]:
-    """The interpreter modules patched here; a clear error where this JAX lacks them."""
+    """The interpreter modules patched here (looked up and checked once); a clear error where this
+    JAX lacks them."""
     try:
         from jax._src.pallas.mosaic.interpret import utils as interpret_utils
         from jax._src.pallas.mosaic_gpu import core as gpu_core

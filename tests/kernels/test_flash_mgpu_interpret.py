@@ -51,8 +51,9 @@ def test_hopper_kernels_match_reference_in_the_interpreter(group):
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         started = [r["case"] for r in _records(out) if r["status"] == "start"]
         pytest.fail(f"the interpreter hung (> {TIMEOUT_S} s) in case {started[-1] if started else '?'}:\n{out}")
-    records = {r["case"]: r for r in _records(proc.stdout) if r["status"] != "start"}
-    started = [r["case"] for r in _records(proc.stdout) if r["status"] == "start"]
+    lines = _records(proc.stdout)
+    records = {r["case"]: r for r in lines if r["status"] != "start"}
+    started = [r["case"] for r in lines if r["status"] == "start"]
     if started and started[-1] not in records:
         pytest.fail(f"the interpreter hung in case {started[-1]}; its threads:\n{proc.stderr[-6000:]}")
     failures = {name: r.get("error", "") for name, r in records.items() if r["status"] != "pass"}
