@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 
 import jax
@@ -56,6 +57,8 @@ _COMPUTE_REGS, _MEMORY_REGS = 232, 40
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# JAX 0.11 deprecates `plgpu.load`'s separate index argument, which JAX 0.10 requires.
+_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
 # Hopper's opt-in shared memory per block, less 4 KiB for barriers and alignment (Tiles.smem_bytes).
 _SMEM_BUDGET = 232448 - 4096
 
@@ -247,7 +250,7 @@ def _program(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, smem,
             q_seg_smem = q_seg_smem2.at[wg]
             plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, pl.ds(first_row, bq)], q_seg_smem, q_seg_loaded.at[wg])
             plgpu.barrier_wait(q_seg_loaded.at[wg])
-            q_seg = plgpu.load(q_seg_smem, (), layout=_ROW)
+            q_seg = load_whole(q_seg_smem, _ROW)
         plgpu.barrier_wait(q_loaded.at[wg])
 
         m = plgpu.layout_cast(jnp.full((bq,), common.MASK_VALUE, jnp.float32), _ROW)
@@ -265,7 +268,7 @@ def _program(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, smem,
             slot = lax.rem(j, jnp.int32(stages))
 
             def scores(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
                 take_turn()
                 return acc_ref[...]
 
@@ -275,7 +278,7 @@ def _program(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, smem,
                 kv_seg = None
                 if geo.segments:
                     plgpu.barrier_wait(kv_seg_loaded.at[slot])
-                    kv_seg = plgpu.load(kv_seg_smem.at[slot], (), layout=_COL)
+                    kv_seg = load_whole(kv_seg_smem.at[slot], _COL)
                 ok = visible_tile(
                     (bq, bkv),
                     row_axis=0,
@@ -376,6 +379,13 @@ def _program(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, smem,
             fetch_k(j, slot)
             plgpu.barrier_wait(v_consumed.at[slot])
             fetch_v(j, slot)
+
+
+def load_whole(ref, layout):
+    """`plgpu.load` of all of `ref` into registers in `layout`, on JAX 0.10 and 0.11 alike."""
+    if _LOAD_TAKES_INDEX:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
 
 
 def visible_tile(shape, *, row_axis: int, first_row, first_col, q_seg, kv_seg, causal: bool, kv_len: int | None):

@@ -45,6 +45,7 @@ from moss_jax.kernels.flash_mgpu import (
     _ROW,
     _SMEM_BUDGET,
     _padded_dim,
+    load_whole,
     visible_tile,
 )
 
@@ -175,7 +176,7 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             ids = gmem["kv_seg"].at[batch, pl.ds(kv_first, BLOCK)]
             plgpu.copy_gmem_to_smem(ids, smem["kv_seg"].at[wg], bars["kv_seg_loaded"].at[wg])
             plgpu.barrier_wait(bars["kv_seg_loaded"].at[wg])
-            kv_seg = plgpu.load(smem["kv_seg"].at[wg], (), layout=_ROW)  # S^T's rows are keys
+            kv_seg = load_whole(smem["kv_seg"].at[wg], _ROW)  # S^T's rows are keys
         plgpu.barrier_wait(bars["kv_loaded"].at[wg])
         plgpu.barrier_wait(bars["v_loaded"].at[wg])
 
@@ -195,12 +196,12 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             wait_slot(slot)
 
             def scores_t(acc_ref):
-                plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, k_smem, q_smem.transpose((1, 0)))
                 return acc_ref[...]
 
             s_t = pl.run_scoped(scores_t, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
             if masked:
-                q_seg = plgpu.load(smem["q_seg"].at[slot], (), layout=_COL) if geo.segments else None
+                q_seg = load_whole(smem["q_seg"].at[slot], _COL) if geo.segments else None
                 ok = visible_tile(
                     (BLOCK, BLOCK),
                     row_axis=1,  # S^T: keys down, query rows across
@@ -213,18 +214,18 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
                 )
                 if ok is not None:  # None: nothing to mask (the masked loop then runs no step)
                     s_t = jnp.where(ok, s_t, -jnp.inf)
-            lse = plgpu.load(smem["lse"].at[slot], (), layout=_COL)
+            lse = load_whole(smem["lse"].at[slot], _COL)
             p_t = jnp.exp2(s_t * (geo.scale * _LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
             p_lo = p_t.astype(geo.dtype)
 
             def dv_and_dp(refs):  # two wgmmas, one wait
                 dv_ref, dp_ref = refs
                 plgpu.wgmma(dv_ref, p_lo, do_smem)
-                plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem, (1, 0)))
+                plgpu.wgmma(dp_ref, v_smem, do_smem.transpose((1, 0)))
 
             zeros = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), plgpu.Layout.WGMMA)
             dv, dp_t = pl.run_state(dv_and_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-            delta = plgpu.load(smem["delta"].at[slot], (), layout=_COL)
+            delta = load_whole(smem["delta"].at[slot], _COL)
             ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(geo.dtype)
 
             def dk_step(acc_ref):
@@ -236,7 +237,7 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             plgpu.commit_smem()
 
             def dq_part(acc_ref):
-                plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem, (1, 0)), k_smem)
+                plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_smem)
                 return acc_ref[...]
 
             dq = pl.run_scoped(dq_part, plgpu.ACC((BLOCK, d), jnp.float32))

@@ -62,8 +62,11 @@ Call the kernels op by op, not inside an enclosing `jax.jit`: XLA:CPU runs a jit
 callbacks on its intra-op pool, one thread per core, where the blocking warpgroups starve each
 other (the same deadlock as above).
 
-The patches target JAX 0.10's interpreter internals; `install()` raises naming the missing piece
-on a JAX whose internals differ.
+The patches target JAX 0.10's interpreter internals (the version this project pins); `install()`
+raises naming the missing piece on a JAX whose internals differ. JAX 0.11 rewrote the interpreter
+(asynchronous TMA tasks, its own handling of transposed operands, register loads and layout
+casts, but still no `run_state`, register-operand `wgmma` or TMA reduce-add): `unsupported()`
+says so there, and the interpreter tests skip.
 """
 
 from __future__ import annotations
@@ -93,10 +96,23 @@ _installed = False
 _install_lock = threading.Lock()
 
 
+def unsupported() -> str | None:
+    """Why these patches cannot run on this JAX, or None (JAX 0.10)."""
+    if tuple(jax.__version_info__[:2]) != (0, 10):
+        return (
+            f"mgpu_interpret patches JAX 0.10's Mosaic GPU interpreter; JAX {jax.__version__} rewrote its "
+            "internals (the project pins jax 0.10.2: setup.py)"
+        )
+    return None
+
+
 @functools.cache
 def _internals() -> dict[str, Any]:
     """The interpreter modules patched here (looked up and checked once); a clear error where this
     JAX lacks them."""
+    reason = unsupported()
+    if reason is not None:
+        raise RuntimeError(reason)
     try:
         from jax._src.pallas.mosaic.interpret import utils as interpret_utils
         from jax._src.pallas.mosaic_gpu import core as gpu_core

@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from moss_jax.kernels import mgpu_interpret
 from tests.kernels import mgpu_interpret_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -41,6 +44,10 @@ def _records(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
+needs_jax_010 = pytest.mark.skipif(mgpu_interpret.unsupported() is not None, reason=str(mgpu_interpret.unsupported()))
+
+
+@needs_jax_010
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_hopper_kernels_match_reference_in_the_interpreter(group):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_WORKER_HOSTNAMES="localhost")
@@ -62,11 +69,21 @@ def test_hopper_kernels_match_reference_in_the_interpreter(group):
     assert sorted(records) == sorted(GROUPS[group]), proc.stdout
 
 
+@needs_jax_010
 def test_hopper_interpret_refuses_asynchronous_dispatch():
     """This pytest process keeps JAX's default asynchronous CPU dispatch, under which the
     interpreter's warpgroups would deadlock on a 2-core machine: refused with the fix named."""
-    from moss_jax.kernels import mgpu_interpret
-
     with pytest.raises(RuntimeError, match=r"jax_cpu_enable_async_dispatch', False\) before"):
         with mgpu_interpret.hopper_interpret():
             pass
+
+
+def test_the_interpreter_runs_on_the_pinned_jax_and_refuses_others(monkeypatch):
+    """The pinned JAX (setup.py) is the one the patches target, so CI runs the cases above; on
+    another JAX, `unsupported()` names the version instead of failing deep inside the interpreter."""
+    pinned = re.search(r'"jax==([0-9.]+)"', (ROOT / "setup.py").read_text()).group(1)
+    if jax.__version__ == pinned:
+        assert mgpu_interpret.unsupported() is None
+    monkeypatch.setattr(jax, "__version__", "0.11.2")
+    monkeypatch.setattr(jax, "__version_info__", (0, 11, 2))
+    assert "JAX 0.11.2 rewrote" in mgpu_interpret.unsupported()
