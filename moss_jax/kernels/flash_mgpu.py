@@ -378,6 +378,8 @@ def _program(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, out_ref, lse_ref, smem,
             plgpu.barrier_wait(k_consumed.at[slot])
             fetch_k(j, slot)
             plgpu.barrier_wait(v_consumed.at[slot])
+            if geo.segments:  # the slot's key ids were read in registers (generic proxy): a proxy fence
+                plgpu.commit_smem()  # orders those reads before the TMA (async proxy) overwrite
             fetch_v(j, slot)
 
 

@@ -20,8 +20,9 @@ block the program streams for warpgroup 0 only. The summation order of dQ's adds
 scheduling: dQ is not bit-reproducible run to run (dK and dV are), as in FlashAttention-3.
 
 Limits: head_dim (padded to a multiple of 64) at most 128: dK and dV accumulators of [64, 256]
-fp32 would need 256 registers per thread; wider heads keep the Triton backward. Checked on this
-CPU host by lowering for CUDA only, as the forward (docs/kernels.md).
+fp32 would need 256 registers per thread; wider heads keep the Triton backward. Checked on a
+CPU host as the forward: lowered for CUDA, and run in JAX's Mosaic GPU interpreter
+(`mgpu_interpret`; docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -284,6 +285,9 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
         def _(i):
             slot = slot_of(i)
             plgpu.barrier_wait(bars["consumed"].at[slot])
+            # lse, delta (and the ids) were read in registers (generic proxy): a proxy fence orders
+            # those reads before the TMA (async proxy) overwrite.
+            plgpu.commit_smem()
             fetch(i, slot)
 
 

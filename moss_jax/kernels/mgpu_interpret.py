@@ -3,18 +3,22 @@ interpreter.
 
 JAX ships a GPU interpret mode for Pallas Mosaic GPU kernels: every warpgroup becomes a CPU
 thread, shared and global memory are simulated buffers, barriers are real blocking barriers that
-track phases, TMA copies and `wgmma` are numpy copies and matmuls. JAX 0.10's interpreter does not
-yet cover everything a FlashAttention-3-style kernel uses. `install()` adds what is missing, each
-piece the semantics the hardware gives:
+track phases, TMA copies and `wgmma` are numpy copies and matmuls. Neither JAX 0.10's interpreter
+(the version this project pins) nor JAX 0.11's (the lent GPU machines' JAX; it needs Python >= 3.12:
+`scripts/test_kernels_jax_next.sh`) covers everything a FlashAttention-3-style kernel uses.
+`install()` adds what is missing, each piece the semantics the hardware gives:
 
-1. `plgpu.layout_cast` is a register-layout hint: the identity on values (the interpreter has no
-   CPU rule for it).
+1. `plgpu.layout_cast` is a register-layout hint: the identity on values (0.10 has no CPU rule
+   for it; 0.11 has).
 2. `pl.run_state` over a WGMMA accumulator (acc = alpha * acc + P V) becomes a scoped accumulator
    allocation: store the initial value, run the body, read the final value. The body's other
-   value inputs are discharged (passed as values). `plgpu.load` from shared memory into registers
-   becomes a plain read.
-3. `wgmma` with its left operand in registers (P in P V) and with transposed shared-memory
-   operands (K^T in Q K^T): the interpreter handled neither.
+   value inputs are discharged (passed as values). On 0.10, `plgpu.load` from shared memory into
+   registers becomes a plain read (0.11 has it). On 0.11 the accumulator's initial store is not
+   race-checked: registers are private, and the interpreter reuses the accumulator's key across
+   the grid's programs, whose clocks restart.
+3. `wgmma` with its left operand in registers (P in P V), and on 0.10 with transposed
+   shared-memory operands (K^T in Q K^T; 0.11 handles these). Its shared-memory operands are
+   race-checked as reads (neither JAX does); on 0.11 as the async proxy reads them (below).
 4. A barrier may end its life with phases its last thread, the TMA warpgroup in both kernels,
    did not wait for: it stops waiting for "slot consumed" once it has nothing left to load, while
    the compute warpgroups still release their last slots. On hardware each waiter tracks its own
@@ -22,20 +26,25 @@ piece the semantics the hardware gives:
    deallocation. A compute warpgroup that skips its last wait, and a barrier completing twice
    before any waiter observed it, are still errors.
 5. `copy_smem_to_gmem(..., reduction_op="add")`, the TMA reduce-add the backward uses to sum dQ
-   over key blocks: read, add, store, under a lock (the hardware's reduction is atomic).
-6. A `Ref` passed into `pl.kernel` (the backward's fp32 dQ buffer) arrives with no memory space:
-   it is global memory.
+   over key blocks: read, add, store, under a lock (the hardware's reduction is atomic). On 0.11
+   an asynchronous TMA task like JAX's stores: its source read is race-checked, and
+   `wait_smem_to_gmem` orders it; concurrent reduce-adds into one destination do not race.
+6. On 0.10, a `Ref` passed into `pl.kernel` (the backward's fp32 dQ buffer) arrives with no
+   memory space: it is global memory (0.11 says so itself).
 
-What this checks and what it does not: the numbers (the kernels' index arithmetic, masking,
-online softmax, padding, the five backward matmuls, the dQ reduction), the barrier protocol
-(a wait for a phase that never completes hangs; a slot refilled before it was released completes
-a barrier twice, which raises), and, with `detect_races=True`, the interpreter's race detector on
-shared-memory reads (including `wgmma`'s operands, which this module race-checks) and writes
-(`races_found()` covers every kernel since the context began). Not checked: speed, register
-pressure, shared-memory bank conflicts, anything the interpreter runs synchronously or ignores
-(TMA copies and `wgmma` complete at issue, and `commit_smem` is a no-op, so a missing
-`wgmma_wait`, `wait_smem_to_gmem` or shared-memory fence goes unnoticed), and ptxas. Those need an
-H100 (`bench/gpu_kernel_check.py`).
+What this checks: the numbers (the kernels' index arithmetic, masking, online softmax, padding,
+the five backward matmuls, the dQ reduction), the barrier protocol (a wait for a phase that never
+completes hangs; a slot refilled before it was released completes a barrier twice, which raises),
+and, with `detect_races=True`, the race detector on shared-memory reads and writes
+(`races_found()` covers every kernel since the context began). JAX 0.11's detector also models
+the asynchronous side: TMA copies and stores carry their own vector clocks, `commit_smem` is the
+fence from the generic proxy (register stores and loads) to the async proxy (TMA, `wgmma`), and
+`wait_smem_to_gmem` is what orders a TMA store's read of its buffer. So on 0.11 a `wgmma` reading
+a tile stored without a fence, a buffer rewritten before its TMA store read it, and a slot read in
+registers and refilled by TMA without a fence are races (tests/kernels/test_flash_mgpu_interpret.py
+plants each); on 0.10 those go unnoticed (its copies complete at issue, `commit_smem` is a no-op).
+Not checked on either: speed, register pressure, shared-memory bank conflicts, `wgmma_wait`
+(`wgmma` completes at issue), and ptxas. Those need an H100 (`bench/gpu_kernel_check.py`).
 
 The interpreter runs each warpgroup as a CPU computation that blocks on barriers. JAX's CPU client
 dispatches computations asynchronously onto a pool with one thread per core, so on a machine with
@@ -62,11 +71,8 @@ Call the kernels op by op, not inside an enclosing `jax.jit`: XLA:CPU runs a jit
 callbacks on its intra-op pool, one thread per core, where the blocking warpgroups starve each
 other (the same deadlock as above).
 
-The patches target JAX 0.10's interpreter internals (the version this project pins); `install()`
-raises naming the missing piece on a JAX whose internals differ. JAX 0.11 rewrote the interpreter
-(asynchronous TMA tasks, its own handling of transposed operands, register loads and layout
-casts, but still no `run_state`, register-operand `wgmma` or TMA reduce-add): `unsupported()`
-says so there, and the interpreter tests skip.
+The patches target the interpreter internals of JAX 0.10 and 0.11; `unsupported()` names any
+other version, and `install()` raises naming a missing piece where the internals differ.
 """
 
 from __future__ import annotations
@@ -96,14 +102,26 @@ _installed = False
 _install_lock = threading.Lock()
 
 
+_SUPPORTED = ((0, 10), (0, 11))
+
+
+def _jax_minor() -> tuple[int, int]:
+    return tuple(jax.__version_info__[:2])
+
+
 def unsupported() -> str | None:
-    """Why these patches cannot run on this JAX, or None (JAX 0.10)."""
-    if tuple(jax.__version_info__[:2]) != (0, 10):
+    """Why these patches cannot run on this JAX, or None (JAX 0.10 and 0.11)."""
+    if _jax_minor() not in _SUPPORTED:
         return (
-            f"mgpu_interpret patches JAX 0.10's Mosaic GPU interpreter; JAX {jax.__version__} rewrote its "
-            "internals (the project pins jax 0.10.2: setup.py)"
+            f"mgpu_interpret patches the Mosaic GPU interpreters of JAX 0.10 and 0.11; JAX {jax.__version__} "
+            "may have changed their internals (the project pins jax 0.10.2: setup.py)"
         )
     return None
+
+
+def models_async_proxy() -> bool:
+    """Whether this JAX's interpreter models asynchronous TMA copies and proxy fences (0.11)."""
+    return _jax_minor() >= (0, 11)
 
 
 @functools.cache
@@ -133,7 +151,6 @@ def _internals() -> dict[str, Any]:
         shared_memory=shared_memory,
     )
     needed = [
-        ("gpu_core", "layout_cast_p"),
         ("gpu_core", "WGMMAAbstractAccumulatorRef"),
         ("gpu_primitives", "load_p"),
         ("gpu_callbacks", "copy_smem_to_gmem"),
@@ -147,7 +164,17 @@ def _internals() -> dict[str, Any]:
         ("gpu_callbacks", "_races"),
         ("gpu_callbacks", "get_races"),
         ("interpret_params", "InterpretGPUParams"),
+        ("ipc", "reset_gpu_interpret_mode_state"),
     ]
+    if _jax_minor() == (0, 10):
+        needed.append(("gpu_core", "layout_cast_p"))
+    else:  # JAX 0.11: TMA stores are asynchronous tasks; memory accesses carry an axis permutation
+        needed += [
+            ("gpu_callbacks", "AsyncCopySmemToGmemTask"),
+            ("jaxpr_interpret", "resolve_ref"),
+            ("shared_memory", "GPULoggingInfo"),
+            ("shared_memory", "GPUSharedMemory"),
+        ]
     for module, name in needed:
         if not hasattr(found[module], name):
             raise RuntimeError(
@@ -169,7 +196,9 @@ def _run_state_as_scoped(eqn, m):
     outer_ref = [isinstance(v.aval, state_types.AbstractRef) for v in eqn.invars]
     is_acc = [isinstance(v.aval, m["gpu_core"].WGMMAAbstractAccumulatorRef) for v in body.invars]
     plain = [not r and not a for r, a in zip(outer_ref, is_acc, strict=True)]
-    closed = state_discharge.discharge_state(jax_core.ClosedJaxpr(body, ()), should_discharge=plain)
+    # JAX 0.11 merged ClosedJaxpr into Jaxpr: the body is closed already.
+    closed_body = jax_core.ClosedJaxpr(body, ()) if _jax_minor() == (0, 10) else body
+    closed = state_discharge.discharge_state(closed_body, should_discharge=plain)
 
     def run(*ins):
         accs = [x for x, a in zip(ins, is_acc, strict=True) if a]
@@ -196,7 +225,9 @@ _rewritten: dict[int, tuple[Any, Any, list]] = {}
 
 def _rewrite(jaxpr, m):
     """`jaxpr` with run_state and register loads replaced (cached), and its new constants."""
-    special = (state_discharge.run_state_p, m["gpu_primitives"].load_p)
+    special = (state_discharge.run_state_p,)
+    if _jax_minor() == (0, 10):  # 0.11 reads registers from shared memory itself
+        special += (m["gpu_primitives"].load_p,)
     if not any(e.primitive in special for e in jaxpr.eqns):
         return jaxpr, []
     hit = _rewritten.get(id(jaxpr))
@@ -218,7 +249,7 @@ def _rewrite(jaxpr, m):
             with source_info_util.user_context(e.source_info.traceback, name_stack=name_stack):
                 if e.primitive is state_discharge.run_state_p:
                     outs = _run_state_as_scoped(e, m)(*ins)
-                elif e.primitive is m["gpu_primitives"].load_p:  # shared memory to registers: a read
+                elif e.primitive in special[1:]:  # JAX 0.10's register load: a read
                     outs = [state_primitives.get_p.bind(*ins, tree=e.params["tree"])]
                 else:
                     outs = e.primitive.bind(*ins, **e.primitive.get_bind_params(e.params))
@@ -325,6 +356,123 @@ def _interpret_wgmma_ref_p(self, m, eqn, token, get_invals):
     return out, []
 
 
+def _check_async_read(races, thread, clock, key, access, agent: int, source_info) -> None:
+    """A shared-memory read by the tensor cores (async proxy), checked against earlier writes as
+    JAX 0.11 checks a TMA store's source read: at the warpgroup's async-proxy clock (what it
+    fenced with `commit_smem`) plus one event of an asynchronous agent, so that an unfenced
+    generic-proxy store is a race. The read is then recorded at the async-proxy clock alone:
+    `wgmma` completes at issue here, so the warpgroup's later stores and, through barriers, the
+    TMA warpgroup's refills are ordered after it (a merged agent event would instead leak into
+    the warpgroup's clock and hide its later races with real TMA transfers)."""
+    checked = clock.async_smem_clock.copy()
+    checked.inc(agent)
+    races.check_read(thread, checked, key, access, source_info=source_info)
+    with races.lock:
+        reads = races.reads[key]
+        for i in range(len(reads) - 1, -1, -1):
+            if reads[i][1] is checked:
+                reads[i] = (reads[i][0], clock.async_smem_clock.copy(), *reads[i][2:])
+                break
+
+
+def _wgmma_011(m, *, token, mesh_location, thread, acc, acc_transforms, acc_dtype, a, a_transforms, a_in_registers,
+               b, b_transforms, source_info=None):  # fmt: skip
+    """JAX 0.11: its memory accesses carry the transposes; shared-memory operands are read through
+    the async proxy, as the tensor cores do: a generic-proxy store (dS^T) must be fenced with
+    `commit_smem` before a `wgmma` reads it, else the race detector reports it."""
+    cb = m["gpu_callbacks"]
+    shared = cb._get_shared_memory()
+    info = m["shared_memory"].GPULoggingInfo(mesh_location, thread, source_info)
+
+    def access(key_array, transforms):
+        key = cb.HostAllocationKey.from_array(key_array)
+        return key, shared.access(key, jax.tree.map(int, cb._remove_noop_transforms(transforms)))
+
+    def operand(key_array, transforms):
+        key, acc_ = access(key_array, transforms)
+        val, _, clock = shared.get_buffer_content(key, acc_, thread, logging_info=info)
+        if val is None:
+            raise RuntimeError(f"mgpu_interpret: wgmma read an unallocated buffer {key}")
+        if shared.detect_races:
+            _check_async_read(cb.get_races(), thread, clock, key, acc_, shared.get_next_tma_thread_id(), source_info)
+        return val
+
+    lhs = np.asarray(a) if a_in_registers else operand(a, a_transforms)
+    rhs = operand(b, b_transforms)
+    acc_key, acc_access = access(acc, acc_transforms)
+    current, _, _ = shared.get_buffer_content(acc_key, acc_access, thread, logging_info=info)
+    # The tensor cores multiply bf16/fp16 operands exactly and accumulate in fp32.
+    product = np.matmul(lhs.astype(np.float32), rhs.astype(np.float32))
+    shared.store_buffer_content(acc_key, acc_access, (current + product).astype(acc_dtype), thread, logging_info=info)
+    return token
+
+
+def _acc_swap_011(m, token, mesh_location, thread, key_array, transforms, val, *, source_info=None):
+    """A store into a WGMMA accumulator (registers, private to the warpgroup): no race check. The
+    interpreter reuses an accumulator's key across the grid's programs, whose clocks restart."""
+    cb = m["gpu_callbacks"]
+    shared = cb._get_shared_memory()
+    info = m["shared_memory"].GPULoggingInfo(mesh_location, thread, source_info)
+    key = cb.HostAllocationKey.from_array(key_array)
+    access = shared.access(key, jax.tree.map(int, cb._remove_noop_transforms(transforms)))
+    old, _, _ = shared.get_buffer_content(key, access, thread, increment_clock=False, logging_info=info)
+    shared.store_buffer_content(key, access, np.asarray(val), thread, increment_clock=False, logging_info=info)
+    return token, old
+
+
+def _interpret_swap_p_011(self, m, original, eqn, token, get_invals):
+    """2. (JAX 0.11): the accumulator's initial value, stored by the run_state rewrite."""
+    if not isinstance(eqn.invars[0].aval, m["gpu_core"].WGMMAAbstractAccumulatorRef):
+        return original(self, eqn, token, get_invals)
+    invals = get_invals()
+    ref, transforms = m["jaxpr_interpret"].resolve_ref(
+        eqn.invars[0].aval, invals[0], jax.tree.unflatten(eqn.params["tree"], invals[2:])
+    )
+    return callback.io_callback(
+        functools.partial(_acc_swap_011, m, source_info=eqn.source_info),
+        (m["gpu_callbacks"].TOKEN_SHAPE_DTYPE, eqn.outvars[0].aval),
+        token,
+        self.mesh_location,
+        self.thread,
+        ref,
+        transforms,
+        invals[1],
+    )
+
+
+def _interpret_wgmma_ref_p_011(self, m, eqn, token, get_invals):
+    acc, a, b, *leaves = get_invals()
+    empty = jax.tree.structure([])
+    trees = jax.tree_util.treedef_tuple(tuple(eqn.params[f"{x}_transforms_tree"] or empty for x in ("acc", "a", "b")))
+    acc_t, a_t, b_t = jax.tree.unflatten(trees, leaves)
+    resolve = m["jaxpr_interpret"].resolve_ref
+    a_in_registers = not isinstance(eqn.invars[1].aval, state_types.AbstractRef)
+    acc, acc_t = resolve(eqn.invars[0].aval, acc, acc_t)
+    if not a_in_registers:
+        a, a_t = resolve(eqn.invars[1].aval, a, a_t)
+    b, b_t = resolve(eqn.invars[2].aval, b, b_t)
+    out = callback.io_callback(
+        functools.partial(
+            _wgmma_011,
+            m,
+            acc_dtype=eqn.invars[0].aval.dtype,
+            a_in_registers=a_in_registers,
+            source_info=eqn.source_info,
+        ),
+        m["gpu_callbacks"].TOKEN_SHAPE_DTYPE,
+        token=token,
+        mesh_location=self.mesh_location,
+        thread=self.thread,
+        acc=acc,
+        acc_transforms=acc_t,
+        a=a,
+        a_transforms=a_t,
+        b=b,
+        b_transforms=b_t,
+    )
+    return out, []
+
+
 # 4. trailing barrier phases; 5. TMA reduce-add ----------------------------------------------
 
 
@@ -342,6 +490,23 @@ def _barrier_deallocate(self):
             if tid != producer and 0 < waited < self.phase:
                 raise ValueError(
                     f"Thread {tid} did not observe all phases ({self.phase}) for barrier (but observed {waited})."
+                )
+
+
+def _barrier_deallocate_011(self):
+    """JAX 0.11's check, with the same exemption for the TMA warpgroup (the block's last)."""
+    with self.cv:
+        self.ref_count -= 1
+        if self.ref_count > 0:
+            return
+        if self.arrivals_count != 0:
+            raise ValueError(f"Barrier deallocated with {self.arrivals_count} arrivals pending.")
+        producer = self.num_pallas_threads_per_block - 1
+        for thread, observed in self.last_observed_phase_by_thread.items():
+            if observed != self.phase and thread.warpgroup_id != producer:
+                raise ValueError(
+                    f"When barrier {id(self)} was deallocated, thread {thread} had only observed barrier up to "
+                    f"phase {observed - 1}, but barrier completed up to phase {self.phase - 1}."
                 )
 
 
@@ -366,6 +531,68 @@ def _copy_smem_to_gmem(m, original, *, reduction_op, **kw):
     return kw["token"]
 
 
+_reduce_add_class: list = []
+
+
+def _reduce_add_task(m):
+    """JAX 0.11's asynchronous TMA store, reducing (+) into global memory atomically. Its source
+    read is race-checked as a store's; concurrent reduce-adds into one destination do not race
+    with each other (the hardware's reduction is atomic), so the destination write is not."""
+    cb = m["gpu_callbacks"]
+
+    class ReduceAddTask(cb.AsyncCopySmemToGmemTask):
+        def __call__(self, tma_thread_id: int):
+            shared = cb._get_shared_memory()
+            self.pre_read(tma_thread_id, shared)
+            val, _, _ = shared.get_buffer_content(
+                self.src_allocation_key, self.src_access, self.thread, logging_info=self.logging_info
+            )
+            if shared.detect_races:  # post_read, less its check of the destination
+                self.clock.inc(tma_thread_id)
+                self.write_clock = self.clock.copy()
+            with _reduce_lock:
+                key, access = self.dst_allocation_key, self.dst_access
+                current, _, _ = shared.get_buffer_content(key, access, self.thread, logging_info=self.logging_info)
+                shared.store_buffer_content(key, access, current + val, self.thread, logging_info=self.logging_info)
+            self.post_write(tma_thread_id, shared)
+
+    if not _reduce_add_class:
+        _reduce_add_class.append(ReduceAddTask)
+    return _reduce_add_class[0]
+
+
+def _copy_smem_to_gmem_011(m, original, **kw):
+    reduction_op = kw.get("reduction_op")
+    if reduction_op is None:
+        return original(**kw)
+    if reduction_op != "add":
+        raise NotImplementedError(f"mgpu_interpret: TMA reduction {reduction_op!r} (only 'add')")
+    if kw["predicate"] is not None:
+        raise NotImplementedError("mgpu_interpret: a predicated TMA reduction")
+    cb = m["gpu_callbacks"]
+    shared = cb._get_shared_memory()
+    thread = kw["thread"]
+
+    def access(key_array, transforms):
+        key = cb.HostAllocationKey.from_array(key_array)
+        return key, shared.access(key, jax.tree.map(int, cb._remove_noop_transforms(transforms)))
+
+    src_key, src_access = access(kw["src_allocation_key_as_array"], kw["src_transforms"])
+    dst_key, dst_access = access(kw["dst_allocation_key_as_array"], kw["dst_transforms"])
+    task = _reduce_add_task(m)(
+        mesh_location=kw["mesh_location"],
+        thread=thread,
+        src_allocation_key=src_key,
+        src_access=src_access,
+        dst_allocation_key=dst_key,
+        dst_access=dst_access,
+        source_info=kw["source_info"],
+        clock=shared.incr_clock(thread) if shared.detect_races else None,
+    )
+    shared.execute_async_task(task)
+    return kw["token"]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -376,9 +603,11 @@ def install() -> None:
         if _installed:
             return
         m = _internals()
-        layout_cast_p = m["gpu_core"].layout_cast_p
-        layout_cast_p.def_impl(lambda x, new_layout: x)  # 1.
-        mlir.register_lowering(layout_cast_p, lambda ctx, x, new_layout: [x], platform="cpu")
+        v010 = _jax_minor() == (0, 10)
+        if v010:  # 0.11's interpreter has 1. and 6.
+            layout_cast_p = m["gpu_core"].layout_cast_p
+            layout_cast_p.def_impl(lambda x, new_layout: x)  # 1.
+            mlir.register_lowering(layout_cast_p, lambda ctx, x, new_layout: [x], platform="cpu")
 
         interpreter = m["jaxpr_interpret"].JaxprInterpreter
         original_interpret = interpreter.interpret
@@ -390,13 +619,19 @@ def install() -> None:
             return original_interpret(self, new, token, *consts, *args)
 
         interpreter.interpret = interpret
-        interpreter._interpret_wgmma_ref_p = functools.partialmethod(_interpret_wgmma_ref_p, m)  # 3.
-        m["shared_memory"].Barrier.deallocate = _barrier_deallocate  # 4.
+        if not v010:
+            swap = interpreter._interpret_swap_p
+            interpreter._interpret_swap_p = functools.partialmethod(_interpret_swap_p_011, m, swap)
+        wgmma = _interpret_wgmma_ref_p if v010 else _interpret_wgmma_ref_p_011
+        interpreter._interpret_wgmma_ref_p = functools.partialmethod(wgmma, m)  # 3.
+        m["shared_memory"].Barrier.deallocate = _barrier_deallocate if v010 else _barrier_deallocate_011  # 4.
         cb = m["gpu_callbacks"]
-        cb.copy_smem_to_gmem = functools.partial(_copy_smem_to_gmem, m, cb.copy_smem_to_gmem)  # 5.
+        copy = _copy_smem_to_gmem if v010 else _copy_smem_to_gmem_011
+        cb.copy_smem_to_gmem = functools.partial(copy, m, cb.copy_smem_to_gmem)  # 5.
         cb._initialize_shared_memory = functools.partial(_initialize_shared_memory, m, cb._initialize_shared_memory)
-        is_gmem = cb.is_gmem_memory_space
-        cb.is_gmem_memory_space = lambda space: space is None or is_gmem(space)  # 6.
+        if v010:
+            is_gmem = cb.is_gmem_memory_space
+            cb.is_gmem_memory_space = lambda space: space is None or is_gmem(space)  # 6.
         _installed = True
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -44,10 +45,12 @@ def _records(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-needs_jax_010 = pytest.mark.skipif(mgpu_interpret.unsupported() is not None, reason=str(mgpu_interpret.unsupported()))
+needs_supported_jax = pytest.mark.skipif(
+    mgpu_interpret.unsupported() is not None, reason=str(mgpu_interpret.unsupported())
+)
 
 
-@needs_jax_010
+@needs_supported_jax
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_hopper_kernels_match_reference_in_the_interpreter(group):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_WORKER_HOSTNAMES="localhost")
@@ -69,7 +72,7 @@ def test_hopper_kernels_match_reference_in_the_interpreter(group):
     assert sorted(records) == sorted(GROUPS[group]), proc.stdout
 
 
-@needs_jax_010
+@needs_supported_jax
 def test_hopper_interpret_refuses_asynchronous_dispatch():
     """This pytest process keeps JAX's default asynchronous CPU dispatch, under which the
     interpreter's warpgroups would deadlock on a 2-core machine: refused with the fix named."""
@@ -84,6 +87,66 @@ def test_the_interpreter_runs_on_the_pinned_jax_and_refuses_others(monkeypatch):
     pinned = re.search(r'"jax==([0-9.]+)"', (ROOT / "setup.py").read_text()).group(1)
     if jax.__version__ == pinned:
         assert mgpu_interpret.unsupported() is None
-    monkeypatch.setattr(jax, "__version__", "0.11.2")
-    monkeypatch.setattr(jax, "__version_info__", (0, 11, 2))
-    assert "JAX 0.11.2 rewrote" in mgpu_interpret.unsupported()
+    monkeypatch.setattr(jax, "__version__", "0.12.0")
+    monkeypatch.setattr(jax, "__version_info__", (0, 12, 0))
+    assert "JAX 0.12.0 may have changed" in mgpu_interpret.unsupported()
+
+
+# Planted bugs, one per run, each in a copy of the kernels: the interpreter must fail the case (a
+# race, a barrier-protocol error, or a hang that the case timeout ends). JAX 0.10's interpreter
+# completes TMA copies at issue and ignores proxy fences; JAX 0.11's models both (async copies
+# with their own clocks, `commit_smem` as the generic-to-async proxy fence), so the last three
+# are caught there only (scripts/test_kernels_jax_next.sh runs them).
+_SYNC, _ASYNC = "any JAX", "JAX 0.11"
+MUTANTS = {
+    "v_block_used_before_its_barrier": (
+        "flash_mgpu.py",
+        "                plgpu.barrier_wait(v_loaded.at[slot])\n",
+        "",
+        "causal",
+        _SYNC,
+    ),
+    "ds_store_not_fenced_before_wgmma": (
+        "flash_mgpu_bwd.py",
+        "            ds_smem[...] = ds_t\n            plgpu.commit_smem()\n",
+        "            ds_smem[...] = ds_t\n",
+        "causal",
+        _ASYNC,
+    ),
+    "dq_buffer_rewritten_before_its_tma_store_read_it": (
+        "flash_mgpu_bwd.py",
+        "            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous part has left dq_smem\n",
+        "",
+        "causal",
+        _ASYNC,
+    ),
+    "slot_refilled_without_a_proxy_fence": (
+        "flash_mgpu_bwd.py",
+        "            plgpu.commit_smem()\n            fetch(i, slot)\n",
+        "            fetch(i, slot)\n",
+        "causal",
+        _ASYNC,
+    ),
+}
+
+
+@needs_supported_jax
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_the_interpreter_catches_planted_bugs(name, tmp_path):
+    file, old, new, case, needs = MUTANTS[name]
+    if needs == _ASYNC and mgpu_interpret.models_async_proxy() is False:
+        pytest.skip(f"JAX {jax.__version__}'s interpreter completes TMA copies at issue and ignores proxy fences")
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "moss_jax", tmp_path / "moss_jax", ignore=ignore)
+    shutil.copytree(ROOT / "tests", tmp_path / "tests", ignore=ignore)
+    kernel = tmp_path / "moss_jax" / "kernels" / file
+    source = kernel.read_text()
+    assert source.count(old) == 1, f"the text planted over is gone from {file}: update MUTANTS[{name!r}]"
+    kernel.write_text(source.replace(old, new))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_WORKER_HOSTNAMES="localhost")
+    cmd = [sys.executable, "-m", "tests.kernels.mgpu_interpret_run", "--detect_races", "--case_timeout_s", "90", case]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    records = [r for r in _records(proc.stdout) if r["status"] != "start"]
+    # Caught: the case failed (its record says why), or it hung and the timeout ended the run.
+    assert proc.returncode != 0, f"{name} went unnoticed:\n{proc.stdout}"
+    assert not records or records[0]["status"] == "fail", proc.stdout
