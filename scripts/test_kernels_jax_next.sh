@@ -25,6 +25,10 @@ if [ -z "${PYTHON_NEXT:-}" ]; then
   echo "error: jax $JAX_NEXT needs Python >= 3.12 and none was found; set PYTHON_NEXT=/path/to/python3.12" >&2
   exit 1
 fi
+if ! "$PYTHON_NEXT" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+  echo "error: PYTHON_NEXT=$PYTHON_NEXT is not a Python >= 3.12, which jax $JAX_NEXT needs" >&2
+  exit 1
+fi
 if [ ! -x "$VENV_NEXT/bin/python" ] || ! "$VENV_NEXT/bin/python" -c "import jax, sys; sys.exit(jax.__version__ != '$JAX_NEXT')" 2>/dev/null; then
   echo "[jax-next] creating $VENV_NEXT with $("$PYTHON_NEXT" --version) and jax $JAX_NEXT"
   rm -rf "$VENV_NEXT"

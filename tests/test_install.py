@@ -81,3 +81,20 @@ def test_launch_extra_resolves_and_imports(tmp_path):
     )
     assert check.returncode == 0, check.stderr[-3000:]
     assert int(check.stdout.strip().split(".")[0]) < 7
+
+
+def test_jax_next_script_refuses_a_python_older_than_312(tmp_path):
+    """scripts/test_kernels_jax_next.sh (the kernel tests on the GPU machines' jax 0.11) names the
+    Python it needs instead of failing inside pip, and creates nothing."""
+    import sys
+
+    if sys.version_info >= (3, 12):
+        pytest.skip("this Python is new enough: the script would build its venv")
+    venv_dir = tmp_path / "venv-next"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON_NEXT": sys.executable, "VENV_NEXT": str(venv_dir)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "test_kernels_jax_next.sh")], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert f"PYTHON_NEXT={sys.executable} is not a Python >= 3.12" in proc.stderr
+    assert not venv_dir.exists()
