@@ -18,7 +18,11 @@ track phases, TMA copies and `wgmma` are numpy copies and matmuls. Neither JAX 0
    the grid's programs, whose clocks restart.
 3. `wgmma` with its left operand in registers (P in P V), and on 0.10 with transposed
    shared-memory operands (K^T in Q K^T; 0.11 handles these). Its shared-memory operands are
-   race-checked as reads (neither JAX does); on 0.11 as the async proxy reads them (below).
+   race-checked as reads (neither JAX does). On 0.11 the tensor cores read as an asynchronous
+   agent: at the warpgroup's async-proxy clock plus one event in a vector-clock slot of the
+   warpgroup's own (`_tensor_core_read`), which then joins the warpgroup's clocks because `wgmma`
+   completes at issue here. So a tile stored in registers without a fence races with the read,
+   and so does a slot released (barrier arrival) before the `wgmma` that reads it.
 4. A barrier may end its life with phases its last thread, the TMA warpgroup in both kernels,
    did not wait for: it stops waiting for "slot consumed" once it has nothing left to load, while
    the compute warpgroups still release their last slots. On hardware each waiter tracks its own
@@ -28,7 +32,9 @@ track phases, TMA copies and `wgmma` are numpy copies and matmuls. Neither JAX 0
 5. `copy_smem_to_gmem(..., reduction_op="add")`, the TMA reduce-add the backward uses to sum dQ
    over key blocks: read, add, store, under a lock (the hardware's reduction is atomic). On 0.11
    an asynchronous TMA task like JAX's stores: its source read is race-checked, and
-   `wait_smem_to_gmem` orders it; concurrent reduce-adds into one destination do not race.
+   `wait_smem_to_gmem` orders it; its destination write is recorded and checked, except that
+   reduce-adds into one place do not race with each other. The 0.11 callbacks added here fail
+   the kernel as JAX's own do (`fail_on_exception`), aborting the other warpgroups' barriers.
 6. On 0.10, a `Ref` passed into `pl.kernel` (the backward's fp32 dQ buffer) arrives with no
    memory space: it is global memory (0.11 says so itself).
 
@@ -43,6 +49,8 @@ fence from the generic proxy (register stores and loads) to the async proxy (TMA
 a tile stored without a fence, a buffer rewritten before its TMA store read it, and a slot read in
 registers and refilled by TMA without a fence are races (tests/kernels/test_flash_mgpu_interpret.py
 plants each); on 0.10 those go unnoticed (its copies complete at issue, `commit_smem` is a no-op).
+On both, a V block used before its barrier and a K slot released before the `wgmma` that reads
+it are races (planted too).
 Not checked on either: speed, register pressure, shared-memory bank conflicts, `wgmma_wait`
 (`wgmma` completes at issue), and ptxas. Those need an H100 (`bench/gpu_kernel_check.py`).
 
@@ -171,19 +179,28 @@ def _internals() -> dict[str, Any]:
     else:  # JAX 0.11: TMA stores are asynchronous tasks; memory accesses carry an axis permutation
         needed += [
             ("gpu_callbacks", "AsyncCopySmemToGmemTask"),
+            ("gpu_callbacks", "fail_on_exception"),
+            ("gpu_callbacks", "TOKEN_SHAPE_DTYPE"),
             ("jaxpr_interpret", "resolve_ref"),
             ("shared_memory", "GPULoggingInfo"),
             ("shared_memory", "GPUSharedMemory"),
+            ("shared_memory", "GpuClockBundle"),
+            ("gpu_core", "WarpMesh"),
         ]
     for module, name in needed:
         if not hasattr(found[module], name):
             raise RuntimeError(
                 f"mgpu_interpret: JAX {jax.__version__}'s Mosaic GPU interpreter has no {module}.{name}; "
-                "these patches target JAX 0.10"
+                "these patches target the interpreters of JAX 0.10.2 and 0.11.2"
             )
-    for method in ("interpret", "_interpret_wgmma_ref_p"):
-        if not hasattr(found["jaxpr_interpret"].JaxprInterpreter, method):
-            raise RuntimeError(f"mgpu_interpret: JaxprInterpreter.{method} is missing in JAX {jax.__version__}")
+    methods = [("JaxprInterpreter", "interpret"), ("JaxprInterpreter", "_interpret_wgmma_ref_p")]
+    if _jax_minor() == (0, 11):
+        methods += [("JaxprInterpreter", "_interpret_swap_p")]
+        methods += [("GPUSharedMemory", m) for m in ("get_next_tma_thread_id", "execute_async_task", "incr_clock")]
+    for cls, method in methods:
+        owner = found["jaxpr_interpret" if cls == "JaxprInterpreter" else "shared_memory"]
+        if not hasattr(getattr(owner, cls), method):
+            raise RuntimeError(f"mgpu_interpret: {cls}.{method} is missing in JAX {jax.__version__}")
     return found
 
 
@@ -356,33 +373,40 @@ def _interpret_wgmma_ref_p(self, m, eqn, token, get_invals):
     return out, []
 
 
-def _check_async_read(races, thread, clock, key, access, agent: int, source_info) -> None:
-    """A shared-memory read by the tensor cores (async proxy), checked against earlier writes as
-    JAX 0.11 checks a TMA store's source read: at the warpgroup's async-proxy clock (what it
-    fenced with `commit_smem`) plus one event of an asynchronous agent, so that an unfenced
-    generic-proxy store is a race. The read is then recorded at the async-proxy clock alone:
-    `wgmma` completes at issue here, so the warpgroup's later stores and, through barriers, the
-    TMA warpgroup's refills are ordered after it (a merged agent event would instead leak into
-    the warpgroup's clock and hide its later races with real TMA transfers)."""
-    checked = clock.async_smem_clock.copy()
-    checked.inc(agent)
-    races.check_read(thread, checked, key, access, source_info=source_info)
-    with races.lock:
-        reads = races.reads[key]
-        for i in range(len(reads) - 1, -1, -1):
-            if reads[i][1] is checked:
-                reads[i] = (reads[i][0], clock.async_smem_clock.copy(), *reads[i][2:])
-                break
+def _tensor_core_read(shared, thread) -> Any:
+    """The clock of a `wgmma`'s shared-memory operand read: the warpgroup's async-proxy clock (what
+    it fenced with `commit_smem`, and what barriers brought it) plus one event in the warpgroup's
+    own tensor-core slot (`_shared_memory_init_011`). `wgmma` completes at issue here, so the event
+    joins both of the warpgroup's clocks: its later stores and barrier arrivals are ordered after
+    the read, its earlier ones are not (a slot released before the `wgmma` that reads it races
+    with the refill), and a store not fenced before the read races with it."""
+    slot = shared.tensor_core_base + shared.thread_to_vc_position(thread)
+    with shared.lock:
+        bundle = shared.clocks[thread]
+        bundle.generic_clock.inc(slot)
+        bundle.async_smem_clock.inc(slot)
+        return bundle.async_smem_clock.copy()
+
+
+def _shared_memory_init_011(self, m, original, **kw):
+    """JAX 0.11's shared memory, with one more vector-clock slot per thread for its tensor cores
+    (`_tensor_core_read`), placed after the TMA agents' slots, which JAX cycles through as before."""
+    per_device_tma = kw["num_tma_threads_per_device"]
+    warps = m["gpu_core"].WarpMesh._NUM_WARPS_PER_WARPGROUP
+    threads = kw["num_blocks_per_cluster"] * kw["num_threads_per_block"] * (1 + warps)  # per device
+    original(self, **dict(kw, num_tma_threads_per_device=per_device_tma + threads))
+    self.num_tma_threads = kw["num_devices"] * per_device_tma
+    self.tensor_core_base = len(self.all_concurrent_threads) + self.num_tma_threads
 
 
 def _wgmma_011(m, *, token, mesh_location, thread, acc, acc_transforms, acc_dtype, a, a_transforms, a_in_registers,
                b, b_transforms, source_info=None):  # fmt: skip
     """JAX 0.11: its memory accesses carry the transposes; shared-memory operands are read through
-    the async proxy, as the tensor cores do: a generic-proxy store (dS^T) must be fenced with
-    `commit_smem` before a `wgmma` reads it, else the race detector reports it."""
+    the async proxy, as the tensor cores do (`_tensor_core_read`)."""
     cb = m["gpu_callbacks"]
     shared = cb._get_shared_memory()
     info = m["shared_memory"].GPULoggingInfo(mesh_location, thread, source_info)
+    reads = []
 
     def access(key_array, transforms):
         key = cb.HostAllocationKey.from_array(key_array)
@@ -390,15 +414,18 @@ def _wgmma_011(m, *, token, mesh_location, thread, acc, acc_transforms, acc_dtyp
 
     def operand(key_array, transforms):
         key, acc_ = access(key_array, transforms)
-        val, _, clock = shared.get_buffer_content(key, acc_, thread, logging_info=info)
+        val, _, _ = shared.get_buffer_content(key, acc_, thread, logging_info=info)
         if val is None:
             raise RuntimeError(f"mgpu_interpret: wgmma read an unallocated buffer {key}")
-        if shared.detect_races:
-            _check_async_read(cb.get_races(), thread, clock, key, acc_, shared.get_next_tma_thread_id(), source_info)
+        reads.append((key, acc_))
         return val
 
     lhs = np.asarray(a) if a_in_registers else operand(a, a_transforms)
     rhs = operand(b, b_transforms)
+    if shared.detect_races:
+        clock = _tensor_core_read(shared, thread)
+        for key, acc_ in reads:
+            cb.get_races().check_read(thread, clock, key, acc_, source_info=source_info)
     acc_key, acc_access = access(acc, acc_transforms)
     current, _, _ = shared.get_buffer_content(acc_key, acc_access, thread, logging_info=info)
     # The tensor cores multiply bf16/fp16 operands exactly and accumulate in fp32.
@@ -429,7 +456,7 @@ def _interpret_swap_p_011(self, m, original, eqn, token, get_invals):
         eqn.invars[0].aval, invals[0], jax.tree.unflatten(eqn.params["tree"], invals[2:])
     )
     return callback.io_callback(
-        functools.partial(_acc_swap_011, m, source_info=eqn.source_info),
+        m["gpu_callbacks"].fail_on_exception(functools.partial(_acc_swap_011, m, source_info=eqn.source_info)),
         (m["gpu_callbacks"].TOKEN_SHAPE_DTYPE, eqn.outvars[0].aval),
         token,
         self.mesh_location,
@@ -452,12 +479,14 @@ def _interpret_wgmma_ref_p_011(self, m, eqn, token, get_invals):
         a, a_t = resolve(eqn.invars[1].aval, a, a_t)
     b, b_t = resolve(eqn.invars[2].aval, b, b_t)
     out = callback.io_callback(
-        functools.partial(
-            _wgmma_011,
-            m,
-            acc_dtype=eqn.invars[0].aval.dtype,
-            a_in_registers=a_in_registers,
-            source_info=eqn.source_info,
+        m["gpu_callbacks"].fail_on_exception(
+            functools.partial(
+                _wgmma_011,
+                m,
+                acc_dtype=eqn.invars[0].aval.dtype,
+                a_in_registers=a_in_registers,
+                source_info=eqn.source_info,
+            )
         ),
         m["gpu_callbacks"].TOKEN_SHAPE_DTYPE,
         token=token,
@@ -531,6 +560,33 @@ def _copy_smem_to_gmem(m, original, *, reduction_op, **kw):
     return kw["token"]
 
 
+_REDUCE_ADD = "TMA reduce-add,"
+
+
+def _check_reduce_add(races, thread, clock, key, access, source_info) -> None:
+    """`check_write` for a reduce-add's destination, except that reduce-adds into one place do not
+    race with each other (the hardware's reduction is atomic); recorded, tagged, so that a plain
+    access racing with it is still reported."""
+    from jax._src.pallas.mosaic.interpret.race_detection_state import _ranges_overlap
+
+    frame = f"{_REDUCE_ADD} {source_info_util.summarize(source_info) if source_info is not None else 'pallas_call'}"
+    with races.lock:
+        prior = [*races.writes[key], *races.reads[key]]
+        races.writes[key].append((thread, clock, access.range, frame))
+    for other_thread, other_clock, other_range, other_frame in prior:
+        if other_frame.startswith(_REDUCE_ADD) or other_clock.ordered(clock):
+            continue
+        if not _ranges_overlap(access.range, other_range):
+            continue
+        print(
+            f"RACE DETECTED\n  {frame} of {key}[{access.range}] from {thread}\n  clock: {clock}\n"
+            f"  access of {key}[{other_range}] from {other_thread}, {other_frame}\n  clock: {other_clock}\n"
+        )
+        with races.lock:
+            races.races_found = True
+        return
+
+
 _reduce_add_class: list = []
 
 
@@ -547,9 +603,13 @@ def _reduce_add_task(m):
             val, _, _ = shared.get_buffer_content(
                 self.src_allocation_key, self.src_access, self.thread, logging_info=self.logging_info
             )
-            if shared.detect_races:  # post_read, less its check of the destination
+            if shared.detect_races:  # post_read, with a reduce-add's check of the destination
                 self.clock.inc(tma_thread_id)
                 self.write_clock = self.clock.copy()
+                clock = self.clock.async_smem_clock.copy()
+                _check_reduce_add(
+                    cb.get_races(), self.thread, clock, self.dst_allocation_key, self.dst_access, self.source_info
+                )
             with _reduce_lock:
                 key, access = self.dst_allocation_key, self.dst_access
                 current, _, _ = shared.get_buffer_content(key, access, self.thread, logging_info=self.logging_info)
@@ -622,12 +682,17 @@ def install() -> None:
         if not v010:
             swap = interpreter._interpret_swap_p
             interpreter._interpret_swap_p = functools.partialmethod(_interpret_swap_p_011, m, swap)
+            gsm = m["shared_memory"].GPUSharedMemory
+            gsm.__init__ = functools.partialmethod(_shared_memory_init_011, m, gsm.__init__)
         wgmma = _interpret_wgmma_ref_p if v010 else _interpret_wgmma_ref_p_011
         interpreter._interpret_wgmma_ref_p = functools.partialmethod(wgmma, m)  # 3.
         m["shared_memory"].Barrier.deallocate = _barrier_deallocate if v010 else _barrier_deallocate_011  # 4.
         cb = m["gpu_callbacks"]
-        copy = _copy_smem_to_gmem if v010 else _copy_smem_to_gmem_011
-        cb.copy_smem_to_gmem = functools.partial(copy, m, cb.copy_smem_to_gmem)  # 5.
+        if v010:
+            cb.copy_smem_to_gmem = functools.partial(_copy_smem_to_gmem, m, cb.copy_smem_to_gmem)  # 5.
+        else:  # a failure marks the kernel failed and aborts its barriers, as JAX's own callbacks do
+            copy = functools.partial(_copy_smem_to_gmem_011, m, cb.copy_smem_to_gmem)
+            cb.copy_smem_to_gmem = cb.fail_on_exception(copy)
         cb._initialize_shared_memory = functools.partial(_initialize_shared_memory, m, cb._initialize_shared_memory)
         if v010:
             is_gmem = cb.is_gmem_memory_space

@@ -92,19 +92,32 @@ def test_the_interpreter_runs_on_the_pinned_jax_and_refuses_others(monkeypatch):
     assert "JAX 0.12.0 may have changed" in mgpu_interpret.unsupported()
 
 
-# Planted bugs, one per run, each in a copy of the kernels: the interpreter must fail the case (a
-# race, a barrier-protocol error, or a hang that the case timeout ends). JAX 0.10's interpreter
-# completes TMA copies at issue and ignores proxy fences; JAX 0.11's models both (async copies
-# with their own clocks, `commit_smem` as the generic-to-async proxy fence), so the last three
-# are caught there only (scripts/test_kernels_jax_next.sh runs them).
+# Planted bugs, one per run, each in a copy of the kernels: the interpreter must fail the case
+# with the error named. JAX 0.10's interpreter completes TMA copies at issue and ignores proxy
+# fences; JAX 0.11's models both (async copies with their own clocks, `commit_smem` as the
+# generic-to-async proxy fence), so the `_ASYNC` ones are caught there only
+# (scripts/test_kernels_jax_next.sh runs them).
 _SYNC, _ASYNC = "any JAX", "JAX 0.11"
+_RACE = "race detector found a race"
 MUTANTS = {
+    # name: (file, text, replacement, case, which JAX catches it, errors that count as caught)
     "v_block_used_before_its_barrier": (
         "flash_mgpu.py",
         "                plgpu.barrier_wait(v_loaded.at[slot])\n",
         "",
         "causal",
         _SYNC,
+        (_RACE, "non-finite values"),  # 0.11 reads the slot's uninitialised (NaN) memory first
+    ),
+    "k_slot_released_before_its_wgmma_read_it": (
+        "flash_mgpu.py",
+        "            s = pl.run_scoped(scores, plgpu.ACC((bq, bkv), jnp.float32))\n"
+        "            plgpu.barrier_arrive(k_consumed.at[slot])\n",
+        "            plgpu.barrier_arrive(k_consumed.at[slot])\n"
+        "            s = pl.run_scoped(scores, plgpu.ACC((bq, bkv), jnp.float32))\n",
+        "packed_ragged",  # enough key blocks that the slot is refilled
+        _SYNC,
+        (_RACE,),
     ),
     "ds_store_not_fenced_before_wgmma": (
         "flash_mgpu_bwd.py",
@@ -112,6 +125,7 @@ MUTANTS = {
         "            ds_smem[...] = ds_t\n",
         "causal",
         _ASYNC,
+        (_RACE,),
     ),
     "dq_buffer_rewritten_before_its_tma_store_read_it": (
         "flash_mgpu_bwd.py",
@@ -119,6 +133,7 @@ MUTANTS = {
         "",
         "causal",
         _ASYNC,
+        (_RACE,),
     ),
     "slot_refilled_without_a_proxy_fence": (
         "flash_mgpu_bwd.py",
@@ -126,6 +141,7 @@ MUTANTS = {
         "            fetch(i, slot)\n",
         "causal",
         _ASYNC,
+        (_RACE,),
     ),
 }
 
@@ -133,8 +149,8 @@ MUTANTS = {
 @needs_supported_jax
 @pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_the_interpreter_catches_planted_bugs(name, tmp_path):
-    file, old, new, case, needs = MUTANTS[name]
-    if needs == _ASYNC and mgpu_interpret.models_async_proxy() is False:
+    file, old, new, case, needs, caught_by = MUTANTS[name]
+    if needs == _ASYNC and not mgpu_interpret.models_async_proxy():
         pytest.skip(f"JAX {jax.__version__}'s interpreter completes TMA copies at issue and ignores proxy fences")
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(ROOT / "moss_jax", tmp_path / "moss_jax", ignore=ignore)
@@ -144,9 +160,15 @@ def test_the_interpreter_catches_planted_bugs(name, tmp_path):
     assert source.count(old) == 1, f"the text planted over is gone from {file}: update MUTANTS[{name!r}]"
     kernel.write_text(source.replace(old, new))
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_WORKER_HOSTNAMES="localhost")
-    cmd = [sys.executable, "-m", "tests.kernels.mgpu_interpret_run", "--detect_races", "--case_timeout_s", "90", case]
+    env.pop("PYTHONSAFEPATH", None)  # the copy is imported from the working directory
+    cmd = [sys.executable, "-m", "tests.kernels.mgpu_interpret_run", "--detect_races", case]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    records = [r for r in _records(proc.stdout) if r["status"] != "start"]
-    # Caught: the case failed (its record says why), or it hung and the timeout ended the run.
-    assert proc.returncode != 0, f"{name} went unnoticed:\n{proc.stdout}"
-    assert not records or records[0]["status"] == "fail", proc.stdout
+    records = _records(proc.stdout)
+    starts = [r for r in records if r["status"] == "start"]
+    assert starts and pathlib.Path(starts[0]["kernels"]).is_relative_to(tmp_path), (
+        f"the copy's kernels did not run:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    )
+    ends = [r for r in records if r["status"] != "start"]
+    assert ends, f"{case} did not finish (a hang is not what this bug should cause):\n{proc.stderr[-3000:]}"
+    assert ends[0]["status"] == "fail", f"{name} went unnoticed: {ends[0]}"
+    assert any(text in ends[0]["error"] for text in caught_by), ends[0]["error"]
