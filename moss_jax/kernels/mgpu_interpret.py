@@ -373,6 +373,13 @@ def _interpret_wgmma_ref_p(self, m, eqn, token, get_invals):
     return out, []
 
 
+def _access_011(m, shared, key_array, transforms):
+    """(allocation key, access) of a buffer reference in JAX 0.11's interpreter."""
+    cb = m["gpu_callbacks"]
+    key = cb.HostAllocationKey.from_array(key_array)
+    return key, shared.access(key, jax.tree.map(int, cb._remove_noop_transforms(transforms)))
+
+
 def _tensor_core_read(shared, thread) -> Any:
     """The clock of a `wgmma`'s shared-memory operand read: the warpgroup's async-proxy clock (what
     it fenced with `commit_smem`, and what barriers brought it) plus one event in the warpgroup's
@@ -408,12 +415,8 @@ def _wgmma_011(m, *, token, mesh_location, thread, acc, acc_transforms, acc_dtyp
     info = m["shared_memory"].GPULoggingInfo(mesh_location, thread, source_info)
     reads = []
 
-    def access(key_array, transforms):
-        key = cb.HostAllocationKey.from_array(key_array)
-        return key, shared.access(key, jax.tree.map(int, cb._remove_noop_transforms(transforms)))
-
     def operand(key_array, transforms):
-        key, acc_ = access(key_array, transforms)
+        key, acc_ = _access_011(m, shared, key_array, transforms)
         val, _, _ = shared.get_buffer_content(key, acc_, thread, logging_info=info)
         if val is None:
             raise RuntimeError(f"mgpu_interpret: wgmma read an unallocated buffer {key}")
@@ -426,7 +429,7 @@ def _wgmma_011(m, *, token, mesh_location, thread, acc, acc_transforms, acc_dtyp
         clock = _tensor_core_read(shared, thread)
         for key, acc_ in reads:
             cb.get_races().check_read(thread, clock, key, acc_, source_info=source_info)
-    acc_key, acc_access = access(acc, acc_transforms)
+    acc_key, acc_access = _access_011(m, shared, acc, acc_transforms)
     current, _, _ = shared.get_buffer_content(acc_key, acc_access, thread, logging_info=info)
     # The tensor cores multiply bf16/fp16 operands exactly and accumulate in fp32.
     product = np.matmul(lhs.astype(np.float32), rhs.astype(np.float32))
@@ -440,8 +443,7 @@ def _acc_swap_011(m, token, mesh_location, thread, key_array, transforms, val, *
     cb = m["gpu_callbacks"]
     shared = cb._get_shared_memory()
     info = m["shared_memory"].GPULoggingInfo(mesh_location, thread, source_info)
-    key = cb.HostAllocationKey.from_array(key_array)
-    access = shared.access(key, jax.tree.map(int, cb._remove_noop_transforms(transforms)))
+    key, access = _access_011(m, shared, key_array, transforms)
     old, _, _ = shared.get_buffer_content(key, access, thread, increment_clock=False, logging_info=info)
     shared.store_buffer_content(key, access, np.asarray(val), thread, increment_clock=False, logging_info=info)
     return token, old
@@ -632,13 +634,8 @@ def _copy_smem_to_gmem_011(m, original, **kw):
     cb = m["gpu_callbacks"]
     shared = cb._get_shared_memory()
     thread = kw["thread"]
-
-    def access(key_array, transforms):
-        key = cb.HostAllocationKey.from_array(key_array)
-        return key, shared.access(key, jax.tree.map(int, cb._remove_noop_transforms(transforms)))
-
-    src_key, src_access = access(kw["src_allocation_key_as_array"], kw["src_transforms"])
-    dst_key, dst_access = access(kw["dst_allocation_key_as_array"], kw["dst_transforms"])
+    src_key, src_access = _access_011(m, shared, kw["src_allocation_key_as_array"], kw["src_transforms"])
+    dst_key, dst_access = _access_011(m, shared, kw["dst_allocation_key_as_array"], kw["dst_transforms"])
     task = _reduce_add_task(m)(
         mesh_location=kw["mesh_location"],
         thread=thread,
