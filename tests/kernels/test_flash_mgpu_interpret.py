@@ -96,7 +96,7 @@ def test_the_interpreter_runs_on_the_pinned_jax_and_refuses_others(monkeypatch):
 # with the error named. JAX 0.10's interpreter completes TMA copies at issue and ignores proxy
 # fences; JAX 0.11's models both (async copies with their own clocks, `commit_smem` as the
 # generic-to-async proxy fence), so the `_ASYNC` ones are caught there only
-# (scripts/test_kernels_jax_next.sh runs them).
+# (`test_the_async_checks_run_on_jax_011_too` runs them there).
 _SYNC, _ASYNC = "any JAX", "JAX 0.11"
 _RACE = "race detector found a race"
 MUTANTS = {
@@ -172,3 +172,28 @@ def test_the_interpreter_catches_planted_bugs(name, tmp_path):
     assert ends, f"{case} did not finish (a hang is not what this bug should cause):\n{proc.stderr[-3000:]}"
     assert ends[0]["status"] == "fail", f"{name} went unnoticed: {ends[0]}"
     assert any(text in ends[0]["error"] for text in caught_by), ends[0]["error"]
+
+
+def test_the_async_checks_run_on_jax_011_too():
+    """What only JAX 0.11's interpreter checks (TMA copies as asynchronous tasks, proxy fences; the
+    `_ASYNC` planted bugs above), in the default suite as well: scripts/test_kernels_jax_next.sh
+    builds its own venv with the GPU machines' jax 0.11.2 (Python >= 3.12) and runs this file's
+    tests there. Skipped where no Python >= 3.12 is installed."""
+    if mgpu_interpret.models_async_proxy():
+        pytest.skip(f"JAX {jax.__version__} runs them itself (the tests above)")
+    script = ROOT / "scripts" / "test_kernels_jax_next.sh"
+    found = subprocess.run(["bash", str(script), "--find-python"], capture_output=True, text=True)
+    if found.returncode == 3:
+        pytest.skip(found.stderr.strip())
+    assert found.returncode == 0, found.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "JAX_", "XLA_"))}
+    env["PYTEST_WORKERS"] = "1"  # beside this suite's own workers
+    env["JAX_NEXT_TESTS"] = "tests/kernels/test_flash_mgpu_interpret.py"
+    cmd = ["bash", str(script)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    passed = int(re.search(r"(\d+) passed", summary).group(1))
+    assert passed == len(GROUPS) + len(MUTANTS) + 3, summary  # + dispatch, version and coverage tests
+    skips = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert len(skips) == 1 and "runs them itself" in skips[0], skips  # only this test, there
