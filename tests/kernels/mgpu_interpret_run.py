@@ -130,6 +130,8 @@ def main(argv=None) -> int:
         except Exception:  # noqa: BLE001 - reported per case, then the exit status
             failed += 1
             record.update(status="fail", error=traceback.format_exc(limit=-4))
+            if args.detect_races:  # also when the numbers failed first
+                record["races"] = mgpu_interpret.races_found()
         faulthandler.cancel_dump_traceback_later()
         record["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps(record), flush=True)
