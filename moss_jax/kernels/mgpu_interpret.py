@@ -345,31 +345,28 @@ def _wgmma(m, *, token, device_id, grid_point_coords, thread_id, acc, acc_transf
 
 
 def _interpret_wgmma_ref_p(self, m, eqn, token, get_invals):
+    """`wgmma` through `_wgmma` (JAX 0.10) or `_wgmma_011`, which take its left operand from
+    registers where it is a value."""
     acc, a, b, *leaves = get_invals()
     empty = jax.tree.structure([])
     trees = jax.tree_util.treedef_tuple(tuple(eqn.params[f"{x}_transforms_tree"] or empty for x in ("acc", "a", "b")))
     acc_t, a_t, b_t = jax.tree.unflatten(trees, leaves)
-    out = callback.io_callback(
-        functools.partial(
-            _wgmma,
-            m,
-            acc_dtype=eqn.invars[0].aval.dtype,
-            a_in_registers=not isinstance(eqn.invars[1].aval, state_types.AbstractRef),
-            source_info=eqn.source_info,
-        ),
-        m["gpu_callbacks"].TOKEN_SHAPE_DTYPE,
-        token=token,
-        device_id=self.device_info.device_id,
-        grid_point_coords=self.grid_point_coords,
-        thread_id=self.thread_id,
-        acc=acc,
-        acc_transforms=acc_t,
-        a=a,
-        a_transforms=a_t,
-        b=b,
-        b_transforms=b_t,
-        ordered=True,
-    )
+    a_in_registers = not isinstance(eqn.invars[1].aval, state_types.AbstractRef)
+    params = dict(acc_dtype=eqn.invars[0].aval.dtype, a_in_registers=a_in_registers, source_info=eqn.source_info)
+    if _jax_minor() == (0, 10):
+        fn = functools.partial(_wgmma, m, **params)
+        where = dict(device_id=self.device_info.device_id, grid_point_coords=self.grid_point_coords)
+        where.update(thread_id=self.thread_id, ordered=True)
+    else:  # refs into a RefUnion name their member; a failure aborts the kernel as JAX's callbacks do
+        resolve = m["jaxpr_interpret"].resolve_ref
+        acc, acc_t = resolve(eqn.invars[0].aval, acc, acc_t)
+        if not a_in_registers:
+            a, a_t = resolve(eqn.invars[1].aval, a, a_t)
+        b, b_t = resolve(eqn.invars[2].aval, b, b_t)
+        fn = m["gpu_callbacks"].fail_on_exception(functools.partial(_wgmma_011, m, **params))
+        where = dict(mesh_location=self.mesh_location, thread=self.thread)
+    refs = dict(acc=acc, acc_transforms=acc_t, a=a, a_transforms=a_t, b=b, b_transforms=b_t)
+    out = callback.io_callback(fn, m["gpu_callbacks"].TOKEN_SHAPE_DTYPE, token=token, **where, **refs)
     return out, []
 
 
@@ -467,41 +464,6 @@ def _interpret_swap_p_011(self, m, original, eqn, token, get_invals):
         transforms,
         invals[1],
     )
-
-
-def _interpret_wgmma_ref_p_011(self, m, eqn, token, get_invals):
-    acc, a, b, *leaves = get_invals()
-    empty = jax.tree.structure([])
-    trees = jax.tree_util.treedef_tuple(tuple(eqn.params[f"{x}_transforms_tree"] or empty for x in ("acc", "a", "b")))
-    acc_t, a_t, b_t = jax.tree.unflatten(trees, leaves)
-    resolve = m["jaxpr_interpret"].resolve_ref
-    a_in_registers = not isinstance(eqn.invars[1].aval, state_types.AbstractRef)
-    acc, acc_t = resolve(eqn.invars[0].aval, acc, acc_t)
-    if not a_in_registers:
-        a, a_t = resolve(eqn.invars[1].aval, a, a_t)
-    b, b_t = resolve(eqn.invars[2].aval, b, b_t)
-    out = callback.io_callback(
-        m["gpu_callbacks"].fail_on_exception(
-            functools.partial(
-                _wgmma_011,
-                m,
-                acc_dtype=eqn.invars[0].aval.dtype,
-                a_in_registers=a_in_registers,
-                source_info=eqn.source_info,
-            )
-        ),
-        m["gpu_callbacks"].TOKEN_SHAPE_DTYPE,
-        token=token,
-        mesh_location=self.mesh_location,
-        thread=self.thread,
-        acc=acc,
-        acc_transforms=acc_t,
-        a=a,
-        a_transforms=a_t,
-        b=b,
-        b_transforms=b_t,
-    )
-    return out, []
 
 
 # 4. trailing barrier phases; 5. TMA reduce-add ----------------------------------------------
@@ -681,8 +643,7 @@ def install() -> None:
             interpreter._interpret_swap_p = functools.partialmethod(_interpret_swap_p_011, m, swap)
             gsm = m["shared_memory"].GPUSharedMemory
             gsm.__init__ = functools.partialmethod(_shared_memory_init_011, m, gsm.__init__)
-        wgmma = _interpret_wgmma_ref_p if v010 else _interpret_wgmma_ref_p_011
-        interpreter._interpret_wgmma_ref_p = functools.partialmethod(wgmma, m)  # 3.
+        interpreter._interpret_wgmma_ref_p = functools.partialmethod(_interpret_wgmma_ref_p, m)  # 3.
         m["shared_memory"].Barrier.deallocate = _barrier_deallocate if v010 else _barrier_deallocate_011  # 4.
         cb = m["gpu_callbacks"]
         if v010:
