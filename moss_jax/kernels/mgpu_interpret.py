@@ -506,13 +506,18 @@ def _barrier_deallocate_011(self):
 _reduce_lock = threading.Lock()
 
 
+def _check_reduction(reduction_op, predicate) -> None:
+    """The TMA reductions these patches run: an unpredicated add."""
+    if reduction_op != "add":
+        raise NotImplementedError(f"mgpu_interpret: TMA reduction {reduction_op!r} (only 'add')")
+    if predicate is not None:
+        raise NotImplementedError("mgpu_interpret: a predicated TMA reduction")
+
+
 def _copy_smem_to_gmem(m, original, *, reduction_op, **kw):
     if reduction_op is None:
         return original(reduction_op=None, **kw)
-    if reduction_op != "add":
-        raise NotImplementedError(f"mgpu_interpret: TMA reduction {reduction_op!r} (only 'add')")
-    if kw["predicate"] is not None:
-        raise NotImplementedError("mgpu_interpret: a predicated TMA reduction")
+    _check_reduction(reduction_op, kw["predicate"])
     device_id, thread_id = int(kw["device_id"]), int(kw["thread_id"])
     shared, thread, info = _thread_context(m, device_id, thread_id, kw["grid_point_coords"], kw["source_info"])
     src_key, src_range = _location(m, kw["src_allocation_key_as_array"], kw["src_transforms"])
@@ -585,14 +590,10 @@ def _reduce_add_task(m):
     return _reduce_add_class[0]
 
 
-def _copy_smem_to_gmem_011(m, original, **kw):
-    reduction_op = kw.get("reduction_op")
+def _copy_smem_to_gmem_011(m, original, *, reduction_op, **kw):
     if reduction_op is None:
-        return original(**kw)
-    if reduction_op != "add":
-        raise NotImplementedError(f"mgpu_interpret: TMA reduction {reduction_op!r} (only 'add')")
-    if kw["predicate"] is not None:
-        raise NotImplementedError("mgpu_interpret: a predicated TMA reduction")
+        return original(reduction_op=None, **kw)
+    _check_reduction(reduction_op, kw["predicate"])
     cb = m["gpu_callbacks"]
     shared = cb._get_shared_memory()
     thread = kw["thread"]
