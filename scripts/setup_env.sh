@@ -39,7 +39,15 @@ if [ ! -f "$_moss_stamp" ]; then
   touch "$_moss_stamp"
 fi
 export PATH="$_moss_root/.venv/bin:$PATH"
-export TPU_WORKER_HOSTNAMES="${TPU_WORKER_HOSTNAMES:-localhost}"
-# libtpu (the `tpu` extra) takes an exclusive lock meant for TPU hosts; CPU hosts only compile for TPU.
-export ALLOW_MULTIPLE_LIBTPU_LOAD="${ALLOW_MULTIPLE_LIBTPU_LOAD:-1}"
+# On a host without TPU chips, libtpu (the `tpu` extra) only compiles for TPU: skip its probe of
+# the VM's workers and its exclusive lock. On a TPU VM neither is set: a multi-host slice reads its
+# workers from TPU_WORKER_HOSTNAMES (or the VM's metadata), and "localhost" would cut it to one.
+_moss_tpu_chips=0
+for _moss_dev in ${MOSS_TPU_DEVICE_GLOB:-/dev/accel* /dev/vfio/[0-9]*}; do
+  [ -e "$_moss_dev" ] && _moss_tpu_chips=1
+done
+if [ "$_moss_tpu_chips" = 0 ]; then
+  export TPU_WORKER_HOSTNAMES="${TPU_WORKER_HOSTNAMES:-localhost}"
+  export ALLOW_MULTIPLE_LIBTPU_LOAD="${ALLOW_MULTIPLE_LIBTPU_LOAD:-1}"
+fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"

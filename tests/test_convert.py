@@ -132,6 +132,40 @@ def test_cli_round_trips_sharded_safetensors(tmp_path, hf_model, config, hf_refe
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("source_dtype", ["bfloat16", "float16"])
+def test_cli_converts_half_precision_in_a_fresh_process(tmp_path, hf_model, source_dtype):
+    """A bf16 safetensors export, and --dtype bfloat16, need numpy to know "bfloat16" before jax is
+    imported (a fresh `python -m moss_jax.convert` process, not this test process)."""
+    import subprocess
+    import sys
+
+    import ml_dtypes
+
+    dtype = ml_dtypes.bfloat16 if source_dtype == "bfloat16" else np.float16
+    sd = {k: v.astype(dtype) for k, v in state_dict_numpy(hf_model).items()}
+    src = tmp_path / "hf"
+    _write_sharded_safetensors(src, sd, hf_model.config.to_dict())
+    for out, extra in (("keep", []), ("bf16", ["--dtype", "bfloat16"])):
+        cmd = [
+            sys.executable,
+            "-m",
+            "moss_jax.convert",
+            "hf2orbax",
+            "--hf_dir",
+            str(src),
+            "--out_dir",
+            str(tmp_path / out),
+        ]
+        run = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        _, params = load_params(tmp_path / out)
+        want = jnp.bfloat16 if extra else dtype
+        assert params["embedding"].dtype == want
+        np.testing.assert_array_equal(
+            np.asarray(params["embedding"], np.float32), sd["transformer.wte.weight"].astype(want).astype(np.float32)
+        )
+
+
 def test_pytorch_bin_checkpoint(tmp_path, hf_model, config):
     _save_bin(tmp_path / "bin", hf_model)
     cfg, params = load_hf_checkpoint(tmp_path / "bin", progress=False)

@@ -1,6 +1,7 @@
 """Packaging checks: pins match what is installed, and the launch extra's protobuf resolution."""
 
 import json
+import os
 import re
 import subprocess
 import venv
@@ -98,3 +99,19 @@ def test_jax_next_script_refuses_a_python_older_than_312(tmp_path):
     assert proc.returncode == 1
     assert f"PYTHON_NEXT={sys.executable} is not a Python >= 3.12" in proc.stderr
     assert not venv_dir.exists()
+
+
+@pytest.mark.parametrize("tpu_vm", [False, True], ids=["cpu_host", "tpu_vm"])
+def test_setup_env_leaves_tpu_worker_settings_alone_on_a_tpu_vm(tmp_path, tpu_vm):
+    """TPU_WORKER_HOSTNAMES=localhost quiets libtpu on a CPU host but would make every worker of a
+    multi-host slice think it is alone; setup_env.sh sets it only where no TPU chip is present."""
+    chip = tmp_path / "accel0"
+    if tpu_vm:
+        chip.write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD")}
+    env["MOSS_TPU_DEVICE_GLOB"] = str(tmp_path / "accel*")
+    script = "source scripts/setup_env.sh test,tpu && "
+    script += 'echo "[${TPU_WORKER_HOSTNAMES-unset}] [${ALLOW_MULTIPLE_LIBTPU_LOAD-unset}]"'
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == ("[unset] [unset]" if tpu_vm else "[localhost] [1]")

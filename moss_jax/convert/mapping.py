@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" name: safetensors and --dtype use it)
 import numpy as np
 
 from moss_jax.config import MossConfig

@@ -36,6 +36,15 @@ ARCHES = {
     "x86_64": (0xC000003E, 41, 56, 435, 425, (57, 58)),
     "aarch64": (0xC00000B7, 198, 220, 435, 425, ()),
 }
+# Signals: arch -> (kill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo), each allowed only with
+# this process as its first argument (the target pid / thread group). Landlock scopes signals
+# only from ABI 6 (Linux 6.12); these rules hold on any kernel with seccomp.
+SIGNAL_SYSCALLS = {"x86_64": (62, 234, 129, 297), "aarch64": (129, 131, 138, 240)}
+# Refused outright: tkill, ptrace, process_vm_readv/writev, pidfd_open/send_signal/getfd.
+OTHER_PROCESS_SYSCALLS = {
+    "x86_64": (200, 101, 310, 311, 434, 424, 438),
+    "aarch64": (130, 117, 270, 271, 434, 424, 438),
+}
 
 
 def _libc():
@@ -93,11 +102,13 @@ def _insn(code, k, jt=0, jf=0):
 
 
 def seccomp(libc):
-    """No socket(), no new processes (threads allowed), no io_uring. True when installed."""
+    """No socket(), no new processes (threads allowed), no io_uring, no signals, tracing or
+    memory access to other processes. True when installed."""
     arch = ARCHES.get(platform.machine())
     if arch is None:
         return False
     audit_arch, nr_socket, nr_clone, nr_clone3, nr_io_uring, nr_forks = arch
+    own_pid = os.getpid()  # fixed: the filter forbids new processes
     errno = lambda e: _insn(BPF_RET_K, SECCOMP_RET_ERRNO | e)
     prog = [
         _insn(BPF_LD_W_ABS, 4),  # seccomp_data.arch
@@ -107,8 +118,18 @@ def seccomp(libc):
     ]
     if platform.machine() == "x86_64":
         prog += [_insn(0x35, 0x40000000, 0, 1), errno(EPERM)]  # JGE: the x32 ABI
-    for nr in (nr_socket, nr_io_uring, *nr_forks):
+    for nr in (nr_socket, nr_io_uring, *nr_forks, *OTHER_PROCESS_SYSCALLS[platform.machine()]):
         prog += [_insn(BPF_JEQ_K, nr, 0, 1), errno(EPERM)]
+    for nr in SIGNAL_SYSCALLS[platform.machine()]:
+        prog += [
+            _insn(BPF_JEQ_K, nr, 0, 6),
+            _insn(BPF_LD_W_ABS, 16),  # args[0] low word: the target pid / thread group
+            _insn(BPF_JEQ_K, own_pid, 0, 3),
+            _insn(BPF_LD_W_ABS, 20),  # args[0] high word: 0 for a positive pid
+            _insn(BPF_JEQ_K, 0, 0, 1),
+            _insn(BPF_RET_K, SECCOMP_RET_ALLOW),
+            errno(EPERM),
+        ]
     prog += [_insn(BPF_JEQ_K, nr_clone3, 0, 1), errno(ENOSYS)]  # glibc falls back to clone
     prog += [
         _insn(BPF_JEQ_K, nr_clone, 0, 3),
@@ -166,7 +187,7 @@ def main():
     set_limits(cfg)
     layers["rlimits"] = True
     try:
-        layers["landlock"] = landlock(libc, workdir)
+        layers["landlock"] = landlock(libc, workdir) if cfg.get("landlock", True) else 0
     except OSError as e:
         print(f"sandbox: landlock unavailable: {e}", file=sys.stderr)
     layers["seccomp"] = seccomp(libc)
@@ -177,8 +198,9 @@ def main():
         audit_hook(workdir)
         layers["audit_hook"] = True
     real_stdout = os.dup(1)
-    with open(cfg["layers_file"], "w") as f:
-        json.dump(layers, f)
+    # Reported through an inherited pipe closed before the program runs: it cannot rewrite it.
+    os.write(cfg["layers_fd"], json.dumps(layers).encode())
+    os.close(cfg["layers_fd"])
     with open(cfg["program"], encoding="utf-8") as f:
         source = f.read()
     sys.argv = [cfg["program"]]

@@ -204,8 +204,8 @@ def table(report: dict) -> str:
             rows.append((suite, "predictions", str(r["questions"]), f"for the C-Eval server: {r['submission']}"))
         elif suite in ("mmlu", "ceval"):
             extra = f" (hard {r['hard_average']:.3f})" if "hard_average" in r else ""
-            label = f"{r['method']}, {r['shots']}-shot, {len(r['subjects'])} subjects"
-            rows.append((suite, "accuracy", f"{r['average']:.3f}{extra}", label))
+            label = f"{r['method']}, {r['shots']}-shot, {len(r['subjects'])} subjects, mean over {r['accuracy_over']}"
+            rows.append((suite, "accuracy", f"{r['accuracy']:.3f}{extra}", label))
         elif suite == "humaneval":
             for k, v in r["pass@k"].items():
                 rows.append((suite, k, f"{v:.3f}", f"{len(r['problems'])} problems, n={r['n_samples']}"))

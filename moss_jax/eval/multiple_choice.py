@@ -292,11 +292,14 @@ def evaluate(
         "shots": max((len(s) for s in data.shots.values()), default=0),
         "chat": chat,
         "subjects": per_subject,
-        # C-Eval and MMLU papers average over subjects; the question-weighted figure is also given.
-        "average": sum(v["accuracy"] for v in per_subject.values()) / len(per_subject),
+        "average": sum(v["accuracy"] for v in per_subject.values()) / len(per_subject),  # over subjects
         "micro_average": sum(v["correct"] for v in per_subject.values())
-        / sum(v["total"] for v in per_subject.values()),
+        / sum(v["total"] for v in per_subject.values()),  # over questions
     }
+    # The headline: MMLU's reference script (hendrycks/test evaluate.py) averages over questions;
+    # for C-Eval we report the mean over subjects, the per-subject table's natural summary.
+    report["accuracy_over"] = "questions" if data.benchmark == "mmlu" else "subjects"
+    report["accuracy"] = report["micro_average"] if data.benchmark == "mmlu" else report["average"]
     if method == "generate":
         report["unparsed"] = unparsed
     hard = [s for s in per_subject if s in CEVAL_HARD]

@@ -50,6 +50,7 @@ class SandboxLimits:
     file_bytes: int = 16 << 20
     require_kernel_isolation: bool = False
     python_guard: bool = True  # the audit hook; off only to test the kernel layers alone
+    landlock: bool = True  # off only to test seccomp alone (as on a kernel without Landlock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,16 +92,17 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits(), *, tmp_ro
 def _run(program: str, limits: SandboxLimits, workdir: Path, meta: Path) -> SandboxResult:
     prog = meta / "program.py"
     prog.write_text(program, encoding="utf-8")
-    layers_file = workdir / ".sandbox_layers.json"
+    layers_read, layers_write = os.pipe()
     cfg = {
         "workdir": str(workdir),
         "program": str(prog),
-        "layers_file": str(layers_file),
+        "layers_fd": layers_write,
         "cpu_seconds": max(1, int(limits.cpu_seconds)),
         "memory_bytes": int(limits.memory_bytes),
         "file_bytes": int(limits.file_bytes),
         "require_kernel_isolation": limits.require_kernel_isolation,
         "python_guard": limits.python_guard,
+        "landlock": limits.landlock,
     }
     env = {
         "PATH": "/usr/bin:/bin",
@@ -113,7 +115,7 @@ def _run(program: str, limits: SandboxLimits, workdir: Path, meta: Path) -> Sand
     token = secrets.token_hex(16)
     out_path, err_path = meta / "stdout", meta / "stderr"
     start = time.perf_counter()
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+    with open(out_path, "wb") as out, open(err_path, "wb") as err, os.fdopen(layers_read, "rb") as layers_pipe:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-B", str(CHILD), json.dumps(cfg)],
@@ -123,9 +125,12 @@ def _run(program: str, limits: SandboxLimits, workdir: Path, meta: Path) -> Sand
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
+                pass_fds=(layers_write,),
             )
         except OSError as e:
             raise SandboxError(f"could not start the sandbox interpreter {sys.executable}: {e}") from e
+        finally:
+            os.close(layers_write)
         timed_out = False
         try:
             proc.stdin.write((token + "\n").encode())
@@ -143,13 +148,13 @@ def _run(program: str, limits: SandboxLimits, workdir: Path, meta: Path) -> Sand
             except (ProcessLookupError, PermissionError):
                 pass
             proc.wait()
+        try:
+            layers = json.loads(layers_pipe.read())  # the child is gone: no blocking
+        except ValueError:
+            layers = {}  # the child died before reporting
     seconds = time.perf_counter() - start
     stdout = out_path.read_bytes()[-4 * OUTPUT_LIMIT :].decode("utf-8", "replace")
     stderr = err_path.read_bytes()[-4 * OUTPUT_LIMIT :].decode("utf-8", "replace")
-    try:
-        layers = json.loads(layers_file.read_text())
-    except (OSError, ValueError):
-        layers = {}
     rc = proc.returncode
     finished = stdout.rstrip().endswith(token)
     if finished:

@@ -1,7 +1,10 @@
 """The sandbox stops and fails programs that loop, write outside their directory, open sockets or fork."""
 
+import dataclasses
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,40 @@ def test_layers_reported(layers):
     assert layers["rlimits"] and layers["audit_hook"]
     if Path("/sys/kernel/security").exists() and os.uname().sysname == "Linux":
         assert "landlock" in layers and "seccomp" in layers
+
+
+@pytest.fixture
+def victim():
+    """A process of the same user that a program must not be able to signal or trace."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("landlock", [True, False], ids=["landlock_and_seccomp", "seccomp_only"])
+def test_no_signals_or_tracing_of_other_processes(layers, victim, landlock):
+    """Landlock scopes signals only from ABI 6 (Linux 6.12); seccomp refuses them on older kernels."""
+    limits = dataclasses.replace(kernel_only(layers), landlock=landlock)
+    for code in (
+        f"import ctypes\nassert ctypes.CDLL(None).kill({victim.pid}, 9) == 0\n",
+        "import ctypes, os\nassert ctypes.CDLL(None).kill(os.getppid(), 0) == 0\n",
+        f"import ctypes\nassert ctypes.CDLL(None).ptrace(16, {victim.pid}, 0, 0) == 0\n",  # PTRACE_ATTACH
+        f"import ctypes\nassert ctypes.CDLL(None).syscall(434, {victim.pid}, 0) >= 0\n",  # pidfd_open
+    ):
+        result = run_program(code, limits)
+        assert result.status == "failed" and "AssertionError" in result.stderr, (code, result)
+        assert result.layers["landlock"] == (layers["landlock"] if landlock else 0)
+    assert victim.poll() is None  # still running
+    # Its own process still takes signals (Python's signal handling, os.abort, threads).
+    own = "import os, signal\ngot = []\nsignal.signal(signal.SIGUSR1, lambda *a: got.append(1))\n"
+    own += "os.kill(os.getpid(), signal.SIGUSR1)\nsignal.raise_signal(signal.SIGUSR1)\nassert got == [1, 1]\n"
+    assert run_program(own, limits).passed
+
+
+def test_the_program_cannot_rewrite_the_layers_report(layers):
+    code = "import json, os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'{}')\n"
+    code += "    except OSError:\n        pass\n"
+    code += "json.dump({'landlock': 99, 'seccomp': True}, open('.sandbox_layers.json', 'w'))\n"
+    result = run_program(code, FAST)
+    assert result.passed and result.layers == layers
