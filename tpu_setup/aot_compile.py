@@ -13,7 +13,8 @@ per-chip memory (arguments, outputs, temporaries, total against the chip's HBM),
 and the step time at 60% MFU, a markdown table row, then one JSON line. Exit status: 0 fits,
 1 does not fit (total above --max_hbm_fraction of HBM, or the TPU compiler's own
 RESOURCE_EXHAUSTED verdict), 2 configuration errors (unknown topology, missing gin file, a mesh
-that does not divide the chips, a batch that does not split over the mesh, ...).
+that does not divide the chips, a batch that does not split over the mesh, ...), 3 the compiler
+reported no memory analysis (whether it fits is unknown).
 """
 
 from __future__ import annotations
@@ -206,6 +207,13 @@ def _compile_decode(exp: dict, mesh, args: argparse.Namespace) -> tuple[dict, di
     return info, compiled_report(compiled)
 
 
+def fits_in_hbm(report: dict, hbm_bytes: int, max_fraction: float) -> bool | None:
+    """Whether the per-chip total is within `max_fraction` of HBM; None when not reported."""
+    if "total_bytes" not in report:
+        return None
+    return report["total_bytes"] <= max_fraction * hbm_bytes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
@@ -229,8 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     gen = topology.generation
-    total = report.get("total_bytes", 0)
-    fits = total <= args.max_hbm_fraction * gen.hbm_bytes
+    fits = fits_in_hbm(report, gen.hbm_bytes, args.max_hbm_fraction)
+    if fits is None:
+        print(
+            f"error: the compiler gave no memory analysis for {topology.name}, so whether the program "
+            "fits cannot be told",
+            file=sys.stderr,
+        )
+        return 3
+    total = report["total_bytes"]
     if args.step == "train":
         step_time = info["model_flops"] / (chips * gen.peak_flops * MFU)
         time_note = f"step time at {MFU:.0%} MFU ({gen.peak_flops / 1e12:.0f} TFLOP/s per chip)"

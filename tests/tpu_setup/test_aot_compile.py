@@ -116,3 +116,10 @@ def test_stage_with_another_step_is_a_configuration_error(capsys):
 def test_missing_gin_file_is_a_configuration_error(capsys):
     assert aot_compile.main(["--gin_file=experiments/pretrain/nope.gin", "--topology=v5p:4x4x4"]) == 2
     assert "gin file experiments/pretrain/nope.gin does not exist" in capsys.readouterr().err
+
+
+def test_no_memory_analysis_is_not_a_fit():
+    """A backend without memory analysis leaves the verdict unknown (exit 3), never "fits"."""
+    assert aot_compile.fits_in_hbm({"flops": 1.0}, 95 << 30, 0.9) is None
+    assert aot_compile.fits_in_hbm({"total_bytes": 10 << 30}, 95 << 30, 0.9) is True
+    assert aot_compile.fits_in_hbm({"total_bytes": 90 << 30}, 95 << 30, 0.9) is False
