@@ -158,9 +158,10 @@ def test_cli_converts_half_precision_in_a_fresh_process(tmp_path, hf_model, sour
         ]
         run = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
-        _, params = load_params(tmp_path / out)
+        cfg, params = load_params(tmp_path / out)
         want = jnp.bfloat16 if extra else dtype
         assert params["embedding"].dtype == want
+        assert cfg.param_dtype == np.dtype(want).name  # the config says what the checkpoint holds
         np.testing.assert_array_equal(
             np.asarray(params["embedding"], np.float32), sd["transformer.wte.weight"].astype(want).astype(np.float32)
         )

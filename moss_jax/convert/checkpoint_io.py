@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from moss_jax.config import MossConfig
+from moss_jax.config import DTYPES, MossConfig
 from moss_jax.convert.mapping import CheckpointError, ParamsBuilder, iter_hf_tensors, tensor_rules
 
 CONFIG_NAME = "moss_config.json"
@@ -91,7 +91,11 @@ def iter_weight_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 def load_hf_checkpoint(
     hf_dir: str | os.PathLike, config: MossConfig | None = None, dtype: Any = None, progress: bool = True
 ) -> tuple[MossConfig, dict]:
-    """Reads a HF CodeGen/MOSS checkpoint directory into (config, MossLM params)."""
+    """Reads a HF CodeGen/MOSS checkpoint directory into (config, MossLM params).
+
+    The returned config's `param_dtype` is the dtype the params are stored in (the file's, or
+    `dtype`), so a saved checkpoint's config says what it holds.
+    """
     config = config or MossConfig.from_hf(read_hf_config(hf_dir))
     builder = ParamsBuilder(config, dtype=dtype, source=str(hf_dir))
     total = len(tensor_rules(config))
@@ -100,7 +104,11 @@ def load_hf_checkpoint(
             for name, array in iter_weight_file(path):
                 builder.add(name, array, where=str(path))
                 bar.update(1)
-    return config, builder.finish()
+    params = builder.finish()
+    stored = np.dtype(_first_leaf(params).dtype).name
+    if stored != config.param_dtype and stored in DTYPES:
+        config = config.replace(param_dtype=stored)
+    return config, params
 
 
 @contextlib.contextmanager
