@@ -9,7 +9,18 @@ as a `seqio.Vocabulary`:
     vocab = MossBPEVocabulary("path/to/moss-moon-003-sft")       # eos = <eom> (the SFT eos)
 
 Added tokens must keep the ids the files give them; a mismatch is an error naming the token.
-seqio's pad id stays 0 (padding positions always carry loss weight 0 in our pipelines).
+
+Id 0 is a real token here (GPT-2's byte-level BPE gives it to "!"), yet seqio's `pad_id` is 0
+and seqio treats 0 as padding in two places:
+- `decode_tf` replaces every id after the first eos with `pad_id`; this class overrides it to
+  drop those ids instead (otherwise "hi<eom>" padded decodes to "hi<eom>!!!!");
+- seqio packing (`trim_and_pack_dataset`, used by `WeightedLMFeatureConverter(pack=True)`)
+  measures an example's length by its non-zero ids, so a "!" would cut the example short and
+  misalign it with its loss weights. This vocabulary must not feed packed SeqIO tasks: our
+  tasks load only SentencePiece models (`vocab.load_vocabulary`, where 0 is pad and never a
+  text token), and the converter rejects a `targets` id 0 with a clear error. Padding without
+  packing (`PairFeatureConverter`, inference) is safe: those paths read lengths from the
+  weights or the segment ids, never from id 0.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import seqio
 import tensorflow as tf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -78,13 +90,28 @@ class MossBPEVocabulary(seqio.Vocabulary):
         out.set_shape([None])
         return out
 
-    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    def _decode_rows(self, ids: tf.Tensor, through_eos: bool) -> tf.Tensor:
+        """Decodes the innermost axis of `ids` (any rank >= 1) to strings of shape ids.shape[:-1]."""
+        ids = tf.convert_to_tensor(ids)
+
         def dec(x):
-            return tf.constant(self._decode(x.numpy().tolist()))
+            arr = x.numpy()
+            rows = arr.reshape(int(np.prod(arr.shape[:-1])), arr.shape[-1])
+            texts = [(self.decode if through_eos else self._decode)(row.tolist()) for row in rows]
+            return tf.reshape(tf.constant(texts, tf.string), arr.shape[:-1])
 
         out = tf.py_function(dec, [ids], tf.string)
-        out.set_shape([])
+        out.set_shape(ids.shape[:-1])
         return out
+
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        return self._decode_rows(ids, through_eos=False)
+
+    def decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        """Decodes up to and including the first eos, DROPPING the ids after it (seqio's default
+        replaces them with pad_id 0, which is "!" in this vocabulary). Rows padded with 0 and no
+        eos still decode their padding as "!": end them with eos."""
+        return self._decode_rows(ids, through_eos=True)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, MossBPEVocabulary) and other.tokenizer_dir == self.tokenizer_dir

@@ -23,6 +23,9 @@ instruction and the result contents are masked).
 
 Conversations longer than `max_len` are cut at whole turns (never mid-turn); a record whose
 meta instruction plus first turn does not fit is dropped and counted in `ConversionStats`.
+Preference pairs (`encode_pair`) instead drop context turns from the front, the same ones for
+both sides. A malformed record (wrong JSON types included: a null turn, a string `num_turns`)
+raises `ConversationError` naming the record, turn and field.
 """
 
 from __future__ import annotations
@@ -82,8 +85,23 @@ class ConversionStats:
     def report(self) -> str:
         return (
             f"{self.examples} conversations kept, {self.truncated} cut at whole turns "
-            f"({self.turns_cut} turns removed), {self.dropped_too_long} dropped (first turn longer than max_len)"
+            f"({self.turns_cut} turns removed), {self.dropped_too_long} dropped (longer than max_len even with "
+            "the fewest turns)"
         )
+
+
+_TURN_OBJECT = f"expected an object with fields among {TURN_FIELDS}"
+
+
+def _describe(value: Any) -> str:
+    """`value`'s JSON type and a short preview, for error messages: "null", "a string ('1')"."""
+    if value is None:
+        return "null"
+    kind = {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}.get(
+        type(value), "a number" if isinstance(value, int | float) else type(value).__name__
+    )
+    preview = repr(value)
+    return f"{kind} ({preview[:60]}{'...' if len(preview) > 60 else ''})"
 
 
 def _split_field(field: str, text: str, where: str) -> tuple[str, str, str]:
@@ -104,20 +122,24 @@ def turn_segments(
 
     `tag` (a preference tag token) is placed right after `<|MOSS|>:`, with loss weight 0.
     """
+    if not isinstance(turn, Mapping):
+        raise ConversationError(f"{where}: is {_describe(turn)}, {_TURN_OBJECT}")
     unknown = set(turn) - set(TURN_FIELDS)
     if unknown:
         raise ConversationError(f"{where}: unknown field(s) {sorted(unknown)}; expected {TURN_FIELDS}")
     for required in ("Human", "MOSS"):
-        if not isinstance(turn.get(required), str):
+        if required not in turn:
             raise ConversationError(f"{where}: missing field {required!r}")
     out: list[Segment] = []
     released = options.train_human
     for field in TURN_FIELDS:
         text = turn.get(field)
-        if text is None or text == "":
-            continue
+        if field not in ("Human", "MOSS") and text is None:
+            continue  # optional plugin fields may be null
         if not isinstance(text, str):
-            raise ConversationError(f"{where}: field {field!r} is {type(text).__name__}, expected a string")
+            raise ConversationError(f"{where}: field {field!r} is {_describe(text)}, expected a string")
+        if not text:
+            continue
         marker, body, end = _split_field(field, text, where)
         if field == "Human":
             w = 1.0 if released else 0.0
@@ -140,8 +162,12 @@ def turn_segments(
 
 
 def record_turns(record: Mapping[str, Any], where: str = "record") -> list[Mapping[str, str]]:
+    """The record's turns in order; checks the `chat` layout, `num_turns` and that every turn is an
+    object (its fields are checked by `turn_segments`)."""
     chat = record.get("chat")
-    if not isinstance(chat, Mapping) or not chat:
+    if chat is not None and not isinstance(chat, Mapping):
+        raise ConversationError(f"{where}: 'chat' is {_describe(chat)}, expected an object turn_1..turn_N")
+    if not chat:
         raise ConversationError(f"{where}: missing or empty 'chat' object")
     keys = sorted(
         chat, key=lambda k: int(re.fullmatch(r"turn_(\d+)", k).group(1)) if re.fullmatch(r"turn_(\d+)", k) else -1
@@ -152,8 +178,15 @@ def record_turns(record: Mapping[str, Any], where: str = "record") -> list[Mappi
     numbers = [int(k[5:]) for k in keys]
     if numbers != list(range(1, len(keys) + 1)):
         raise ConversationError(f"{where}: turns are not numbered 1..{len(keys)}: {keys}")
-    if "num_turns" in record and record["num_turns"] != len(keys):
-        raise ConversationError(f"{where}: num_turns={record['num_turns']} but 'chat' has {len(keys)} turns")
+    if "num_turns" in record:
+        n = record["num_turns"]
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ConversationError(f"{where}: 'num_turns' is {_describe(n)}, expected an integer")
+        if n != len(keys):
+            raise ConversationError(f"{where}: num_turns={n} but 'chat' has {len(keys)} turns")
+    for k in keys:
+        if not isinstance(chat[k], Mapping):
+            raise ConversationError(f"{where} {k}: is {_describe(chat[k])}, {_TURN_OBJECT}")
     return [chat[k] for k in keys]
 
 
@@ -175,17 +208,13 @@ def encode_conversation(
     where = where or f"conversation {record.get('conversation_id', '?')}"
     meta = record.get("meta_instruction", "")
     if not isinstance(meta, str):
-        raise ConversationError(f"{where}: 'meta_instruction' must be a string")
+        raise ConversationError(f"{where}: 'meta_instruction' is {_describe(meta)}, expected a string")
     ids: list[int] = list(vocab.encode(meta)) if meta else []
     weights: list[float] = [0.0] * len(ids)
     turns = record_turns(record, where)
     kept = 0
     for i, turn in enumerate(turns, 1):
-        t_ids, t_w = [], []
-        for seg in turn_segments(turn, options, f"{where} turn_{i}", tag=(tags or {}).get(i)):
-            piece = list(vocab.encode(seg.text))
-            t_ids += piece
-            t_w += [seg.weight] * len(piece)
+        t_ids, t_w = _encode_segments(turn_segments(turn, options, f"{where} turn_{i}", tag=(tags or {}).get(i)), vocab)
         if len(ids) + len(t_ids) > max_len:
             break
         ids += t_ids
@@ -202,18 +231,40 @@ def encode_conversation(
     return (ids, weights) if kept else None
 
 
-def tag_for_turn(tag_index: int, conversation_id: Any, turn: int, dropout: float, seed: int) -> str | None:
+def tag_for_turn(
+    tag_index: int,
+    conversation_id: Any,
+    turn: int,
+    dropout: float,
+    seed: int,
+    num_tags: int = sp.MAX_QUALITY_TAGS,
+) -> str | None:
     """The tag token for a turn, or None when tag dropout removes it (deterministic per seed).
 
-    Dropout (5-10% in preference-aware training) keeps the model usable without a tag.
+    `num_tags` is the run's K (the tag stage's `preference_tags.json`): a tag outside [0, K) is
+    an error, not one of the other reserved tags. Dropout (5-10% in preference-aware training)
+    keeps the model usable without a tag.
     """
-    if not 0 <= tag_index < len(sp.QUALITY_TAGS):
+    if not 1 <= num_tags <= sp.MAX_QUALITY_TAGS:
+        raise ValueError(f"num_tags must be in [1, {sp.MAX_QUALITY_TAGS}], got {num_tags}")
+    if isinstance(tag_index, bool) or not isinstance(tag_index, int) or not 0 <= tag_index < num_tags:
         raise ConversationError(
-            f"conversation {conversation_id} turn {turn}: tag {tag_index} is outside [0, {len(sp.QUALITY_TAGS)})"
+            f"conversation {conversation_id} turn {turn}: tag {tag_index!r} is outside [0, {num_tags}) "
+            f"(this run has {num_tags} quality tags)"
         )
     if dropout and random.Random(f"{seed}:{conversation_id}:{turn}").random() < dropout:
         return None
     return sp.QUALITY_TAGS[tag_index]
+
+
+def _encode_segments(segments: list[Segment], vocab: Vocab) -> tuple[list[int], list[float]]:
+    ids: list[int] = []
+    weights: list[float] = []
+    for seg in segments:
+        piece = list(vocab.encode(seg.text))
+        ids += piece
+        weights += [seg.weight] * len(piece)
+    return ids, weights
 
 
 def encode_pair(
@@ -229,44 +280,49 @@ def encode_pair(
     Record: a conversation whose last turn has no "MOSS" field, plus "chosen" and "rejected"
     MOSS fields (`<|MOSS|>: ...<eom>\n`). Weights are 1 only on the final reply's text and end
     token (the response whose log-probability the reward model and DPO score). Context turns are
-    dropped from the front, whole turns at a time, to fit `max_len`; a pair whose last turn alone
-    does not fit is dropped and counted.
+    dropped from the front, whole turns at a time, until the side with the LONGER reply fits
+    `max_len`; both sides keep the same context (identical ids), so the pair differs only in the
+    reply. A pair whose last turn alone does not fit is dropped and counted in `stats`; a pair
+    that lost context turns is counted as truncated.
     """
     where = where or f"pair {record.get('conversation_id', '?')}"
     turns = record_turns(record, where)
     if "MOSS" in turns[-1]:
         raise ConversationError(f"{where}: the last turn must not have a 'MOSS' field (it comes from chosen/rejected)")
-    out = {}
+    replies = {}
     for side in ("chosen", "rejected"):
-        reply = record.get(side)
-        if not isinstance(reply, str):
+        replies[side] = record.get(side)
+        if not isinstance(replies[side], str):
             raise ConversationError(f"{where}: missing string field {side!r}")
-        sides = []
-        for i, turn in enumerate(turns, 1):
-            full = dict(turn) | ({"MOSS": reply} if i == len(turns) else {})
-            segs = turn_segments(full, options, f"{where} turn_{i}")
-            if i < len(turns):
-                segs = [Segment(s.text, 0.0, s.kind) for s in segs]
-            else:
-                segs = [Segment(s.text, s.weight if s.kind == "moss" else 0.0, s.kind) for s in segs]
-            ids, weights = [], []
-            for seg in segs:
-                piece = list(vocab.encode(seg.text))
-                ids += piece
-                weights += [seg.weight] * len(piece)
-            sides.append((ids, weights))
-        meta = record.get("meta_instruction", "")
-        meta_ids = list(vocab.encode(meta)) if meta else []
-        start = 0  # drop context turns from the front until it fits
-        while start < len(sides) - 1 and len(meta_ids) + sum(len(t[0]) for t in sides[start:]) > max_len:
-            start += 1
-        ids = meta_ids + [i for t in sides[start:] for i in t[0]]
-        weights = [0.0] * len(meta_ids) + [w for t in sides[start:] for w in t[1]]
-        if len(ids) > max_len:
-            if stats is not None:
-                stats.dropped_too_long += 1
-            return None
-        out[side] = (ids, weights)
+    meta = record.get("meta_instruction", "")
+    if not isinstance(meta, str):
+        raise ConversationError(f"{where}: 'meta_instruction' is {_describe(meta)}, expected a string")
+    meta_ids = list(vocab.encode(meta)) if meta else []
+    context = []  # every turn before the last, untrained
+    for i, turn in enumerate(turns[:-1], 1):
+        segs = turn_segments(turn, options, f"{where} turn_{i}")
+        context.append(_encode_segments([Segment(s.text, 0.0, s.kind) for s in segs], vocab))
+    last = {}  # the last turn with each reply: weight only on the reply's text and end token
+    for side, reply in replies.items():
+        segs = turn_segments(dict(turns[-1]) | {"MOSS": reply}, options, f"{where} turn_{len(turns)} ({side})")
+        last[side] = _encode_segments(
+            [Segment(s.text, s.weight if s.kind == "moss" else 0.0, s.kind) for s in segs], vocab
+        )
+    longest = max(len(ids) for ids, _ in last.values())
+    # One start for both sides, sized by the longer reply: both keep the same context.
+    start = 0
+    while start < len(context) and len(meta_ids) + sum(len(t[0]) for t in context[start:]) + longest > max_len:
+        start += 1
+    if len(meta_ids) + sum(len(t[0]) for t in context[start:]) + longest > max_len:
+        if stats is not None:
+            stats.dropped_too_long += 1
+        return None
+    ctx_ids = meta_ids + [i for t in context[start:] for i in t[0]]
+    ctx_weights = [0.0] * len(meta_ids) + [w for t in context[start:] for w in t[1]]
+    out = {side: (ctx_ids + ids, ctx_weights + weights) for side, (ids, weights) in last.items()}
     if stats is not None:
         stats.examples += 1
+        if start:
+            stats.truncated += 1
+            stats.turns_cut += start
     return out

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_pipelines.byte_text import stdlib_source_files
+from data_pipelines.jsonl import iter_jsonl
 
 LANGUAGES = ("en", "zh", "code")
 
@@ -114,21 +115,21 @@ def write_corpus(out_dir: str | os.PathLike, corpus: dict[str, list[str]]) -> di
     return stats
 
 
+def _text_problem(obj: dict) -> str | None:
+    return None if isinstance(obj.get("text"), str) else "not a JSON object with a string 'text' field"
+
+
 def read_corpus(corpus_dir: str | os.PathLike) -> dict[str, list[str]]:
-    """Reads <lang>.jsonl files; a malformed line is an error naming the file and line."""
+    """Reads <lang>.jsonl files; a malformed line (bad UTF-8 or JSON, no string 'text') is a
+    `DataFormatError` (a ValueError) naming the file and line."""
     out = {}
     for lang in LANGUAGES:
         path = Path(corpus_dir) / f"{lang}.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (build it with python -m data_pipelines.corpus)")
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{lineno}: not a JSON object with a 'text' field ({e})") from e
-        out[lang] = docs
+        # The same reader as the SeqIO tasks (blank lines skipped), so the i-th document here is
+        # the i-th there and the validation split (tasks._in_split) agrees.
+        out[lang] = [obj["text"] for _, _, obj in iter_jsonl([path], check=_text_problem)]
     return out
 
 

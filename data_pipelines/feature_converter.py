@@ -8,7 +8,10 @@ SFT masks survive packing.
 seqio's packing measures each feature's length by its non-zero entries and carries features as
 int32, so a weight mask with leading zeros would be shifted. Tasks therefore provide
 `loss_weights_plus_one` (int32: 1 = not trained, 2 = trained); this converter subtracts one
-after packing, and padding (0) becomes weight 0.
+after packing, and padding (0) becomes weight 0. For the same reason a `targets` id 0 cannot be
+packed (our SentencePiece vocabularies never produce it: 0 is pad; the released BPE gives it to
+"!"): when packing, the converter raises on it, and on targets and weights of different lengths,
+instead of producing misaligned rows.
 """
 
 from __future__ import annotations
@@ -29,6 +32,27 @@ def add_weights_feature(ex: Mapping[str, tf.Tensor], weights: tf.Tensor | None =
     return out
 
 
+def _check_packable(ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Fails (InvalidArgumentError with this message) on an example seqio packing would misalign."""
+    targets, weights = ex["targets"], ex[WEIGHTS_FEATURE]
+    checks = [
+        tf.debugging.assert_equal(
+            tf.size(targets),
+            tf.size(weights),
+            message=f"targets and {WEIGHTS_FEATURE} differ in length: they would be misaligned in packed rows",
+        ),
+        tf.debugging.assert_none_equal(
+            targets,
+            tf.zeros_like(targets),
+            message="a targets id is 0, which seqio packing reads as padding (the example would be cut short "
+            "and misaligned with its loss weights); pack only vocabularies whose id 0 is pad (our "
+            "SentencePiece models), not the released BPE (id 0 is '!'), or use pack=False",
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        return {**ex, "targets": tf.identity(targets)}
+
+
 class WeightedLMFeatureConverter(seqio.LMFeatureConverter):
     TASK_FEATURES = {
         "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
@@ -39,6 +63,11 @@ class WeightedLMFeatureConverter(seqio.LMFeatureConverter):
         "decoder_input_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
         "decoder_loss_weights": seqio.FeatureConverter.FeatureSpec(dtype=tf.float32),
     }
+
+    def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        if self.pack:
+            ds = ds.map(_check_packable, num_parallel_calls=tf.data.AUTOTUNE)
+        return super()._convert_features(ds, task_feature_lengths)
 
     def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
         out = {

@@ -22,19 +22,28 @@ def iter_jsonl(
 ) -> Iterator[tuple[str, int, dict]]:
     """Yields (path, line number, object) for every non-blank line.
 
-    A line that is not a JSON object, or for which `check(obj)` returns a problem, raises
-    `DataFormatError`; with `skip_malformed` it is logged and counted in `counter["malformed"]`.
+    Lines are split at b"\\n" and decoded one by one (a UTF-8 byte-order mark on the first line
+    is ignored). A line that is not valid UTF-8, not a JSON object, or for which `check(obj)`
+    returns a problem raises `DataFormatError` naming the file and line; with `skip_malformed`
+    it is logged and counted in `counter["malformed"]`. Line numbers count every physical line
+    (blank and skipped ones too), so they stay the same whatever is skipped.
     """
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                obj = None
                 try:
-                    obj = json.loads(line)
-                    problem = None if isinstance(obj, dict) else "malformed JSON line (not a JSON object)"
-                except json.JSONDecodeError as e:
-                    problem = f"malformed JSON line ({e.msg} at column {e.colno})"
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    problem = f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+                else:
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                        problem = None if isinstance(obj, dict) else "malformed JSON line (not a JSON object)"
+                    except json.JSONDecodeError as e:
+                        problem = f"malformed JSON line ({e.msg} at column {e.colno})"
                 if problem is None and check is not None:
                     problem = check(obj)
                 if problem:

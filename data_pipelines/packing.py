@@ -5,8 +5,12 @@ Each example is (token ids, loss weights) for a whole sequence (e.g. one convers
 
 - decoder_input_tokens  = ids[:-1] of each example, concatenated;
 - decoder_target_tokens = ids[1:] (the next token within the same example);
-- decoder_loss_weights  = the target token's weight, 0 on padding; since targets never cross
-  an example boundary, the last position of each segment predicts nothing (weight 0);
+- decoder_loss_weights  = the target token's weight, 0 on padding. An example of n tokens
+  takes n - 1 positions, each predicting the next token of the same example, so targets never
+  cross an example boundary and every position of a segment, the last included, is trained
+  with its target's weight; only the example's first token is never a target (it has no
+  context). (The SeqIO path, `feature_converter.py`, uses the t5x layout instead: n positions
+  with input 0 at the first, so the first token is a target too.)
 - decoder_segment_ids   = 1, 2, ... per example in the row, 0 on padding;
 - decoder_positions     = 0, 1, ... restarting at every example.
 

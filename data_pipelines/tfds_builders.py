@@ -9,7 +9,8 @@
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir="path/to/files"))
     ds = builder.as_dataset(split="train")
 
-A malformed line is an error naming the file and line; with the `skip_malformed` config
+A malformed line (bad UTF-8 or JSON, a conversation whose `chat` is not turn_1..N objects or
+whose `num_turns` is not that N) is an error naming the file and line; with the `skip_malformed` config
 (`MossSftConversations(config="skip_malformed")`) it is skipped, logged, and counted in the
 dataset's metadata (`builder.info.metadata["malformed_lines"]`).
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_pipelines import conversation as conv
 from data_pipelines.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
@@ -87,9 +89,12 @@ class MossSftConversations(_JsonLinesMixin, tfds.core.GeneratorBasedBuilder):
         )
 
     def _check(self, obj) -> str | None:
-        chat = obj.get("chat")
-        if not isinstance(chat, dict) or not chat:
-            return "missing or empty 'chat' object"
+        """The record's layout (`chat` turn_1..N objects, an integer `num_turns` equal to N, a
+        string meta instruction); the fields inside turns are checked when they are encoded."""
+        try:
+            conv.record_turns(obj, where=f"conversation {obj.get('conversation_id', '?')}")
+        except conv.ConversationError as e:
+            return str(e)
         if not isinstance(obj.get("meta_instruction", ""), str):
             return "'meta_instruction' is not a string"
         return None

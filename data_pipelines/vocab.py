@@ -1,7 +1,8 @@
 """Vocabularies: train our SentencePiece model, load it as a `seqio.SentencePieceVocabulary`.
 
 The model is trained on English + Chinese + code with byte fallback (every string round-trips
-exactly), digits split into single tokens, identity normalisation (no NFKC rewriting of code or
+exactly, with one exception: a literal U+2581 "▁", SentencePiece's own whitespace symbol, decodes
+as a space), digits split into single tokens, identity normalisation (no NFKC rewriting of code or
 full-width Chinese punctuation), whitespace kept as written (code indentation), newline and tab
 as single tokens, and MOSS's end tokens and the preference tags as user-defined symbols (one id
 each). Ids follow the T5/seqio convention: pad 0, eos 1, unk 2, no bos.

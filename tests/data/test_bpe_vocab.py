@@ -52,3 +52,36 @@ def test_bad_tokenizer_files(bpe_dir, tmp_path):
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<eom>": 5}))
     with pytest.raises(ValueError, match="'<eom>' should have id 5"):
         MossBPEVocabulary(tmp_path)
+
+
+def test_decode_tf_drops_what_follows_eos_instead_of_padding_with_id_0(bpe_dir):
+    vocab = MossBPEVocabulary(bpe_dir)
+    assert vocab.pad_id == 0 and vocab.decode([0]) == "!"  # id 0 is a real token here
+    ids = vocab.encode("hi<eom> more text")
+    assert vocab.decode_tf(tf.constant(ids)).numpy().decode() == "hi<eom>"
+    a, b = vocab.encode("x = 1<eom> tail"), vocab.encode("你好<eom>")
+    width = max(len(a), len(b)) + 2
+    batch = tf.constant([a + [vocab.eos_id] * (width - len(a)), b + [0] * (width - len(b))])
+    assert [t.decode() for t in vocab.decode_tf(batch).numpy()] == ["x = 1<eom>", "你好<eom>"]
+    assert vocab.decode_tf(tf.zeros([0], tf.int32)).numpy() == b""
+
+
+def test_packing_rejects_a_real_token_with_id_0():
+    """seqio packing measures lengths by non-zero ids: an id 0 inside an example (the BPE's "!")
+    would cut it short and misalign its weights, so the packing converter refuses it."""
+    from data_pipelines.feature_converter import WEIGHTS_FEATURE, WeightedLMFeatureConverter
+
+    def dataset(examples):
+        return tf.data.Dataset.from_generator(
+            lambda: ({"targets": t, WEIGHTS_FEATURE: [2] * len(t)} for t in examples),
+            output_signature={k: tf.TensorSpec((None,), tf.int32) for k in ("targets", WEIGHTS_FEATURE)},
+        )
+
+    lengths = {"targets": 8, WEIGHTS_FEATURE: 8}
+    ok = list(WeightedLMFeatureConverter(pack=True)(dataset([[5, 6, 7], [8, 9]]), lengths).as_numpy_iterator())
+    assert ok[0]["decoder_loss_weights"].sum() == 5
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a targets id is 0"):
+        list(WeightedLMFeatureConverter(pack=True)(dataset([[5, 0, 7]]), lengths).as_numpy_iterator())
+    # Without packing, lengths are not read from the ids: an id 0 passes.
+    (row,) = list(WeightedLMFeatureConverter(pack=False)(dataset([[5, 0, 7]]), lengths).as_numpy_iterator())
+    assert row["decoder_target_tokens"][:3].tolist() == [5, 0, 7]

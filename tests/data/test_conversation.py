@@ -6,6 +6,8 @@ from data_pipelines.conversation import (
     ConversionStats,
     MaskOptions,
     encode_conversation,
+    encode_pair,
+    tag_for_turn,
 )
 from data_pipelines.vocab import load_vocabulary
 
@@ -98,3 +100,94 @@ def test_malformed_records_name_the_problem(vocab_path, bad, message):
     vocab = load_vocabulary(vocab_path)
     with pytest.raises(ConversationError, match=message):
         encode_conversation({"conversation_id": 42, "meta_instruction": META} | bad, vocab, max_len=512)
+
+
+def _pair_record():
+    """Two context turns and a final human turn; the rejected reply is much longer."""
+    return {
+        "conversation_id": "p1",
+        "meta_instruction": "META\n",
+        "chat": {
+            "turn_1": {"Human": "<|Human|>: " + "hello world " * 5 + "<eoh>\n", "MOSS": "<|MOSS|>: ok<eom>\n"},
+            "turn_2": {"Human": "<|Human|>: why?<eoh>\n", "MOSS": "<|MOSS|>: because<eom>\n"},
+            "turn_3": {"Human": "<|Human|>: and then?<eoh>\n"},
+        },
+        "chosen": "<|MOSS|>: short<eom>\n",
+        "rejected": "<|MOSS|>: " + "a much longer rejected reply " * 3 + "<eom>\n",
+    }
+
+
+def _context(ids, weights):
+    """The ids before the first trained token (the context the reply is scored in)."""
+    first = next(i for i, w in enumerate(weights) if w)
+    return ids[:first]
+
+
+def test_pair_sides_keep_the_same_context_near_max_len(vocab_path):
+    vocab = load_vocabulary(vocab_path)
+    record = _pair_record()
+    full = encode_pair(record, vocab, 10_000)
+    n_chosen, n_rejected = len(full["chosen"][0]), len(full["rejected"][0])
+    assert n_chosen < n_rejected
+    assert _context(*full["chosen"]) == _context(*full["rejected"])
+    context_turns = [
+        len(vocab.encode(record["chat"][f"turn_{i}"]["Human"])) + len(vocab.encode(record["chat"][f"turn_{i}"]["MOSS"]))
+        for i in (1, 2)
+    ]
+    # Every max_len between "all fits" and "the last turn alone does not fit", in particular the
+    # ones where the chosen side alone would have kept more context than the rejected side.
+    kept_turns = set()
+    for max_len in range(n_rejected, n_rejected - sum(context_turns) - 20, -1):
+        stats = ConversionStats()
+        out = encode_pair(record, vocab, max_len, stats=stats)
+        if out is None:
+            assert stats.dropped_too_long == 1 and stats.examples == 0
+            continue
+        (c_ids, c_w), (r_ids, r_w) = out["chosen"], out["rejected"]
+        assert _context(c_ids, c_w) == _context(r_ids, r_w), max_len
+        assert len(r_ids) <= max_len and len(c_ids) <= max_len
+        assert vocab.decode([i for i, w in zip(c_ids, c_w, strict=True) if w]) == " short<eom>\n"
+        human_turns = _context(c_ids, c_w).count(vocab.encode("<eoh>")[0])  # context turns + the last
+        kept_turns.add(human_turns)
+        assert stats.examples == 1 and stats.truncated == (human_turns < 3)
+    assert kept_turns == {1, 2, 3}  # the range covered every amount of context
+    stats = ConversionStats()
+    assert encode_pair(record, vocab, 10, stats=stats) is None and stats.dropped_too_long == 1
+
+
+@pytest.mark.parametrize(
+    "chat, extra, message",
+    [
+        ({"turn_1": None}, {}, r"turn_1: is null, expected an object"),
+        ({"turn_1": 3}, {}, r"turn_1: is a number \(3\), expected an object"),
+        ({"turn_1": "<|Human|>: hi<eoh>\n"}, {}, r"turn_1: is a string .*expected an object"),
+        ({"turn_1": ["<|Human|>: hi<eoh>\n"]}, {}, r"turn_1: is a list .*expected an object"),
+        ([TURN1], {}, r"'chat' is a list .*expected an object turn_1"),
+        ({"turn_1": TURN1}, {"num_turns": "1"}, r"'num_turns' is a string \('1'\), expected an integer"),
+        ({"turn_1": TURN1}, {"num_turns": None}, r"'num_turns' is null, expected an integer"),
+        ({"turn_1": TURN1}, {"num_turns": True}, r"'num_turns' is a boolean"),
+        ({"turn_1": TURN1 | {"Human": None}}, {}, r"turn_1: field 'Human' is null, expected a string"),
+        ({"turn_1": TURN1 | {"Commands": 5}}, {}, r"turn_1: field 'Commands' is a number \(5\)"),
+        ({"turn_1": TURN1}, {"meta_instruction": ["x"]}, r"'meta_instruction' is a list"),
+    ],
+)
+def test_wrong_json_types_are_conversation_errors_naming_the_field(vocab_path, chat, extra, message):
+    vocab = load_vocabulary(vocab_path)
+    record = {"conversation_id": 42, "meta_instruction": META, "chat": chat} | extra
+    with pytest.raises(ConversationError, match=r"^conversation 42:? " + message):
+        encode_conversation(record, vocab, max_len=512)
+    pair = {"conversation_id": 42, "chat": chat, "chosen": TURN1["MOSS"], "rejected": TURN1["MOSS"]} | extra
+    with pytest.raises(ConversationError):
+        encode_pair(pair, vocab, max_len=512)
+
+
+def test_tag_must_be_one_of_the_runs_tags():
+    from data_pipelines.specials import QUALITY_TAGS
+
+    assert tag_for_turn(2, "c", 1, dropout=0.0, seed=0, num_tags=3) == QUALITY_TAGS[2]
+    with pytest.raises(ConversationError, match=r"conversation c turn 1: tag 3 is outside \[0, 3\)"):
+        tag_for_turn(3, "c", 1, dropout=0.0, seed=0, num_tags=3)
+    with pytest.raises(ConversationError, match="outside"):
+        tag_for_turn(-1, "c", 1, dropout=0.0, seed=0, num_tags=3)
+    with pytest.raises(ValueError, match="num_tags"):
+        tag_for_turn(0, "c", 1, dropout=0.0, seed=0, num_tags=9)

@@ -68,3 +68,27 @@ def test_packed_logits_equal_each_example_alone():
         idx = np.flatnonzero(seg == s)
         alone = model.apply({"params": params}, jnp.asarray(row["decoder_input_tokens"][idx])[None])[0]
         np.testing.assert_allclose(logits[idx], alone, atol=1e-5, rtol=0)
+
+
+def test_last_position_of_each_segment_is_trained():
+    """docs/data.md and packing.py: no position predicts across a boundary, and each segment's
+    last position predicts the example's last token with that token's weight (not 0)."""
+    import tensorflow as tf
+
+    from data_pipelines.feature_converter import WEIGHTS_FEATURE, WeightedLMFeatureConverter
+
+    examples = [([10, 11, 12, 13], [0, 0, 1, 1]), ([20, 21, 22], [0, 1, 1])]
+    (row,) = list(pack(examples, 8))
+    assert row["decoder_segment_ids"].tolist() == [1, 1, 1, 2, 2, 0, 0, 0]
+    assert row["decoder_target_tokens"].tolist() == [11, 12, 13, 21, 22, 0, 0, 0]
+    assert row["decoder_loss_weights"].tolist() == [0, 1, 1, 1, 1, 0, 0, 0]  # positions 2 and 4 end segments
+
+    ds = tf.data.Dataset.from_generator(
+        lambda: ({"targets": ids, WEIGHTS_FEATURE: [w + 1 for w in ws]} for ids, ws in examples),
+        output_signature={k: tf.TensorSpec((None,), tf.int32) for k in ("targets", WEIGHTS_FEATURE)},
+    )
+    (row,) = list(WeightedLMFeatureConverter(pack=True)(ds, {"targets": 8, WEIGHTS_FEATURE: 8}).as_numpy_iterator())
+    # t5x layout: n positions per example, input 0 at each start.
+    assert row["decoder_segment_ids"].tolist() == [1, 1, 1, 1, 2, 2, 2, 0]
+    assert row["decoder_input_tokens"].tolist() == [0, 10, 11, 12, 0, 20, 21, 0]
+    assert row["decoder_loss_weights"].tolist() == [0, 0, 1, 1, 0, 1, 1, 0]  # positions 3 and 6 end segments

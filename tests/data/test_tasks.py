@@ -25,14 +25,102 @@ def corpus_dir(tmp_path_factory):
     return out
 
 
-def test_mixture_rates_match_configuration(corpus_dir, vocab_path):
+def _token_shares(mixture, length, n):
+    ds = mixture.get_dataset({"targets": length, WEIGHTS_FEATURE: length}, shuffle=True, seed=1, num_epochs=None)
+    tokens = np.zeros(3)
+    for ex in ds.take(n).as_numpy_iterator():
+        assert len(ex["targets"]) <= length
+        tokens[ex[TASK_ID_FEATURE]] += len(ex["targets"])
+    return tokens / tokens.sum()
+
+
+def test_mixture_token_shares_match_configuration(corpus_dir, vocab_path):
     mixture = register_pretrain_tasks(corpus_dir, vocab_path)
-    ds = mixture.get_dataset({"targets": 32, WEIGHTS_FEATURE: 32}, shuffle=True, seed=1, num_epochs=None)
-    counts = np.zeros(3)
-    for ex in ds.take(10_000).as_numpy_iterator():
-        counts[ex[TASK_ID_FEATURE]] += 1
     expected = np.array([360, 100, 220]) / 680
-    assert np.abs(counts / counts.sum() - expected).max() < 0.02, counts / counts.sum()
+    shares = _token_shares(mixture, 32, 10_000)
+    assert np.abs(shares - expected).max() < 0.02, shares
+
+
+def _write_corpus(out, docs):
+    out.mkdir(parents=True, exist_ok=True)
+    for lang in corpus_lib.LANGUAGES:
+        (out / f"{lang}.jsonl").write_text(
+            "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs.get(lang, [])), encoding="utf-8"
+        )
+    return out
+
+
+def _synthetic_docs(seed=0):
+    """English documents of hundreds of tokens, Chinese of a few, code in between."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the quick brown fox jumps over lazy dogs while seven wizards quietly read old books".split()
+    return {
+        "en": [" ".join(rng.choices(words, k=rng.randint(300, 900))) for _ in range(30)],
+        "zh": ["".join(rng.choices("你好世界今天天气很好我们去公园", k=rng.randint(2, 8))) for _ in range(1500)],
+        "code": ["".join(f"x{i} = {i}\n" for i in range(rng.randint(10, 40))) for _ in range(150)],
+    }
+
+
+def test_long_documents_are_split_into_chunks_without_losing_a_token(tmp_path, vocab_path):
+    from data_pipelines.feature_converter import WeightedLMFeatureConverter
+
+    docs = _synthetic_docs()
+    corpus = _write_corpus(tmp_path / "corpus", docs)
+    register_pretrain_tasks(corpus, vocab_path)
+    vocab = load_vocabulary(vocab_path)
+    expected = [list(vocab.encode(d)) + [vocab.eos_id] for d in docs["en"]]  # < 100 documents: all train
+    assert max(map(len, expected)) > 10 * 64
+    chunks = [
+        ex["targets"].tolist()
+        for ex in seqio.get_mixture_or_task("moss_pretrain_en")
+        .get_dataset({"targets": 64, WEIGHTS_FEATURE: 64}, shuffle=False, num_epochs=1)
+        .as_numpy_iterator()
+    ]
+    assert sum(chunks, []) == sum(expected, [])  # every token, in order
+    assert len(chunks) == sum(-(-len(e) // 64) for e in expected)  # full chunks, one shorter tail per document
+    assert all(0 < len(c) <= 64 for c in chunks)
+    # Through the packing converter too: every token is a trained target, in order.
+    ds = seqio.get_dataset(
+        "moss_pretrain_en",
+        {"targets": 64, WEIGHTS_FEATURE: 64},
+        feature_converter=WeightedLMFeatureConverter(pack=True),
+        shuffle=False,
+        num_epochs=1,
+    )
+    trained = []
+    for row in ds.as_numpy_iterator():
+        assert ((row["decoder_segment_ids"] > 0) == (row["decoder_loss_weights"] == 1)).all()
+        trained += row["decoder_target_tokens"][row["decoder_loss_weights"] == 1].tolist()
+    assert trained == sum(expected, [])
+
+
+def test_mixture_token_shares_with_very_different_document_lengths(tmp_path, vocab_path, caplog):
+    docs = _synthetic_docs(seed=1)
+    vocab = load_vocabulary(vocab_path)
+    mean = {lang: np.mean([len(vocab.encode(d)) + 1 for d in docs[lang]]) for lang in docs}
+    assert mean["en"] > 50 * mean["zh"]  # by examples, Chinese would get almost no tokens
+    mixture = register_pretrain_tasks(_write_corpus(tmp_path / "corpus", docs), vocab_path)
+    expected = np.array([360, 100, 220]) / 680
+    with caplog.at_level("WARNING", logger="data_pipelines.token_mixture"):
+        for length in (64, 512):
+            shares = _token_shares(mixture, length, 6000)
+            assert np.abs(shares - expected).max() < 0.03, (length, shares)
+    # The estimate is logged with the rates it gives.
+    assert "mixture moss_pretrain at length 64" in caplog.text and "tokens per example" in caplog.text
+    # Rates follow the length: at 512 an English chunk holds more tokens, so it is drawn less often.
+    en, zh = seqio.get_mixture_or_task("moss_pretrain_en"), seqio.get_mixture_or_task("moss_pretrain_zh")
+    assert mixture.tokens_per_example(en, 512) > 4 * mixture.tokens_per_example(en, 64)
+    assert mixture.tokens_per_example(zh, 512) == pytest.approx(mixture.tokens_per_example(zh, 64))
+    assert mixture.get_rate(en) == 360.0  # get_rate is the configured token weight
+
+
+def test_empty_pretraining_task_is_a_clear_error(tmp_path, vocab_path):
+    docs = _synthetic_docs() | {"zh": []}
+    mixture = register_pretrain_tasks(_write_corpus(tmp_path / "corpus", docs), vocab_path)
+    with pytest.raises(ValueError, match="moss_pretrain_zh has no tokens in its train split"):
+        mixture.get_dataset({"targets": 64, WEIGHTS_FEATURE: 64}, shuffle=True, seed=0)
 
 
 def test_packed_pipeline_is_deterministic_and_resumable(corpus_dir, vocab_path):
@@ -104,6 +192,7 @@ def test_tagged_task_places_masked_tag_after_moss_marker(tmp_path, vocab_path):
         + json.dumps({"conversation_id": 7, "turn": 2, "tag": 0})
         + "\n"
     )
+    (tmp_path / "preference_tags.json").write_text(json.dumps({"num_tags": 3}))  # as the tag stage writes it
     register_sft_tasks(vocab_path, sft_files=[path], tags_file=tags, tag_dropout=0.0)
     vocab = load_vocabulary(vocab_path)
     (ex,) = _task_examples("moss_sft_tagged")
@@ -129,16 +218,73 @@ def test_tag_dropout_rate_and_determinism(tmp_path, vocab_path):
     tag_id = vocab.encode(QUALITY_TAGS[1])[0]
     counts = []
     for _ in range(2):
-        register_sft_tasks(vocab_path, sft_files=[path], tags_file=tags, tag_dropout=0.3, tag_seed=5)
+        register_sft_tasks(vocab_path, sft_files=[path], tags_file=tags, tag_dropout=0.3, tag_seed=5, num_tags=2)
         counts.append([int((ex["targets"] == tag_id).sum()) for ex in _task_examples("moss_sft_tagged")])
     assert counts[0] == counts[1]
     kept = sum(counts[0]) / (2 * len(counts[0]))  # the validation split holds 1 in 100 out
     assert abs(kept - 0.7) < 0.06, kept
     bad = tmp_path / "bad_tags.jsonl"
     bad.write_text('{"conversation_id": 1, "turn": "x", "tag": 1}\n')
-    register_sft_tasks(vocab_path, sft_files=[path], tags_file=bad)
+    register_sft_tasks(vocab_path, sft_files=[path], tags_file=bad, num_tags=2)
     with pytest.raises((DataFormatError, tf.errors.OpError), match=r"bad_tags\.jsonl:1"):
         _task_examples("moss_sft_tagged")
+
+
+def test_tags_outside_the_runs_count_are_errors_naming_the_line(tmp_path, vocab_path):
+    path, tags = tmp_path / "sft.jsonl", tmp_path / "tags.jsonl"
+    path.write_text(json.dumps(RECORD, ensure_ascii=False) + "\n")
+    # Tag 3 is a reserved vocabulary tag (<|quality_3|>) but not one of this run's 3 tags.
+    tags.write_text(
+        json.dumps({"conversation_id": 7, "turn": 1, "tag": 2})
+        + "\n"
+        + json.dumps({"conversation_id": 7, "turn": 2, "tag": 3})
+        + "\n"
+    )
+    with pytest.raises(FileNotFoundError, match="preference_tags.json .*pass num_tags"):
+        register_sft_tasks(vocab_path, sft_files=[path], tags_file=tags)
+    (tmp_path / "preference_tags.json").write_text(json.dumps({"num_tags": 3}))
+    register_sft_tasks(vocab_path, sft_files=[path], tags_file=tags)
+    with pytest.raises((DataFormatError, tf.errors.OpError), match=r"tags\.jsonl:2: tag 3 is outside \[0, 3\)"):
+        _task_examples("moss_sft_tagged")
+    register_sft_tasks(vocab_path, sft_files=[path], tags_file=tags, num_tags=4)  # an explicit K wins
+    assert len(_task_examples("moss_sft_tagged")) == 1
+    with pytest.raises(ValueError, match="num_tags"):
+        register_sft_tasks(vocab_path, sft_files=[path], tags_file=tags, num_tags=9)
+
+
+def test_conversation_split_is_stable_when_a_line_is_skipped(tmp_path, vocab_path):
+    from data_pipelines.tasks import _encoded_records
+
+    lines = [json.dumps(RECORD | {"conversation_id": i}, ensure_ascii=False) for i in range(250)]
+    clean, broken = tmp_path / "clean.jsonl", tmp_path / "broken.jsonl"
+    clean.write_text("\n".join(lines) + "\n")
+    broken.write_text("\n".join(lines[:4] + ["{oops"] + lines[5:]) + "\n")
+
+    def ids(path, split):
+        return list(_encoded_records([str(path)], split, True, lambda r, st, w: r["conversation_id"], "test"))
+
+    # Held out: the records on lines 100 and 200, with or without the malformed line 5.
+    assert ids(clean, "validation") == ids(broken, "validation") == [99, 199]
+    assert ids(broken, "train") == [i for i in ids(clean, "train") if i != 4]
+    assert len(ids(clean, "train")) == 248
+
+
+def test_sft_and_plugin_mixture_samples_by_conversation_count(tmp_path, vocab_path):
+    sft, plugin = tmp_path / "sft.jsonl", tmp_path / "plugin.jsonl"
+    plain = RECORD | {"chat": {"turn_1": {"Human": TURN2["Human"], "MOSS": TURN2["MOSS"]}}, "num_turns": 1}
+    sft.write_text("".join(json.dumps(plain | {"conversation_id": i}) + "\n" for i in range(60)))
+    plugin.write_text(
+        "".join(json.dumps(RECORD | {"conversation_id": i}, ensure_ascii=False) + "\n" for i in range(20))
+    )
+    register_sft_tasks(vocab_path, sft_files=[sft], plugin_files=[plugin], max_len=512)
+    mixture = seqio.get_mixture_or_task("moss_sft_and_plugin")
+    assert {t.name for t in mixture.tasks} == {"moss_sft", "moss_sft_plugin"}
+    ds = mixture.get_dataset({"targets": 512, WEIGHTS_FEATURE: 512}, shuffle=True, seed=0, num_epochs=None)
+    ids = [int(ex[TASK_ID_FEATURE]) for ex in ds.take(2000).as_numpy_iterator()]
+    assert abs(ids.count(10) / len(ids) - 0.75) < 0.04  # 60 : 20 conversations
+    register_sft_tasks(vocab_path, sft_files=[sft])  # one kind only: no mixture of both
+    with pytest.raises(ValueError):
+        seqio.get_mixture_or_task("moss_sft_and_plugin")
 
 
 def test_preference_pairs_share_context_and_mask_all_but_the_reply(tmp_path, vocab_path):

@@ -52,3 +52,37 @@ def test_text_corpus_builder(tmp_path):
     (manual / "d.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:1: not a JSON object with a string 'text'"):
         _prepare(LocalTextCorpus, tmp_path / "again", manual)
+
+
+@pytest.mark.parametrize(
+    "num_turns, message",
+    [
+        (None, r"'num_turns' is null, expected an integer"),
+        ("2", r"'num_turns' is a string \('2'\), expected an integer"),
+        (3, r"num_turns=3 but 'chat' has 2 turns"),
+    ],
+)
+def test_bad_num_turns_is_named_or_counted(tmp_path, num_turns, message):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    good = json.dumps(RECORD, ensure_ascii=False)
+    bad = json.dumps(RECORD | {"conversation_id": 8, "num_turns": num_turns}, ensure_ascii=False)
+    (manual / "data.jsonl").write_text(f"{good}\n{bad}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: conversation 8: " + message):
+        _prepare(MossSftConversations, tmp_path, manual)
+    builder = _prepare(MossSftConversations, tmp_path, manual, config="skip_malformed")
+    assert len(list(builder.as_dataset(split="train"))) == 1
+    assert builder.info.metadata["malformed_lines"] == 1
+
+
+def test_turn_that_is_not_an_object_or_bad_utf8_is_named(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    bad_turn = json.dumps({"conversation_id": 9, "chat": {"turn_1": None}})
+    good = json.dumps(RECORD, ensure_ascii=False)
+    (manual / "data.jsonl").write_bytes(f"{bad_turn}\n".encode() + b'{"chat": "\xff"}\n' + f"{good}\n".encode())
+    with pytest.raises(ValueError, match=r"data\.jsonl:1: conversation 9 turn_1: is null, expected an object"):
+        _prepare(MossSftConversations, tmp_path, manual)
+    builder = _prepare(MossSftConversations, tmp_path, manual, config="skip_malformed")
+    assert builder.info.metadata["malformed_lines"] == 2
+    assert len(list(builder.as_dataset(split="train"))) == 1

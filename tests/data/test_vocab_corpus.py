@@ -51,6 +51,22 @@ def test_sentencepiece_round_trip_is_exact(vocab_path, text):
     assert vocab.decode(ids) == text
 
 
+def test_literal_sentencepiece_space_symbol_is_the_one_string_that_does_not_round_trip(vocab_path):
+    # U+2581 is SentencePiece's own whitespace meta-symbol: the model keeps it as written in
+    # encoding but decodes it as a space (documented in vocab.py and docs/data.md).
+    vocab = load_vocabulary(vocab_path)
+    assert vocab.decode(vocab.encode("a\u2581b")) == "a b"
+    assert vocab.decode(vocab.encode("a b")) == "a b"
+
+
+def test_read_corpus_reports_bad_utf8_with_file_and_line(tmp_path):
+    for lang in corpus_lib.LANGUAGES:
+        (tmp_path / f"{lang}.jsonl").write_text('{"text": "ok"}\n')
+    (tmp_path / "en.jsonl").write_bytes(b'{"text": "ok"}\n\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"en\.jsonl:3: not valid UTF-8"):
+        corpus_lib.read_corpus(tmp_path)
+
+
 def test_specials_are_single_tokens(vocab_path):
     vocab = load_vocabulary(vocab_path)
     assert vocab.pad_id == PAD_ID and vocab.eos_id == SP_EOS

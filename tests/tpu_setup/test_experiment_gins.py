@@ -71,7 +71,8 @@ def test_pod_gin_splits_over_its_topology(parsed, path):
     else:
         assert factory == "sft_data" and train.init_from
         mixture = gin.query_parameter("data_pipelines.seqio_input.sft_data.mixture")
-        assert mixture == ("moss_sft_tagged" if exp["stage"] == "preference_aware" else "moss_sft")
+        # MOSS's SFT trains both the plain and the plugin conversations (MOSS_SPEC section 4).
+        assert mixture == ("moss_sft_tagged" if exp["stage"] == "preference_aware" else "moss_sft_and_plugin")
 
 
 def test_docs_table_has_every_pod_gin():
