@@ -68,7 +68,8 @@ def run_experiment(gin_files: list[str], bindings: list[str] = (), search_paths:
     return run_stage(configurables.experiment())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: gin files, gin bindings (one `--gin_bindings` per binding), search paths."""
     parser = argparse.ArgumentParser(
         prog="python -m moss_jax.main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -76,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gin_bindings", action="append", default=[])
     parser.add_argument("--gin_search_path", action="append", default=["."])
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import jax

@@ -142,6 +142,7 @@ def _setup(args: argparse.Namespace):
 
 
 def _compile_train(exp: dict, mesh) -> tuple[dict, dict]:
+    from moss_jax.train.objectives import lm_objective
     from moss_jax.train.optimizer import make_optimizer
     from moss_jax.train.state import abstract_state
     from moss_jax.train.step import check_batch_shape, compile_train_step, make_train_step
@@ -161,7 +162,10 @@ def _compile_train(exp: dict, mesh) -> tuple[dict, dict]:
         "global_batch": train.batch_size,
         "seq_len": train.seq_len,
         "micro_batches": train.micro_batches,
-        "model_flops": model_config.flops_per_token(train.seq_len) * train.batch_size * train.seq_len,
+        # The objective's own accounting (pairs run 2 rows per example; DPO adds a reference forward).
+        "model_flops": (exp.get("objective") or lm_objective()).flops_per_step(
+            model_config, train.batch_size, train.seq_len
+        ),
     }
     _, report = compile_train_step(step, abstract, train.batch_size, train.seq_len, mesh)
     return info, report

@@ -12,6 +12,12 @@ One train step (moss_jax/train/step.py) runs every objective:
 `loss_sums(module, params, batch, rng, frozen, deterministic)` returns the sum of the loss over the
 (micro-)batch and a dict of metric sums; the step divides both by `normalizer(full batch)` once,
 so gradient accumulation equals the full batch for every objective.
+
+Throughput accounting (tokens/s and MFU in the trainer): an objective runs its model on
+`sequences_per_example` rows of L tokens per batch example (pairs: 2), and spends
+`flops_multiplier` times one forward and backward pass per token (MossConfig.flops_per_token:
+6 N + attention); DPO adds a forward pass of the frozen reference (1/3 of forward + backward,
+so 4/3). The reward model never runs the LM head, so its head FLOPs are left out.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ class Objective:
       init_subtree: where an `init_from` language-model checkpoint goes in the params (None: the
         whole tree is an LM; "lm": the reward model's backbone, its head starts fresh).
       needs_reference: the step takes frozen reference params (DPO).
+      sequences_per_example: [L] rows the model runs per batch example (chosen + rejected: 2).
+      flops_multiplier: FLOPs per processed token in units of one forward + backward pass.
+      lm_head: whether the LM head's matmul runs (False: the reward model reads hidden states).
     """
 
     name: str
@@ -67,6 +76,27 @@ class Objective:
     normalizer: Callable[[dict], jax.Array]
     init_subtree: str | None = None
     needs_reference: bool = False
+    sequences_per_example: int = 1
+    flops_multiplier: float = 1.0
+    lm_head: bool = True
+
+    def __post_init__(self):
+        if self.sequences_per_example < 1 or not self.flops_multiplier > 0:
+            raise ValueError(
+                f"Objective {self.name!r}: sequences_per_example={self.sequences_per_example} must be >= 1 "
+                f"and flops_multiplier={self.flops_multiplier} > 0"
+            )
+
+    def tokens_per_step(self, batch_size: int, seq_len: int) -> int:
+        """Tokens the model processes per step (every position of every row, padding included)."""
+        return self.sequences_per_example * batch_size * seq_len
+
+    def flops_per_step(self, config: MossConfig, batch_size: int, seq_len: int) -> float:
+        """Model FLOPs of one train step (the MFU numerator)."""
+        per_token = config.flops_per_token(seq_len)
+        if not self.lm_head:  # 6 * (head kernel + bias), counted in MossConfig.flops_per_token
+            per_token -= 6.0 * (config.d_model * config.vocab_size + config.vocab_size)
+        return self.flops_multiplier * per_token * self.tokens_per_step(batch_size, seq_len)
 
 
 def _apply(module, params, batch, prefix, rng, deterministic, **kwargs):
@@ -148,6 +178,8 @@ def reward_objective() -> Objective:
         loss_sums=loss_sums,
         normalizer=_pair_normalizer,
         init_subtree="lm",
+        sequences_per_example=2,
+        lm_head=False,
     )
 
 
@@ -199,4 +231,6 @@ def dpo_objective(beta: float = 0.1, label_smoothing: float = 0.0) -> Objective:
         loss_sums=loss_sums,
         normalizer=_pair_normalizer,
         needs_reference=True,
+        sequences_per_example=2,
+        flops_multiplier=4.0 / 3.0,  # policy forward + backward, reference forward
     )

@@ -6,6 +6,9 @@ decoder_segment_ids, decoder_positions, decoder_loss_weights, all [B, L]), the p
 Bradley-Terry loss or DPO (chosen_*/rejected_* pair features; DPO also takes the frozen reference
 params as `frozen`). Gradient accumulation splits B into `micro_batches` slices and scans over
 them; the normaliser is computed on the whole batch, so accumulation equals one full batch.
+Accumulation runs in fp32 and the sum is cast back to the params' dtypes before the optimiser,
+so the optimiser state keeps its dtypes (bf16 params stay bf16 moments) and the compiled step
+can take its own output.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def make_train_step(
             m_zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), m_shapes)
             (grads, sums), _ = jax.lax.scan(body, (zeros, m_zeros), (split, rngs))
         grad_norm = optax.global_norm(grads)
+        # fp32 sums would promote bf16 params' optimiser moments to fp32 (a new state signature).
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
@@ -137,8 +142,31 @@ def compile_train_step(
         donate_argnums=(0,),
     )
     with mesh_rules(mesh, rules):
-        compiled = jitted.lower(*args).compile()
+        lowered = jitted.lower(*args)
+        check_state_signature(abstract_state, lowered.out_info[0])
+        compiled = lowered.compile()
     return compiled, compiled_report(compiled)
+
+
+def check_state_signature(state_in: Any, state_out: Any) -> None:
+    """Raises ValueError naming the first state leaf whose shape or dtype the step changes.
+
+    The step is compiled once for the input state's signature; a state that comes out different
+    (e.g. fp32 optimiser moments from bf16 params) would be refused at the next call.
+    """
+    paths_in, tree_in = jax.tree_util.tree_flatten_with_path(state_in)
+    paths_out, tree_out = jax.tree_util.tree_flatten_with_path(state_out)
+    if tree_in != tree_out:
+        raise ValueError(
+            f"the train step returns a state with another tree structure:\n in:  {tree_in}\n out: {tree_out}"
+        )
+    for (path, a), (_, b) in zip(paths_in, paths_out, strict=True):
+        if (tuple(a.shape), jnp.dtype(a.dtype)) != (tuple(b.shape), jnp.dtype(b.dtype)):
+            raise ValueError(
+                f"the train step changes state{jax.tree_util.keystr(path)} from "
+                f"{jnp.dtype(a.dtype).name}{list(a.shape)} to {jnp.dtype(b.dtype).name}{list(b.shape)}; "
+                "the compiled step could not take its own output (the state must keep every shape and dtype)"
+            )
 
 
 def compiled_report(compiled: Any) -> dict:

@@ -73,6 +73,28 @@ class TrainConfig:
     peak_flops_per_device: float | None = None  # default: looked up from the device kind
     progress: bool = True
 
+    def __post_init__(self):
+        # keep_checkpoints >= 1: the latest checkpoint is what a restarted run resumes from.
+        counts = (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "micro_batches",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        )
+        for name in counts:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+        if not self.z_loss >= 0:
+            raise ValueError(f"TrainConfig.z_loss must be >= 0, got {self.z_loss!r}")
+        if self.peak_flops_per_device is not None and not self.peak_flops_per_device > 0:
+            raise ValueError(
+                f"TrainConfig.peak_flops_per_device must be > 0 or None, got {self.peak_flops_per_device!r}"
+            )
+
 
 def device_peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind
@@ -80,6 +102,11 @@ def device_peak_flops() -> float | None:
         if kind.startswith(prefix):
             return flops
     return None
+
+
+def model_flops_utilization(flops_per_step: float, seconds: float, peak_per_device: float, num_devices: int) -> float:
+    """Model FLOPs per second over the peak of the `num_devices` chips that run the step (the mesh's)."""
+    return flops_per_step / max(seconds, 1e-9) / (peak_per_device * num_devices)
 
 
 class NonFiniteError(FloatingPointError):
@@ -105,7 +132,8 @@ def _load_lm_params(ckpt_dir: str, model_config: MossConfig, target: Any) -> Any
     saved = load_config(ckpt_dir)
     diffs = [f for f in ARCH_FIELDS if getattr(saved, f) != getattr(model_config, f)]
     if diffs:
-        raise CheckpointMismatchError(f"{ckpt_dir}: fields {diffs} differ from the model config")
+        shown = ", ".join(f"{f}: checkpoint {getattr(saved, f)} vs run {getattr(model_config, f)}" for f in diffs)
+        raise CheckpointMismatchError(f"{ckpt_dir} holds params of a different model ({shown})")
     return load_params(ckpt_dir, target=target)[1]
 
 
@@ -148,8 +176,15 @@ def train(
         async_save=cfg.async_checkpoint,
     )
     ckpt.check_model(model_config)
+    latest = ckpt.latest_step()
+    if latest is not None and latest > cfg.steps:
+        raise ValueError(
+            f"{ckpt.directory} has a checkpoint at step {latest}, beyond TrainConfig.steps={cfg.steps}: "
+            "nothing to train; raise steps to continue that run, or use another workdir"
+        )
     tx, schedule = make_optimizer(optimizer)
     abstract = abstract_state(model_config, tx, mesh, module=module)
+    ckpt.check_state(abstract)
     reference_dir = cfg.reference_from or cfg.init_from
     if objective.needs_reference and not reference_dir:
         raise ValueError(f"objective {objective.name!r} needs a reference model: set reference_from or init_from")
@@ -166,6 +201,8 @@ def train(
         start, state, data_state = ckpt.restore(abstract)
         data.set_state(data_state)
         print(f"[train] resumed from {ckpt.directory / str(start)}")
+        if start == cfg.steps:
+            print(f"[train] the checkpoint is already at TrainConfig.steps={cfg.steps}: nothing to train")
     elif cfg.init_from:
         sub = objective.init_subtree
         loaded = _load_lm_params(cfg.init_from, model_config, abstract.params[sub] if sub else abstract.params)
@@ -206,8 +243,9 @@ def train(
     )
 
     peak = cfg.peak_flops_per_device or device_peak_flops()
-    flops_per_step = model_config.flops_per_token(cfg.seq_len) * cfg.batch_size * cfg.seq_len
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+    # Pair objectives run 2 rows per example, DPO also the reference forward (objectives.py).
+    flops_per_step = objective.flops_per_step(model_config, cfg.batch_size, cfg.seq_len)
+    tokens_per_step = objective.tokens_per_step(cfg.batch_size, cfg.seq_len)
     b_sharding = batch_sharding(mesh)
     history: list[dict] = []
     writer, jsonl = None, None
@@ -231,7 +269,7 @@ def train(
         m["step"] = step
         m["tokens_per_s"] = tokens_per_step / max(seconds, 1e-9)
         if peak:
-            m["mfu"] = flops_per_step / max(seconds, 1e-9) / (peak * jax.device_count())
+            m["mfu"] = model_flops_utilization(flops_per_step, seconds, peak, mesh.devices.size)
         history.append(m)
         if is_chief and (step % cfg.log_every == 0 or step == cfg.steps):
             writer.write_scalars(step, {k: v for k, v in m.items() if k != "step"})
@@ -280,6 +318,9 @@ def train(
         # Mean of the first and last tenth of the run's losses (single steps are noisy).
         "loss_drop": (1 - float(np.mean(tail)) / float(np.mean(head))) if losses else None,
         "tokens_per_s": float(np.median([m["tokens_per_s"] for m in history[1:]])) if len(history) > 1 else None,
+        # What tokens_per_s and mfu count (the objective's rows and passes, docs/training.md).
+        "tokens_per_step": tokens_per_step,
+        "flops_per_step": flops_per_step,
         "compile_report": report,
         "state": state,  # the final TrainState (in-process callers; not written to summary.json)
     }

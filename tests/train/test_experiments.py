@@ -1,4 +1,6 @@
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +8,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("gin_file", sorted((ROOT / "experiments" / "models").glob("*.gin")), ids=lambda p: p.name)
+def test_model_gin_documented_override_flag_parses(gin_file):
+    """The header's example flag is one `python -m moss_jax.main` accepts, and it binds."""
+    from moss_jax import configurables
+    from moss_jax.main import build_parser
+
+    header = "".join(line[1:] for line in gin_file.read_text().splitlines() if line.startswith("#"))
+    example = re.search(r"python -m moss_jax\.main \.\.\. (--\S+=\"[^\"]*\")", header)
+    assert example, f'{gin_file.name}: no `python -m moss_jax.main ... --flag="binding"` example in the header'
+    args = build_parser().parse_args([f"--gin_file={gin_file}", *shlex.split(example.group(1))])
+    assert args.gin_bindings == ["moss_jax.config.get_config.dtype = 'bfloat16'"]
+    configurables.clear()
+    try:
+        configurables.parse(args.gin_file, args.gin_bindings, [str(ROOT)])
+        assert configurables.model_config().dtype == "bfloat16"
+    finally:
+        configurables.clear()
 
 
 @pytest.mark.slow

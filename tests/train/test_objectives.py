@@ -9,11 +9,18 @@ import pytest
 from moss_jax.config import PRESETS
 from moss_jax.model import MossLM, init_params
 from moss_jax.reward_model import RewardModel, last_token_scores
-from moss_jax.sharding import check_axis_names
-from moss_jax.train.objectives import PAIR_FEATURES, dpo_objective, reward_objective, sequence_logprobs
+from moss_jax.sharding import check_axis_names, make_mesh
+from moss_jax.train.objectives import (
+    PAIR_FEATURES,
+    Objective,
+    dpo_objective,
+    lm_objective,
+    reward_objective,
+    sequence_logprobs,
+)
 from moss_jax.train.optimizer import OptimizerConfig, make_optimizer
-from moss_jax.train.state import TrainState
-from moss_jax.train.step import make_train_step
+from moss_jax.train.state import TrainState, abstract_state
+from moss_jax.train.step import compile_train_step, make_train_step
 
 CFG = PRESETS["debug"]
 L = 12
@@ -157,3 +164,36 @@ def test_pair_objectives_accumulate_exactly(objective):
         np.testing.assert_allclose(acc_m[k], full_m[k], rtol=1e-5, atol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), acc_s.params, full_s.params)
     assert float(full_m["loss"]) > 0 and np.isfinite(float(full_m["grad_norm"]))
+
+
+def test_throughput_accounting_per_objective():
+    """Pair objectives run 2 rows per example; DPO adds the reference forward; the reward model
+    skips the LM head. Against XLA's FLOP count of the compiled step (layers unrolled, so the
+    count is not of one scan iteration only; XLA also counts elementwise work, hence a few %)."""
+    cfg = CFG.replace(scan_layers=False)
+    b, length = 4, 32
+    mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
+    tx, schedule = make_optimizer(OptimizerConfig(total_steps=10, warmup_steps=0))
+    for obj, rows in ((lm_objective(), 1), (reward_objective(), 2), (dpo_objective(), 2)):
+        assert obj.tokens_per_step(b, length) == rows * b * length, obj.name
+        abstract = abstract_state(cfg, tx, mesh, module=obj.make_module)
+        _, report = compile_train_step(
+            make_train_step(cfg, tx, schedule, objective=obj),
+            abstract,
+            b,
+            length,
+            mesh,
+            features=obj.features,
+            abstract_frozen=abstract.params if obj.needs_reference else None,
+        )
+        ratio = report["flops"] / obj.flops_per_step(cfg, b, length)
+        assert 0.95 < ratio < 1.12, (obj.name, ratio)
+    per_token = CFG.flops_per_token(length)
+    assert dpo_objective().flops_per_step(CFG, 1, 1) == pytest.approx(2 * 4 / 3 * CFG.flops_per_token(1))
+    assert lm_objective().flops_per_step(CFG, b, length) == pytest.approx(per_token * b * length)
+
+
+def test_objective_checks_its_accounting_fields():
+    lm = lm_objective()
+    with pytest.raises(ValueError, match="sequences_per_example=0"):
+        Objective(lm.name, lm.features, lm.make_module, lm.loss_sums, lm.normalizer, sequences_per_example=0)

@@ -8,8 +8,8 @@ from moss_jax.model import init_params
 from moss_jax.sharding import make_mesh
 from moss_jax.train.loss import normalizer, weighted_cross_entropy
 from moss_jax.train.optimizer import OptimizerConfig, make_optimizer, make_schedule, weight_decay_mask
-from moss_jax.train.state import TrainState
-from moss_jax.train.step import check_batch_shape, make_train_step
+from moss_jax.train.state import TrainState, abstract_state, init_train_state
+from moss_jax.train.step import check_batch_shape, compile_train_step, make_train_step
 
 CFG = PRESETS["debug"]
 
@@ -112,3 +112,40 @@ def test_batch_shape_errors():
         check_batch_shape(6, 16, mesh, 1)
     with pytest.raises(ValueError, match="micro_batches=3"):
         check_batch_shape(8, 16, mesh, 3)
+
+
+def _run_compiled(cfg, micro_batches, steps=3):
+    """`steps` calls of the AOT-compiled step, each on the previous call's output state."""
+    mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
+    tx, schedule = make_optimizer(OptimizerConfig(total_steps=10, warmup_steps=0))
+    step = make_train_step(cfg, tx, schedule, micro_batches=micro_batches)
+    compiled, _ = compile_train_step(step, abstract_state(cfg, tx, mesh), 8, 16, mesh)
+    state = init_train_state(cfg, tx, jax.random.PRNGKey(0), mesh)
+    losses = []
+    for i in range(steps):
+        state, m = compiled(state, _batch(seed=i))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+def test_bf16_params_with_grad_accumulation():
+    """fp32 accumulated gradients must not promote the bf16 optimiser moments (the compiled step
+    would refuse its own output at step 2)."""
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
+    state, acc = _run_compiled(cfg, micro_batches=2)
+    _, full = _run_compiled(cfg, micro_batches=1)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_allclose(acc, full, rtol=2e-3)
+
+
+def test_compile_refuses_a_step_that_changes_the_state_signature():
+    mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
+    tx, schedule = make_optimizer(OptimizerConfig(total_steps=10, warmup_steps=0))
+    step = make_train_step(CFG, tx, schedule)
+
+    def widening(state, batch):
+        new, m = step(state, batch)
+        return new.replace(params=jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), new.params)), m
+
+    with pytest.raises(ValueError, match=r"changes state\.params\['embedding'\] from float32\[512, 64\] to bfloat16"):
+        compile_train_step(widening, abstract_state(CFG, tx, mesh), 8, 16, mesh)

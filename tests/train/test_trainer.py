@@ -15,8 +15,16 @@ import pytest
 from data_pipelines.byte_text import stdlib_byte_text
 from moss_jax.config import PRESETS
 from moss_jax.train.checkpoint import CheckpointMismatchError
+from moss_jax.train.objectives import PAIR_FEATURES, reward_objective
 from moss_jax.train.optimizer import OptimizerConfig
-from moss_jax.train.trainer import KILL_DURING_SAVE_ENV, MeshConfig, NonFiniteError, TrainConfig, train
+from moss_jax.train.trainer import (
+    KILL_DURING_SAVE_ENV,
+    MeshConfig,
+    NonFiniteError,
+    TrainConfig,
+    model_flops_utilization,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = PRESETS["debug"]
@@ -208,3 +216,68 @@ def test_export_run_params_for_chat_and_serve(tmp_path):
         convert_main(["export", "--run_dir", str(tmp_path / "run"), "--out_dir", str(tmp_path / "x"), "--step", "7"])
         == 2
     )
+
+
+@pytest.mark.parametrize(
+    "field", ["steps", "batch_size", "seq_len", "micro_batches", "log_every", "checkpoint_every", "keep_checkpoints"]
+)
+def test_train_config_rejects_non_positive_counts(tmp_path, field):
+    # 0 used to pass and crash after compiling and running a step (ZeroDivisionError).
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be an int >= 1, got 0"):
+        _cfg(tmp_path, **{field: 0})
+
+
+def test_mfu_divides_by_the_mesh_devices():
+    assert model_flops_utilization(8e12, 2.0, 1e12, 2) == pytest.approx(2.0)
+
+
+def _random_pairs(seq_len, batch_size, seed, **_):
+    """Preference pairs of random tokens (both sides fully real, reply = last half)."""
+    rng = np.random.RandomState(seed)
+
+    class Pairs:
+        rows = 0
+
+        def get_state(self):
+            return {"rows": self.rows}
+
+        def set_state(self, state):
+            self.rows = state["rows"]
+
+        def __next__(self):
+            self.rows += batch_size
+            out = {}
+            for side in ("chosen", "rejected"):
+                ids = rng.randint(1, CFG.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
+                weights = np.zeros((batch_size, seq_len), np.float32)
+                weights[:, seq_len // 2 :] = 1.0
+                out[f"{side}_decoder_input_tokens"] = ids[:, :-1]
+                out[f"{side}_decoder_target_tokens"] = ids[:, 1:]
+                out[f"{side}_decoder_segment_ids"] = np.ones((batch_size, seq_len), np.int32)
+                out[f"{side}_decoder_positions"] = np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))
+                out[f"{side}_decoder_loss_weights"] = weights
+            assert set(out) == set(PAIR_FEATURES)
+            return out
+
+    return Pairs()
+
+
+def test_throughput_counts_the_objective_and_the_mesh(tmp_path):
+    """A pair objective on 2 of the 8 devices: tokens are 2*B*L per step, MFU is over 2 chips."""
+    assert jax.device_count() == 8
+    peak = 1e12
+    objective = reward_objective()
+    run = train(
+        CFG,
+        OPT,
+        _cfg(tmp_path, steps=3, peak_flops_per_device=peak),
+        _random_pairs,
+        MeshConfig(fsdp=2, num_devices=2),
+        objective=objective,
+    )
+    assert run["tokens_per_step"] == 2 * 8 * 32
+    assert run["flops_per_step"] == objective.flops_per_step(CFG, 8, 32)
+    for m in run["history"]:
+        # mfu * peak * devices / tokens_per_s = FLOPs per token, whatever the step took.
+        per_token = m["mfu"] * peak * 2 / m["tokens_per_s"]
+        assert per_token == pytest.approx(run["flops_per_step"] / run["tokens_per_step"], rel=1e-9)
