@@ -21,6 +21,7 @@ from moss_jax.inference.cli_args import (
     tag_from_args,
 )
 from moss_jax.inference.local import LocalGenerator
+from moss_jax.inference.prompt import PromptTooLongError
 from moss_jax.inference.tags import PreferenceTags, TagError, check_tag_token, resolve_tag
 
 HELP = "commands: /reset, /tools on|off, /tag best|none|N, /quit"
@@ -33,7 +34,11 @@ def run_repl(
     show_tools: bool = False,
     preference_tags: PreferenceTags | None = None,
 ) -> None:
-    """Reads messages and commands from `stdin` until /quit or end of input."""
+    """Reads messages and commands from `stdin` until /quit or end of input.
+
+    A message that cannot be sent (too long for the context, even alone) is reported and the
+    conversation goes on; nothing is added to the history.
+    """
     print(f"MOSS chat. {HELP}", file=stdout, flush=True)
     while True:
         print("\n<|Human|>: ", end="", file=stdout, flush=True)
@@ -74,7 +79,14 @@ def run_repl(
         if not command:
             continue
         print("<|MOSS|>: ", end="", file=stdout, flush=True)
-        reply = session.send(message, on_text=lambda delta: print(delta, end="", file=stdout, flush=True))
+        try:
+            reply = session.send(message, on_text=lambda delta: print(delta, end="", file=stdout, flush=True))
+        except PromptTooLongError as e:  # raised before anything is generated; the history is kept
+            print(f"[message not sent: {e}; shorten it, or /reset to drop the history]", file=stdout, flush=True)
+            continue
+        except ValueError as e:
+            print(f"[message not sent: {e}]", file=stdout, flush=True)
+            continue
         print(file=stdout, flush=True)
         if show_tools and reply.turn.commands is not None:
             print(f"[thoughts] {reply.turn.thoughts}\n[commands] {reply.turn.commands}", file=stdout)
@@ -95,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     from moss_jax.tools import ToolRegistry, ToolsConfig
 
     config, params, tokenizer, mesh = load_from_args(args)
+    if not 1 <= args.max_new_tokens < config.max_len:
+        parser.error(f"--max_new_tokens must be in [1, {config.max_len}) (below the model's context length)")
     tags, tag = tag_from_args(args, tokenizer)
     tools_cfg = ToolsConfig(enable_search=args.search_index_dir is not None, search_index_dir=args.search_index_dir)
     session = ChatSession(

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk_size", type=int, default=8, help="decode steps between streamed chunks")
     parser.add_argument("--max_new_tokens", type=int, default=512, help="default max_tokens of a request")
     parser.add_argument("--max_pending", type=int, default=64, help="answer 503 while this many requests wait")
+    parser.add_argument(
+        "--max_tool_requests", type=int, default=16, help="answer 429 while this many moss_tools requests run"
+    )
     parser.add_argument("--search_index_dir", help="local BM25 index: lets requests turn on Search")
     parser.add_argument("--txt2img_url", help="AUTOMATIC1111-compatible server: lets requests turn on Text2Image")
     parser.add_argument("--image_dir", default="moss_images", help="where Text2Image writes its PNGs")
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         preference_tags=tags,
         default_tag=args.tag,
         max_pending=args.max_pending,
+        max_tool_requests=args.max_tool_requests,
     )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

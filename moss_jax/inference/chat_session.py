@@ -6,9 +6,18 @@ With tools on, one user message takes two generations (MOSS_SPEC section 3):
     run the commands, append <|Results|>:\\n...\\n<eor>\\n<|MOSS|>:
     -> generate to <eom>: the reply (streamed)
 
-With a preference tag (tags.py) the reply pass continues from `<|MOSS|>:<|quality_i|>`; the
-first pass then also stops at `<|MOSS|>:`, so a model that skips its commands still answers
-after the tag (the turn gets commands and results "None").
+The first pass also stops where the model starts its reply itself (`<|MOSS|>:`, having skipped
+its commands): the turn then gets commands and results "None", and the reply is always written
+by the reply pass, with the caller's token cap, stop strings and preference tag (tags.py: the
+reply continues from `<|MOSS|>:<|quality_i|>`).
+
+Token budget of a tool turn (context `max_len`, reply cap `max_new_tokens`): the reply prompt
+may use `max_len - max_new_tokens` tokens, and it holds the first prompt plus the thoughts,
+commands and results. So the first prompt's history is cut to leave `tool_pass_tokens` (the
+first pass's cap) plus `results_tokens` free, or, when the message alone leaves less, at least
+MIN_TOOL_PASS_TOKENS + MIN_RESULTS_TOKENS (otherwise PromptTooLongError, before anything
+runs); results (then thoughts, then commands) that still do not fit are cut, with TRUNCATED
+at the cut. The reply pass therefore always fits and always gets `max_new_tokens`.
 
 Tools are reached through `Tools` (capability lines + execute), which `moss_jax.tools.ToolRegistry`
 satisfies; a registry with every tool disabled works (all commands give "None"). Generation is
@@ -19,11 +28,21 @@ batching engine.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from data_pipelines import specials as sp
-from moss_jax.inference.prompt import IDENTITY, NONE, Turn, build_prompt, meta_instruction
+from moss_jax.inference.prompt import (
+    IDENTITY,
+    NONE,
+    Prompt,
+    PromptTooLongError,
+    Turn,
+    build_prompt,
+    meta_instruction,
+    render_turn_parts,
+)
 from moss_jax.inference.sampling import MOSS_DEFAULTS, SamplingParams
 
 
@@ -70,6 +89,15 @@ class Reply:
 
 # The model sometimes starts the next human turn instead of ending its own: stop there.
 ROLE_GUARDS = (sp.ROLE_HUMAN,)
+# Least room a tool turn keeps for the first pass (thoughts and commands) and for the results.
+MIN_TOOL_PASS_TOKENS = 32
+MIN_RESULTS_TOKENS = 32
+# Written where a tool pass field was cut to fit the context (the model and the client see it).
+TRUNCATED = " [truncated]"
+# Joining rendered parts can tokenize a few ids differently at their boundaries.
+_BOUNDARY_SLACK = 8
+
+logger = logging.getLogger(__name__)
 
 
 class ChatSession:
@@ -77,15 +105,17 @@ class ChatSession:
 
     Args:
       generator: runs the model.
-      tokenizer: `moss_jax.inference.tokenizer.Tokenizer` (encode, decode, token ids).
+      tokenizer: `moss_jax.inference.tokenizer.Tokenizer` (encode_parts, decode, token ids).
       max_len: the model's context length (prompt + reply).
       tools: the tool registry; None means no tools at all.
       tools_on: start with tools enabled (needs a plugin-trained model to be useful).
       sampling: decoding settings (MOSS defaults unless given).
-      max_new_tokens: cap of each generation.
+      max_new_tokens: cap of the reply, below `max_len`; the prompt gets the rest of the context.
       tag: preference tag token written after `<|MOSS|>:` (tags.resolve_tag), None for none.
       stop_strings: extra strings that end the reply (besides `<|Human|>`).
       identity: the meta instruction's identity text (the capability list follows it).
+      tool_pass_tokens: cap of the first pass (inner thoughts and commands) with tools on.
+      results_tokens: room for tool results that the history makes way for with tools on.
     """
 
     def __init__(
@@ -101,9 +131,20 @@ class ChatSession:
         tag: str | None = None,
         stop_strings: Sequence[str] = (),
         identity: str = IDENTITY,
+        tool_pass_tokens: int = 256,
+        results_tokens: int = 512,
     ):
         if tools_on and tools is None:
             raise ValueError("tools_on=True needs a tools registry")
+        if not 1 <= max_new_tokens < max_len:
+            raise ValueError(
+                f"max_new_tokens must be in [1, {max_len}) (below the context length), got {max_new_tokens}"
+            )
+        if tool_pass_tokens < MIN_TOOL_PASS_TOKENS or results_tokens < MIN_RESULTS_TOKENS:
+            raise ValueError(
+                f"tool_pass_tokens and results_tokens must be at least {MIN_TOOL_PASS_TOKENS} and "
+                f"{MIN_RESULTS_TOKENS}, got {tool_pass_tokens} and {results_tokens}"
+            )
         self.generator = generator
         self.tokenizer = tokenizer
         self.max_len = max_len
@@ -114,6 +155,8 @@ class ChatSession:
         self.tag = tag
         self.stop_strings = tuple(stop_strings)
         self.identity = identity
+        self.tool_pass_tokens = tool_pass_tokens
+        self.results_tokens = results_tokens
         self.history: list[Turn] = []
 
     def reset(self) -> None:
@@ -132,37 +175,112 @@ class ChatSession:
             lines = [line.split(":")[0] + ": disabled." for line in lines]
         return meta_instruction(lines, inner_thoughts=self.tools_on, identity=self.identity)
 
-    def _budgets(self) -> tuple[int, int]:
-        """(prompt token budget, new-token cap): at least half the context stays for the prompt."""
-        new = min(self.max_new_tokens, self.max_len // 2)
-        return self.max_len - new, new
+    @property
+    def reply_prompt_limit(self) -> int:
+        """The most prompt tokens the reply generation may have: the context minus `max_new_tokens`."""
+        return self.max_len - self.max_new_tokens
 
-    def _prompt(self, turns: list[Turn]) -> tuple[list[int], int]:
-        text, dropped = build_prompt(
+    def first_pass(self, message: str) -> tuple[list[int], int]:
+        """(prompt ids, new-token cap) of the first generation for `message`; history unchanged.
+
+        Raises PromptTooLongError when the message does not fit (with tools on: together with
+        the least room for the tool pass), so a caller can refuse it before anything runs.
+        """
+        prompt, cap = self._first(self.history + [Turn(human=message)])
+        return prompt.ids, cap
+
+    def _build(self, turns: list[Turn], max_tokens: int) -> Prompt:
+        return build_prompt(
             turns,
             meta=self.meta(),
             tools=self.tools_on,
-            count_tokens=lambda s: len(self.tokenizer.encode(s)),
-            max_tokens=self._budgets()[0],
+            encode=self.tokenizer.encode_parts,
+            max_tokens=max_tokens,
             tag=self.tag,
         )
-        return self.tokenizer.encode(text), dropped
 
-    def prompt_ids(self, message: str) -> list[int]:
-        """The first generation's prompt for `message` (raises PromptTooLongError); history unchanged."""
-        return self._prompt(self.history + [Turn(human=message)])[0]
+    def _tool_overhead(self) -> int:
+        """Tokens a tool turn's reply prompt adds to its first prompt, besides the text of the
+        thoughts, commands and results: markers, end tokens, the tag, three TRUNCATED markers."""
+        encode = self.tokenizer.encode_parts
+        cut = Turn("", thoughts=TRUNCATED.strip(), commands=TRUNCATED.strip(), results=TRUNCATED.strip())
+        reply = encode(render_turn_parts(cut, tools=True, tag=self.tag))
+        first = encode(render_turn_parts(Turn(""), tools=True))
+        return len(reply) - len(first) + _BOUNDARY_SLACK
 
-    def _generate(self, turns: list[Turn], stop_ids, stop_strings, on_text) -> tuple[Generation, int]:
-        ids, dropped = self._prompt(turns)
-        gen = self.generator.generate_text(
+    def _first(self, turns: list[Turn]) -> tuple[Prompt, int]:
+        limit = self.reply_prompt_limit
+        if not self.tools_on:
+            try:
+                return self._build(turns, limit), self.max_new_tokens
+            except PromptTooLongError as e:
+                why = f" (the {self.max_len}-token context minus {self.max_new_tokens} reply tokens)"
+                raise PromptTooLongError(e.needed, e.limit, why) from None
+        room = limit - self._tool_overhead()  # the first prompt plus thoughts, commands and results
+        try:
+            prompt = self._build(turns, room - self.tool_pass_tokens - self.results_tokens)
+        except PromptTooLongError:
+            least = MIN_TOOL_PASS_TOKENS + MIN_RESULTS_TOKENS
+            try:
+                prompt = self._build(turns[-1:], room - least)
+            except PromptTooLongError as e:
+                why = (
+                    f" (with tools on: the {self.max_len}-token context minus {self.max_new_tokens} reply tokens "
+                    f"minus {limit - e.limit} kept for inner thoughts, commands and tool results)"
+                )
+                raise PromptTooLongError(e.needed, e.limit, why) from None
+            prompt = dataclasses.replace(prompt, dropped=len(turns) - 1)
+        left = room - len(prompt.ids)
+        cap = min(self.tool_pass_tokens, max(MIN_TOOL_PASS_TOKENS, left - self.results_tokens, left // 3))
+        return prompt, cap
+
+    def _reply_prompt(self, turns: list[Turn]) -> Prompt:
+        """The reply pass's prompt; a tool turn that does not fit is cut, results first."""
+        limit = self.reply_prompt_limit
+        try:
+            return self._build(turns, limit)
+        except PromptTooLongError:
+            pass
+        turn = turns[-1]
+        for field in ("results", "thoughts", "commands"):
+            if (getattr(turn, field) or NONE) == NONE:
+                continue  # nothing to cut
+            fits = self._cut_to_fit(turn, field, limit)
+            logger.warning("cut the tool pass's %s to fit the %d-token context", field, self.max_len)
+            if fits:
+                break
+        return self._build(turns, limit)  # the turn alone fits now (the first pass left room for it)
+
+    def _cut_to_fit(self, turn: Turn, field: str, limit: int) -> bool:
+        """Sets `turn.<field>` to its longest prefix (plus TRUNCATED) with which the turn alone
+        fits `limit` and returns True; with none, leaves just the marker and returns False."""
+        text = getattr(turn, field) or NONE
+
+        def fits(n: int) -> bool:
+            setattr(turn, field, (text[:n] + TRUNCATED).strip())
+            try:
+                self._build([turn], limit)
+                return True
+            except PromptTooLongError:
+                return False
+
+        if not fits(0):
+            return False
+        lo, hi = 0, len(text)  # fits(lo); the whole text did not fit
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return fits(lo)
+
+    def _generate(self, ids: list[int], cap: int, stop_ids, stop_strings, on_text) -> Generation:
+        return self.generator.generate_text(
             ids,
-            max_new_tokens=min(self._budgets()[1], self.max_len - len(ids)),
+            max_new_tokens=cap,
             stop_ids=stop_ids,
             stop_strings=stop_strings,
             sampling=self.sampling,
             on_text=on_text,
         )
-        return gen, dropped
 
     def send(
         self,
@@ -176,52 +294,53 @@ class ChatSession:
 
         With tools on, `on_thoughts` gets the first pass's raw text (inner thoughts, commands) as
         it is generated, and `on_tools(turn, tool_result)` is called once the commands ran (the
-        result is None when none ran), before the reply is generated.
+        result is None when none ran), before the reply is generated; `turn.results` is then what
+        the model reads (cut with TRUNCATED if it did not fit).
+
+        Raises:
+          PromptTooLongError: the message does not fit; raised before any generation or tool.
         """
         turn = Turn(human=message)
         turns = self.history + [turn]
-        dropped, tool_result = 0, None
+        first, cap = self._first(turns)
+        prompt, tool_result = first, None
+        reply_stops = ROLE_GUARDS + self.stop_strings
         if self.tools_on:
-            # With a tag the reply must start after it: stop where the model writes `<|MOSS|>:`.
-            stops = ROLE_GUARDS + ((sp.ROLE_MOSS + ":",) if self.tag is not None else ())
-            first, dropped = self._generate(turns, [self.tokenizer.eoc_id, self.tokenizer.eom_id], stops, on_thoughts)
-            thoughts, commands, direct_reply = parse_tool_pass(first.text)
-            if direct_reply is not None:  # the model skipped the commands and answered
-                turn.thoughts, turn.commands, turn.results = thoughts, NONE, NONE
-                if on_tools is not None:
-                    on_tools(turn, None)
-                turn.moss = direct_reply
-                if on_text is not None:
-                    on_text(direct_reply)
-                self.history.append(turn)
-                return Reply(direct_reply, turn, first.finish_reason, dropped)
-            turn.thoughts, turn.commands = thoughts, commands
-            if commands == NONE:
+            stops = ROLE_GUARDS + (sp.ROLE_MOSS + ":",)  # the reply is the reply pass's job
+            gen = self._generate(first.ids, cap, [self.tokenizer.eoc_id, self.tokenizer.eom_id], stops, on_thoughts)
+            turn.thoughts, turn.commands = parse_tool_pass(gen.text)
+            if turn.commands == NONE:
                 turn.results = NONE
             else:
-                tool_result = self.tools.execute(commands)
+                tool_result = self.tools.execute(turn.commands)
                 turn.results = tool_result.text
+            prompt = self._reply_prompt(turns)
             if on_tools is not None:
                 on_tools(turn, tool_result)
-        stops = ROLE_GUARDS + self.stop_strings
-        reply, dropped2 = self._generate(turns, [self.tokenizer.eom_id], stops, _strip_leading_space(on_text))
+        reply = self._generate(
+            prompt.ids, self.max_new_tokens, [self.tokenizer.eom_id], reply_stops, _strip_leading_space(on_text)
+        )
         turn.moss = reply.text.strip()
         self.history.append(turn)
-        return Reply(turn.moss, turn, reply.finish_reason, max(dropped, dropped2), tool_result)
+        return Reply(turn.moss, turn, reply.finish_reason, max(first.dropped, prompt.dropped), tool_result)
 
 
-def parse_tool_pass(text: str) -> tuple[str, str, str | None]:
-    """(thoughts, commands, direct reply or None) from the text after `<|Inner Thoughts|>:`."""
-    thoughts, _, rest = text.partition(sp.END_OF_THOUGHTS)
-    moss_marker = sp.ROLE_MOSS + ":"
-    if moss_marker in thoughts + rest and sp.ROLE_COMMANDS + ":" not in thoughts + rest:
-        before, _, reply = (thoughts + rest).partition(moss_marker)
-        return before.strip() or NONE, NONE, reply.replace(sp.END_OF_MOSS, "").strip()
-    commands = NONE
+def parse_tool_pass(text: str) -> tuple[str, str]:
+    """(thoughts, commands) from the first pass's text, the text after `<|Inner Thoughts|>:`.
+
+    The thoughts end at `<eot>` or, when the model left it out, where `<|Commands|>:` starts;
+    anything from `<|MOSS|>:` on (a reply the model started itself) is not part of the pass.
+    Missing parts are "None".
+    """
+    text = text.split(sp.ROLE_MOSS + ":", 1)[0]
     marker = sp.ROLE_COMMANDS + ":"
+    ends = [i for i in (text.find(sp.END_OF_THOUGHTS), text.find(marker)) if i >= 0]
+    cut = min(ends, default=len(text))
+    thoughts, rest = text[:cut], text[cut:]
+    commands = NONE
     if marker in rest:
         commands = rest.split(marker, 1)[1].replace(sp.END_OF_COMMANDS, "").strip() or NONE
-    return thoughts.strip() or NONE, commands, None
+    return thoughts.strip() or NONE, commands
 
 
 def _strip_leading_space(on_text: Callable[[str], None] | None) -> Callable[[str], None] | None:

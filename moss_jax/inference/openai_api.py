@@ -2,10 +2,11 @@
 
 Supported request fields: `messages` (system / user / assistant, string content or a list of
 text parts), `model`, `stream`, `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`,
-`seed`, `stop` (string or up to 4 strings), `n` (1 only), `user`; extensions `top_k`,
-`repetition_penalty` and `ignore_eos`. Settings not given default to MOSS's (MOSS_SPEC
-section 5), not OpenAI's. Fields that change behaviour and are not implemented (tools,
-logprobs, n > 1, ...) are rejected with 400 rather than silently ignored.
+`seed`, `stop` (string or up to 4 strings), `n` (1 only), `user`, `stream_options`
+(`include_usage`, with `stream` only); extensions `top_k`, `repetition_penalty` and
+`ignore_eos`. Settings not given default to MOSS's (MOSS_SPEC section 5), not OpenAI's.
+Fields that change behaviour and are not implemented (tools, logprobs, n > 1, ...) are
+rejected with 400 rather than silently ignored.
 
 MOSS extensions: `moss_tools` ({"search", "calculate", "solve", "text2image"} -> bool) runs
 MOSS's own tool loop on the server (not OpenAI function calling; the result comes back in a
@@ -30,11 +31,12 @@ from moss_jax.inference.sampling import MOSS_DEFAULTS, SamplingParams
 from moss_jax.inference.tags import TagChoice, TagError, parse_tag_choice
 
 # Accepted but without effect here (they only describe the client or its billing).
-IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "stream_options"}
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
 KNOWN_FIELDS = {
     "messages",
     "model",
     "stream",
+    "stream_options",
     "max_tokens",
     "max_completion_tokens",
     "temperature",
@@ -78,6 +80,7 @@ class ChatRequest:
     model: str | None
     tools: dict[str, bool] | None = None  # moss_tools; None: plain chat, no tool loop
     tag: TagChoice | None = None  # moss_tag; None: the server's default
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
 def _number(body: Mapping, name: str, lo: float, hi: float, integer: bool = False):
@@ -158,6 +161,7 @@ def parse_request(body: Any) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
+    include_usage = _stream_options(body.get("stream_options"), stream)
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise RequestError(f"only n=1 is supported, got {n!r}", "n")
@@ -212,7 +216,24 @@ def parse_request(body: Any) -> ChatRequest:
         repetition_penalty=float(MOSS_DEFAULTS.repetition_penalty if penalty is None else penalty),
         seed=int(seed) if seed is not None else uuid.uuid4().int % (1 << 31),
     )
-    return ChatRequest(system, turns, stream, max_tokens, sampling, stops, ignore_eos, model, tools, tag)
+    return ChatRequest(system, turns, stream, max_tokens, sampling, stops, ignore_eos, model, tools, tag, include_usage)
+
+
+def _stream_options(options: Any, stream: bool) -> bool:
+    """`include_usage` of `stream_options` ({"include_usage": bool}, with `stream: true` only)."""
+    if options is None:
+        return False
+    if not stream:
+        raise RequestError("'stream_options' is only allowed with 'stream': true", "stream_options")
+    if not isinstance(options, Mapping):
+        raise RequestError("'stream_options' must be an object", "stream_options")
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:
+        raise RequestError(f"'stream_options': unsupported field(s) {unknown}", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise RequestError("'stream_options.include_usage' must be a boolean", "stream_options")
+    return include_usage
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
@@ -242,11 +263,15 @@ def completion_object(
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage_object(prompt_tokens, completion_tokens),
+    }
+
+
+def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 

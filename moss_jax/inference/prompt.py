@@ -15,6 +15,11 @@ without tags (the server only knows their text, and training drops some tags too
 
 The meta instruction text is ours (MOSS_SPEC: do not copy the released one); its capability
 list has one line per tool and the inner-thoughts switch, as in the SFT data.
+
+Prompts are built as parts (`render_turn_parts`, `build_prompt`): the template's role markers,
+end tokens and tag are trusted; the meta instruction, messages, thoughts, commands, tool results
+and replies are not, and `Tokenizer.encode_parts` never lets a special string in them (a snippet
+holding `<eor>`) become a special id.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from data_pipelines import specials as sp
+from moss_jax.inference.tokenizer import Part
 
 IDENTITY = (
     "You are MOSS, a conversational AI assistant built by an open research team.\n"
@@ -54,10 +60,30 @@ def meta_instruction(capability_lines: Sequence[str], inner_thoughts: bool, iden
     return identity + CAPABILITIES_HEADER + "\n".join(lines) + "\n"
 
 
-def _results_block(body: str) -> str:
+def _results_block(body: str) -> list[Part]:
     if body.strip() == NONE:
-        return f"{sp.ROLE_RESULTS}: {NONE}{sp.END_OF_RESULTS}\n"
-    return f"{sp.ROLE_RESULTS}:\n{body}\n{sp.END_OF_RESULTS}\n"
+        return [Part(f"{sp.ROLE_RESULTS}: {NONE}{sp.END_OF_RESULTS}\n", True)]
+    return [Part(f"{sp.ROLE_RESULTS}:\n", True), Part(body, False), Part(f"\n{sp.END_OF_RESULTS}\n", True)]
+
+
+def render_turn_parts(turn: Turn, *, tools: bool, collapse_results: bool = False, tag: str | None = None) -> list[Part]:
+    """`render_turn` as parts: the template's markers and end tokens are trusted, every text field
+    (human message, thoughts, commands, tool results, reply) is not (tokenizer.encode_parts)."""
+    out = [Part(f"{sp.ROLE_HUMAN}: ", True), Part(turn.human, False), Part(f"{sp.END_OF_HUMAN}\n", True)]
+    if tools:
+        if turn.thoughts is None and turn.moss is None:
+            return out + [Part(f"{sp.ROLE_THOUGHTS}:", True)]
+        out += [Part(f"{sp.ROLE_THOUGHTS}: ", True), Part(turn.thoughts or NONE, False)]
+        out += [Part(f"{sp.END_OF_THOUGHTS}\n{sp.ROLE_COMMANDS}: ", True), Part(turn.commands or NONE, False)]
+        out += [Part(f"{sp.END_OF_COMMANDS}\n", True)]
+        results = NONE if collapse_results or turn.results is None else turn.results
+        out += _results_block(results)
+    out.append(Part(f"{sp.ROLE_MOSS}:", True))
+    if turn.moss is not None:
+        out += [Part(" ", True), Part(turn.moss, False), Part(f"{sp.END_OF_MOSS}\n", True)]
+    elif tag is not None:
+        out.append(Part(tag, True))
+    return out
 
 
 def render_turn(turn: Turn, *, tools: bool, collapse_results: bool = False, tag: str | None = None) -> str:
@@ -70,24 +96,37 @@ def render_turn(turn: Turn, *, tools: bool, collapse_results: bool = False, tag:
         as the deployed MOSS service did).
       tag: preference tag token written right after a pending turn's `<|MOSS|>:`.
     """
-    out = f"{sp.ROLE_HUMAN}: {turn.human}{sp.END_OF_HUMAN}\n"
-    if tools:
-        if turn.thoughts is None and turn.moss is None:
-            return out + f"{sp.ROLE_THOUGHTS}:"
-        out += f"{sp.ROLE_THOUGHTS}: {turn.thoughts or NONE}{sp.END_OF_THOUGHTS}\n"
-        out += f"{sp.ROLE_COMMANDS}: {turn.commands or NONE}{sp.END_OF_COMMANDS}\n"
-        results = NONE if collapse_results or turn.results is None else turn.results
-        out += _results_block(results)
-    out += f"{sp.ROLE_MOSS}:"
-    if turn.moss is not None:
-        out += f" {turn.moss}{sp.END_OF_MOSS}\n"
-    elif tag is not None:
-        out += tag
-    return out
+    return "".join(p.text for p in render_turn_parts(turn, tools=tools, collapse_results=collapse_results, tag=tag))
 
 
 class PromptTooLongError(ValueError):
-    """Even the meta instruction and the current turn alone do not fit the token budget."""
+    """Even the meta instruction and the current turn alone do not fit the token budget.
+
+    Args:
+      needed: tokens of the meta instruction plus the current turn.
+      limit: the budget they had to fit.
+      why: appended to the message (what the budget is made of).
+    """
+
+    def __init__(self, needed: int, limit: int, why: str = ""):
+        super().__init__(
+            f"the meta instruction plus the current message need {needed} tokens; the limit is {limit}{why}"
+        )
+        self.needed = needed
+        self.limit = limit
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A built prompt: its parts (for `Tokenizer.encode_parts`), their ids, and the history cut."""
+
+    parts: tuple[Part, ...]
+    ids: list[int]
+    dropped: int  # leading turns cut to fit the budget
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts)
 
 
 def build_prompt(
@@ -95,28 +134,36 @@ def build_prompt(
     *,
     meta: str,
     tools: bool,
-    count_tokens: Callable[[str], int],
+    encode: Callable[[Sequence[Part]], Sequence[int]],
     max_tokens: int,
     tag: str | None = None,
-) -> tuple[str, int]:
-    """The prompt text and how many leading turns were dropped to fit `max_tokens`.
+) -> Prompt:
+    """The prompt, history cut oldest first (whole turns) until it has at most `max_tokens` ids.
 
-    History is cut at whole turns (each starts at `<|Human|>`), oldest first; the last turn
-    is the pending one and is never dropped. `tag` follows the pending turn's `<|MOSS|>:`
-    (not its `<|Inner Thoughts|>:`: the tag belongs to the reply).
+    History is cut at whole turns (each starts at `<|Human|>`); the last turn is the pending
+    one and is never dropped. `tag` follows the pending turn's `<|MOSS|>:` (not its
+    `<|Inner Thoughts|>:`: the tag belongs to the reply).
+
+    Args:
+      meta: the meta instruction; encoded as untrusted text (a client's system message may be
+        part of it; our own text holds no special strings, so its ids are unchanged).
+      encode: parts -> ids, normally `Tokenizer.encode_parts`, which keeps special strings in
+        untrusted text from becoming special ids.
+
+    Raises:
+      PromptTooLongError: the meta instruction and the pending turn alone need more than `max_tokens`.
     """
     if not turns or turns[-1].moss is not None:
         raise ValueError("the last turn must be the pending one (moss=None)")
     last = len(turns) - 1
     rendered = [
-        render_turn(t, tools=tools, collapse_results=i < last, tag=tag if i == last else None)
+        render_turn_parts(t, tools=tools, collapse_results=i < last, tag=tag if i == last else None)
         for i, t in enumerate(turns)
     ]
+    head = [Part(meta, False)]
     for dropped in range(len(turns)):
-        text = meta + "".join(rendered[dropped:])
-        if count_tokens(text) <= max_tokens:
-            return text, dropped
-    raise PromptTooLongError(
-        f"the meta instruction plus the current message need {count_tokens(meta + rendered[-1])} tokens; "
-        f"the limit is {max_tokens}"
-    )
+        parts = tuple(head + [p for turn_parts in rendered[dropped:] for p in turn_parts])
+        ids = list(encode(parts))
+        if len(ids) <= max_tokens:
+            return Prompt(parts, ids, dropped)
+    raise PromptTooLongError(len(ids), max_tokens)

@@ -7,16 +7,19 @@
     GET  /                      (the web chat page, static/index.html)
 
 Every error is a JSON body `{"error": {"message", "type", "param", "code"}}`: 400 for a
-malformed request, 404/405 for a wrong path or method, 413 for an oversized body, 503 when
-`max_pending` requests already wait. A streaming client that disconnects cancels its request,
-which frees its batch slot.
+malformed request, 404/405 for a wrong path or method, 413 for an oversized body (refused as
+soon as the bytes read pass MAX_BODY_BYTES, chunked uploads included), 429 when
+`max_tool_requests` tool-loop requests already run, 503 when `max_pending` requests already
+wait. A streaming client that disconnects cancels its request, which frees its batch slot.
 
 A request with `moss_tools` runs MOSS's tool loop here (ChatSession on a worker thread, its
 generations batched by the engine through EngineGenerator): inner thoughts and commands to
 `<eoc>`, the tools, `<|Results|>`, the reply to `<eom>`. Streaming sends the first pass as
 `moss_tool_pass: {"stage": "thoughts", "delta"}` chunks and the tool results as one
 `moss_tool_pass: {"stage": "results", ...}` chunk before the reply's content deltas; a
-non-streaming answer carries `moss_tool_pass` next to `choices`.
+non-streaming answer carries `moss_tool_pass` next to `choices`. A tool request is checked
+whole before anything runs (ChatSession.first_pass: the prompt plus room for the tool pass
+and the reply), so a request that cannot fit is a 400, never a failure after its tools ran.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from moss_jax.inference.openai_api import (
     new_completion_id,
     parse_request,
     tool_pass_object,
+    usage_object,
 )
 from moss_jax.inference.prompt import IDENTITY, PromptTooLongError, build_prompt, meta_instruction
 from moss_jax.inference.sampling import MOSS_DEFAULTS
@@ -62,6 +66,8 @@ from moss_jax.tools.search_tool import make_backend
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+# Retry-After (seconds) of a 429 or 503.
+RETRY_AFTER_S = 5
 STATIC_DIR = Path(__file__).parent / "static"
 
 
@@ -71,6 +77,48 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _busy(status: int, message: str) -> JSONResponse:
+    response = _error(status, message, kind="server_overloaded")
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+async def _read_body(http: HTTPRequest, limit: int) -> bytes | None:
+    """The request body, read chunk by chunk; None as soon as it is longer than `limit` bytes
+    (a chunked upload has no Content-Length to check first, so count what arrives)."""
+    parts, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+class _Chunks:
+    """The SSE `chat.completion.chunk` events of one completion.
+
+    With `stream_options.include_usage` every chunk carries `"usage": null` and `usage()` is the
+    extra chunk before `[DONE]` with no choices and the request's usage, as OpenAI's API does.
+    """
+
+    def __init__(self, completion_id: str, model: str, created: int, include_usage: bool):
+        self.completion_id, self.model, self.created = completion_id, model, created
+        self.include_usage = include_usage
+
+    def __call__(self, delta: dict, finish: str | None = None, **extra: Any) -> str:
+        obj = {**chunk_object(self.completion_id, self.model, self.created, delta, finish), **extra}
+        if self.include_usage:
+            obj["usage"] = None
+        return _sse(obj)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+        obj = chunk_object(self.completion_id, self.model, self.created, {}, None)
+        obj["choices"] = []
+        obj["usage"] = usage_object(prompt_tokens, completion_tokens)
+        return _sse(obj)
 
 
 def create_app(
@@ -84,6 +132,7 @@ def create_app(
     preference_tags: PreferenceTags | None = None,
     default_tag: TagChoice = "auto",
     max_pending: int | None = None,
+    max_tool_requests: int | None = 16,
     make_generator: Callable[[], EngineGenerator] | None = None,
 ) -> Starlette:
     """The ASGI app. `engine` must be started; `max_len` is the model's context length.
@@ -93,9 +142,11 @@ def create_app(
       preference_tags: the checkpoint's preference_tags.json (tags.load_preference_tags), if any.
       default_tag: the tag choice of requests without `moss_tag` ("auto": best when tags exist).
       max_pending: answer 503 while this many requests already wait for a slot (None: no limit).
+      max_tool_requests: answer 429 while this many `moss_tools` requests already run (each holds
+        a worker thread from its first pass to its reply, and its tools may start solver
+        processes, none of which `max_pending` counts; None: no limit).
       make_generator: the tool loop's generator per request (default `EngineGenerator(engine)`).
     """
-    created = int(time.time())
     eom_id = tokenizer.eom_id
     base_tools = tools_config or ToolsConfig()
     available = {name: bool(getattr(base_tools, field)) for name, field in TOOL_SWITCHES.items()}
@@ -103,6 +154,9 @@ def create_app(
     default_tag_token = resolve_tag(default_tag, preference_tags)  # TagError at start-up, not per request
     check_tag_token(default_tag_token, tokenizer)
     make_generator = make_generator or (lambda: EngineGenerator(engine))
+    if max_tool_requests is not None and max_tool_requests < 1:
+        raise ValueError(f"max_tool_requests must be >= 1 or None, got {max_tool_requests}")
+    tool_slots = threading.BoundedSemaphore(max_tool_requests) if max_tool_requests is not None else None
 
     def request_tag(req: ChatRequest) -> str | None:
         if req.tag is None:
@@ -123,20 +177,20 @@ def create_app(
         return ToolRegistry(config, search_backend=search_backend)
 
     async def chat_completions(http: HTTPRequest):
+        created = int(time.time())
         if max_pending is not None and engine.load()["pending"] >= max_pending:
-            message = "the server is overloaded: too many requests are waiting; try again shortly"
-            response = _error(503, message, kind="server_overloaded")
-            response.headers["Retry-After"] = "5"
-            return response
+            return _busy(503, "the server is overloaded: too many requests are waiting; try again shortly")
         declared = http.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
-        raw = await http.body()
-        if len(raw) > MAX_BODY_BYTES:
+        raw = await _read_body(http, MAX_BODY_BYTES)
+        if raw is None:
             return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except RecursionError:
+            return _error(400, "the request body is not valid JSON: nested too deeply")
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of over 4300 digits
             return _error(400, f"the request body is not valid JSON: {e}")
         try:
             req = parse_request(body)
@@ -146,18 +200,17 @@ def create_app(
             identity = IDENTITY if req.system is None else req.system.rstrip("\n") + "\n"
             tag = request_tag(req)
             if req.tools is not None:
-                return await _tool_completion(http, req, identity, max_tokens, tag, request_tools(req))
+                return await _tool_completion(http, req, identity, max_tokens, tag, request_tools(req), created)
             # Without `moss_tools` the model is told every tool is off.
             meta = meta_instruction([f"{t.label}: disabled." for t in TOOLS], False, identity=identity)
-            text, _ = build_prompt(
+            prompt_ids = build_prompt(
                 req.turns,
                 meta=meta,
                 tools=False,
-                count_tokens=lambda s: len(tokenizer.encode(s)),
+                encode=tokenizer.encode_parts,
                 max_tokens=max_len - max_tokens,
                 tag=tag,
-            )
-            prompt_ids = tokenizer.encode(text)
+            ).ids
             request = Request(
                 prompt_ids=prompt_ids,
                 max_new_tokens=max_tokens,
@@ -182,22 +235,25 @@ def create_app(
         model = req.model or model_name
 
         if req.stream:
+            chunk = _Chunks(completion_id, model, created, req.include_usage)
 
             async def stream():
                 try:
-                    yield _sse(chunk_object(completion_id, model, created, {"role": "assistant", "content": ""}, None))
+                    yield chunk({"role": "assistant", "content": ""})
                     started = False
                     while True:
                         ev = await events.get()
                         content = ev.text if started else ev.text.lstrip()
                         started = started or bool(content)
                         if content:
-                            yield _sse(chunk_object(completion_id, model, created, {"content": content}, None))
+                            yield chunk({"content": content})
                         if ev.finish_reason is not None:
                             if ev.error is not None:
                                 yield _sse(error_body(ev.error, kind="server_error"))
                             else:
-                                yield _sse(chunk_object(completion_id, model, created, {}, ev.finish_reason))
+                                yield chunk({}, ev.finish_reason)
+                                if req.include_usage:
+                                    yield chunk.usage(len(prompt_ids), len(handle.stream.tokens))
                             yield "data: [DONE]\n\n"
                             return
                 finally:
@@ -227,7 +283,13 @@ def create_app(
         )
 
     async def _tool_completion(
-        http: HTTPRequest, req: ChatRequest, identity: str, max_tokens: int, tag: str | None, registry: ToolRegistry
+        http: HTTPRequest,
+        req: ChatRequest,
+        identity: str,
+        max_tokens: int,
+        tag: str | None,
+        registry: ToolRegistry,
+        created: int,
     ):
         """The tool loop for one request: ChatSession on a worker thread, events to this coroutine."""
         generator = make_generator()
@@ -245,8 +307,13 @@ def create_app(
         )
         session.history = list(req.turns[:-1])
         message = req.turns[-1].human
-        prompt_ids = session.prompt_ids(message)  # PromptTooLongError -> 400 before anything runs
-        engine.check(Request(prompt_ids, max(1, min(max_tokens, max_len // 2, max_len - len(prompt_ids)))))
+        # Both generations are checked before anything runs (PromptTooLongError, ValueError -> 400):
+        # the first pass as it is, the reply at the longest prompt the session may give it.
+        first_ids, first_cap = session.first_pass(message)
+        engine.check(Request(first_ids, first_cap))
+        engine.check(Request([eom_id] * session.reply_prompt_limit, max_tokens))
+        if tool_slots is not None and not tool_slots.acquire(blocking=False):
+            return _busy(429, f"the server is busy: {max_tool_requests} tool requests already run; try again shortly")
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -271,13 +338,19 @@ def create_app(
             except Exception as e:  # noqa: BLE001 -- becomes an error event for this request only
                 logger.exception("tool loop failed")
                 put("error", f"{type(e).__name__}: {e}")
+            finally:
+                if tool_slots is not None:
+                    tool_slots.release()  # only now: a tool still running after a disconnect counts
 
-        threading.Thread(target=work, name="moss-tool-loop", daemon=True).start()
+        try:
+            threading.Thread(target=work, name="moss-tool-loop", daemon=True).start()
+        except RuntimeError:  # "can't start new thread": give the slot back before failing
+            if tool_slots is not None:
+                tool_slots.release()
+            raise
         completion_id = new_completion_id()
         model = req.model or model_name
-
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
-            return _sse({**chunk_object(completion_id, model, created, delta, finish), **extra})
+        chunk = _Chunks(completion_id, model, created, req.include_usage)
 
         if req.stream:
 
@@ -295,6 +368,8 @@ def create_app(
                         else:
                             if kind == "done":
                                 yield chunk({}, payload.finish_reason)
+                                if req.include_usage:
+                                    yield chunk.usage(generator.prompt_tokens, generator.completion_tokens)
                             elif kind == "error":
                                 yield _sse(error_body(payload, kind="server_error"))
                             yield "data: [DONE]\n\n"
@@ -346,6 +421,7 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def models(_: HTTPRequest):
+        created = int(time.time())
         return JSONResponse(
             {
                 "object": "list",

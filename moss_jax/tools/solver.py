@@ -3,8 +3,11 @@
 sympy has no timeout and its string parsers call `eval`, so:
   - the text is checked here by the calculator's front end (`expression.py`), equation by equation;
   - every constant sub-expression is evaluated by the bounded calculator first, which refuses
-    `9**9**9`, `factorial(10**6)` and `1/0` before sympy sees them, and powers of unknowns are capped
-    at MAX_DEGREE (a degree-10**9 polynomial is a denial of service, not an equation);
+    `9**9**9`, `factorial(10**6)` and `1/0` before sympy sees them;
+  - the degree in the unknowns is capped at MAX_DEGREE (a degree-10**9 polynomial is a denial of
+    service, not an equation): an upper bound computed from the tree (`degree`: nested powers
+    multiply, products add, so `(x**64)**64` is 4096), per equation and, for a system, as the
+    product of its equations' degrees (Bezout's bound on the number of its solutions);
   - the checked AST is turned into plain tuples and sent (as JSON) to `solve_worker`, which builds
     sympy objects with constructors only, in a child process that is killed at the deadline.
 """
@@ -94,7 +97,7 @@ def prepare(equations: str) -> tuple[list[tuple], list[str]]:
     if len(parts) > MAX_EQUATIONS:
         raise ToolError(f"{len(parts)} equations; the limit is {MAX_EQUATIONS}")
     deadline = time.monotonic() + 1.0
-    trees, names = [], set()
+    trees, names, system_degree = [], set(), 1
     for part in parts:
         sides = part.replace("==", "=").split("=")
         if len(sides) > 2:
@@ -103,12 +106,59 @@ def prepare(equations: str) -> tuple[list[tuple], list[str]]:
         for node in nodes:
             _check_bounds(node, deadline)
             names |= expression.variable_names(node)
+        equation_degree = max(degree(node, deadline) for node in nodes)
+        if equation_degree > MAX_DEGREE:
+            shown = _show(equation_degree)
+            raise ToolError(f"equation {part[:60]!r} has degree {shown} in its unknowns; the limit is {MAX_DEGREE}")
+        system_degree *= max(1, equation_degree)
         trees.append(_to_tree(nodes[0]) if len(nodes) == 1 else ("bin", "-", _to_tree(nodes[0]), _to_tree(nodes[1])))
     if not names:
         raise ToolError("no unknown to solve for")
     if len(names) > MAX_UNKNOWNS:
         raise ToolError(f"{len(names)} unknowns; the limit is {MAX_UNKNOWNS}")
+    if system_degree > MAX_DEGREE:
+        raise ToolError(
+            f"the system's degree (the product of its equations' degrees) is {_show(system_degree)}; "
+            f"the limit is {MAX_DEGREE}"
+        )
     return trees, sorted(names)
+
+
+def degree(node: ast.expr, deadline: float) -> int | float:
+    """An upper bound on the degree of a validated expression in its unknowns.
+
+    Sums take the larger degree; products and quotients add degrees (clearing a denominator
+    multiplies through); a power with a constant exponent multiplies by its size (at least 1, so
+    `sqrt(x**64)`, `x**(1/2)` keep the base's degree); a power with unknowns in the exponent
+    (`2**x`, `x**x`) adds both sides' degrees; `comb(a, k)` and `perm(a, k)` expand to a product
+    of k factors of `a`; `hypot(a, b)` squares; any other function counts its arguments'
+    degrees, since solving `sin(x**64) = 0` means solving `x**64 = k*pi`.
+    """
+    if not _has_unknowns(node):
+        return 0
+    if isinstance(node, ast.Name):
+        return 1
+    if isinstance(node, ast.UnaryOp):
+        return degree(node.operand, deadline)
+    if isinstance(node, ast.BinOp):
+        left, right = degree(node.left, deadline), degree(node.right, deadline)
+        if isinstance(node.op, ast.Add | ast.Sub):
+            return max(left, right)
+        if isinstance(node.op, ast.Pow) and not _has_unknowns(node.right):
+            return left * max(1, abs(calculator.evaluate(node.right, deadline=deadline)))
+        return left + right
+    if isinstance(node, ast.Call):
+        args = [degree(arg, deadline) for arg in node.args]
+        if node.func.id in ("comb", "perm") and not _has_unknowns(node.args[1]):
+            return args[0] * max(1, abs(calculator.evaluate(node.args[1], deadline=deadline)))
+        if node.func.id == "hypot":
+            return 2 * max(args)
+        return sum(args)
+    raise ToolError(f"{type(node).__name__} is not allowed")  # unreachable after expression.parse
+
+
+def _show(value: int | float) -> str:
+    return f"{value:.6g}" if value < 1e300 else "over 1e300"
 
 
 def _has_unknowns(node: ast.expr) -> bool:
@@ -124,12 +174,6 @@ def _check_bounds(node: ast.expr, deadline: float) -> None:
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div | ast.FloorDiv | ast.Mod):
         if not _has_unknowns(node.right) and calculator.evaluate(node.right, deadline=deadline) == 0:
             raise ToolError("division by zero")
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and not _has_unknowns(node.right):
-        degree = calculator.evaluate(node.right, deadline=deadline)
-        if abs(degree) > MAX_DEGREE:
-            raise ToolError(f"power {degree} of an unknown; the limit is {MAX_DEGREE}")
-        _check_bounds(node.left, deadline)
-        return
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.expr) and not (isinstance(node, ast.Call) and child is node.func):
             _check_bounds(child, deadline)

@@ -12,7 +12,7 @@ import uvicorn
 
 from moss_jax.inference.decoder import Decoder
 from moss_jax.inference.engine import BatchEngine
-from moss_jax.inference.server_app import create_app
+from moss_jax.inference.server_app import MAX_BODY_BYTES, create_app
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,81 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         time.sleep(0.05)
     assert engine.load() == {"active": 0, "pending": 0}
     assert engine.stats["finished_cancelled"] == cancelled + 1
+
+
+def _raw_post(url, head_extra, body_chunks, timeout=10):
+    """Sends a POST by hand (chunked body, never terminated); returns the first bytes of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        conn.sendall(head_extra)
+        for chunk in body_chunks:
+            conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            data = conn.recv(4096)  # socket.timeout here: the server waited for the rest of the body
+            if not data:
+                break
+            answer += data
+        return answer
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(server):
+    url, _ = server
+    chunk = b"a" * (64 << 10)
+    chunks = [chunk] * (MAX_BODY_BYTES // len(chunk) + 1)  # just over 1 MiB, and the body never ends
+    answer = _raw_post(url, b"Transfer-Encoding: chunked\r\n\r\n", chunks)
+    assert answer.startswith(b"HTTP/1.1 413") and b"request body over 1048576 bytes" in answer
+    # A chunked body under the limit is read whole and handled as usual.
+    body = json.dumps(_body(0, max_tokens=2, temperature=0)).encode()
+    r = httpx.post(url + "/v1/chat/completions", content=iter([body[:10], body[10:]]), timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "content,reason",
+    [(b"[" * 100_000, "nested too deeply"), (b'{"seed": ' + b"1" * 5000 + b"}", "4300 digits")],
+    ids=["deep-nesting", "5000-digit-int"],
+)
+def test_json_the_parser_refuses_is_a_400_not_a_500(server, content, reason):
+    url, _ = server
+    r = httpx.post(url + "/v1/chat/completions", content=content, timeout=30)
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+    assert "not valid JSON" in r.json()["error"]["message"] and reason in r.json()["error"]["message"]
+
+
+def test_created_is_the_request_time(server):
+    url, _ = server
+    time.sleep(1.1)  # the app was created at least a second before this request
+    before = int(time.time())
+    assert httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["created"] >= before
+    with httpx.stream("POST", url + "/v1/chat/completions", json=_body(1, stream=True, max_tokens=2), timeout=60) as r:
+        chunks = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line and "[DONE]" not in line]
+    assert chunks and all(c["created"] >= before for c in chunks)
+
+
+def test_stream_options_include_usage(server):
+    url, _ = server
+    body = _body(2, stream=True, max_tokens=5, temperature=0, stream_options={"include_usage": True})
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    *content, usage = chunks
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in content)
+    assert usage["choices"] == [] and usage["object"] == "chat.completion.chunk"
+    alone = httpx.post(url + "/v1/chat/completions", json=_body(2, max_tokens=5, temperature=0), timeout=60).json()
+    assert usage["usage"] == alone["usage"] and 0 < usage["usage"]["completion_tokens"] <= 5
+    # Without include_usage no chunk has a usage field (as before).
+    plain = [json.loads(line.removeprefix("data: ")) for line in _lines(url, _body(2, stream=True, max_tokens=2))]
+    assert not any("usage" in c for c in plain)
+    for bad in ({"include_usage": "yes"}, {"include_obfuscation": True}, ["include_usage"]):
+        r = httpx.post(url + "/v1/chat/completions", json=_body(2, stream=True, stream_options=bad), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    r = httpx.post(url + "/v1/chat/completions", json=_body(2, stream_options={"include_usage": True}), timeout=30)
+    assert r.status_code == 400 and "only allowed with 'stream': true" in r.json()["error"]["message"]
+
+
+def _lines(url, body):
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        return [line for line in r.iter_lines() if line and line != "data: [DONE]"]

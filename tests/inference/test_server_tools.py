@@ -9,11 +9,13 @@ import httpx
 import pytest
 
 from data_pipelines import specials as sp
+from moss_jax.inference.chat_session import ChatSession
 from moss_jax.inference.decoder import Decoder
 from moss_jax.inference.engine import BatchEngine
+from moss_jax.inference.prompt import PromptTooLongError
 from moss_jax.inference.server_app import create_app
 from moss_jax.inference.tags import PreferenceTags, TagError
-from moss_jax.tools import ToolsConfig
+from moss_jax.tools import ToolRegistry, ToolsConfig
 from tests.inference.server_utils import ScriptedFirstPass, build_search_index, fake_txt2img_server, png_bytes, serve
 
 TAGS = PreferenceTags(sp.QUALITY_TAGS[:3], sp.QUALITY_TAGS[2], (0.1, 0.5))
@@ -266,3 +268,84 @@ def test_history_keeps_the_tool_passes_a_client_sends_back(tool_server):
         "<|Human|>: and plain?<eoh>\n<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n"
         "<|Results|>: None<eor>\n<|MOSS|>: Plain.<eom>\n<|Human|>: DOUBLE 330<eoh>\n"
     ) in prompt
+
+
+def _longest_tool_message(tokenizer, max_tokens, word="DOUBLE"):
+    """The longest `word a a a ...` a calculate-only tool request with `max_tokens` may carry, found
+    with a ChatSession set up as the server sets up its own (binary search over its length)."""
+    registry = ToolRegistry(ToolsConfig(enable_calculate=True, enable_solve=False))
+    session = ChatSession(None, tokenizer, 1024, tools=registry, tools_on=True, max_new_tokens=max_tokens)
+
+    def fits(n):
+        try:
+            session.first_pass(word + " a" * n)
+            return True
+        except PromptTooLongError:
+            return False
+
+    if not fits(0):
+        return None
+    lo, hi = 0, 4096
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return word + " a" * lo
+
+
+@pytest.mark.parametrize("max_tokens", [8, 200, 600])
+def test_a_near_budget_tool_request_works_or_is_refused_before_any_tool_runs(tool_server, tokenizer, max_tokens):
+    url, log, _ = tool_server
+    longest = _longest_tool_message(tokenizer, max_tokens)
+    tools = {"calculate": True}
+    if longest is not None:  # the longest message that fits: both passes run and fit
+        log.clear()
+        body = _ask(longest, max_tokens=max_tokens, moss_tools=tools)
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["moss_tool_pass"]["calls"][0]["text"] == "Calculate(\"330*2\") => '660'"
+        assert len(log) == 2 and log[-1][0].endswith("<eor>\n<|MOSS|>:")
+        too_long = longest + " a"
+    else:  # not even a short message leaves room for the tool pass and the reply
+        too_long = "DOUBLE it"
+    log.clear()
+    body = _ask(too_long, max_tokens=max_tokens, moss_tools=tools)
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "with tools on" in r.json()["error"]["message"]
+    assert log == []  # refused before any generation, so before any tool
+
+
+def test_tool_requests_over_the_limit_get_429(engine, tokenizer):
+    log = []
+    app = create_app(
+        engine,
+        tokenizer,
+        1024,
+        "moss-test",
+        default_max_tokens=4,
+        max_tool_requests=1,
+        make_generator=lambda: ScriptedFirstPass(engine, tokenizer, log),
+    )
+    with serve(app) as url:
+        slow = _ask("SLOW: what is 1+1?", stream=True, moss_tools={"calculate": True})
+        double = _ask("DOUBLE", moss_tools={"calculate": True})
+        with httpx.stream("POST", url + "/v1/chat/completions", json=slow, timeout=60) as r:
+            stream = r.iter_lines()
+            for line in stream:
+                if '"stage": "thoughts"' in line:
+                    break  # the slow tool request is running now
+            busy = httpx.post(url + "/v1/chat/completions", json=double, timeout=60)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "5"
+            error = busy.json()["error"]
+            assert error["type"] == "server_overloaded" and "tool requests" in error["message"]
+            plain = httpx.post(url + "/v1/chat/completions", json=_ask("hi"), timeout=60)
+            assert plain.status_code == 200  # requests without tools are not limited by it
+            lines = [line for line in stream if line]  # let the slow request finish
+        assert lines[-1] == "data: [DONE]"
+        deadline = time.time() + 30
+        while True:  # its slot comes back once its worker thread is done
+            again = httpx.post(url + "/v1/chat/completions", json=double, timeout=60)
+            if again.status_code != 429 or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        assert again.status_code == 200

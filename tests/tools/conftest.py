@@ -87,16 +87,17 @@ def png_bytes(size: tuple[int, int] = (8, 6), color: tuple[int, int, int] = (200
     return out.getvalue()
 
 
-Handler = Callable[[dict], tuple[int, str, bytes]]
+Handler = Callable[[dict], tuple]  # (status, content type, body) or (status, content type, body, headers)
 
 
 @pytest.fixture
 def http_server(monkeypatch):
     """Starts loopback HTTP servers: `start(handler) -> (base_url, requests)`.
 
-    `handler(request)` gets {"method", "path", "headers" (lower-case names), "body"} and returns (status, content
-    type, body); `requests` records every request. A handler may wait on `request["stop"]`
-    (set at teardown) to simulate a server that hangs.
+    `handler(request)` gets {"method", "path", "headers" (lower-case names), "body"} and returns
+    (status, content type, body), or the same plus a dict of extra response headers (a redirect's
+    Location); `requests` records every request. A handler may wait on `request["stop"]` (set at
+    teardown) to simulate a server that hangs.
     """
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
@@ -111,9 +112,11 @@ def http_server(monkeypatch):
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 request = {"method": self.command, "path": self.path, "headers": headers, "body": body}
                 requests.append(request)
-                status, content_type, payload = handler({**request, "stop": stop})
+                status, content_type, payload, *extra = handler({**request, "stop": stop})
                 try:
                     self.send_response(status)
+                    for name, value in (extra[0] if extra else {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()

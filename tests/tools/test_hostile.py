@@ -75,6 +75,14 @@ HOSTILE_EQUATIONS = [f"x + {h} = 1" if len(h) < 1000 else h for h in HOSTILE] + 
     "x.__class__ = 1",
     "__import__('os') = x",
     "x = 1;" * 100_000,
+    # Each power is small, the degree is not: nested powers multiply, products add.
+    "(x**64)**64 = 2",
+    "((x**64)**64)**64 = 1",
+    "x**32 * x**33 = 1",
+    "sqrt(x**200) = 1",
+    "perm(x, 10000) = 1",
+    "2**(x**65) = 8",
+    "x**16 + y = 1; y**16 + x = 3",  # a system: the degrees multiply (Bezout)
 ]
 
 

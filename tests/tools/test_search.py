@@ -6,10 +6,11 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 
 import pytest
 
-from moss_jax.tools import ToolError, WebSearchConfig, search
+from moss_jax.tools import ToolError, WebSearchConfig, http_util, search
 from moss_jax.tools.config import ToolConfigError, ToolsConfig
 from moss_jax.tools.search_index import Passage, SearchIndex, main, read_documents, split_passages
 from moss_jax.tools.text_tokenize import tokenize
@@ -187,3 +188,50 @@ def test_web_config_checks():
     assert "sk-secret" not in repr(WebSearchConfig(url="https://api.example.org", api_key="sk-secret"))
     with pytest.raises(ToolConfigError, match="search_index_dir or web_search"):
         ToolsConfig(enable_search=True)
+
+
+def _redirect_to(target):
+    return lambda req: (302, "text/plain", b"", {"Location": target + req["path"]})
+
+
+@pytest.mark.parametrize(
+    "header, prefix", [("Authorization", "Bearer "), ("X-API-KEY", "")], ids=["authorization", "custom-header"]
+)
+def test_the_api_key_is_not_sent_to_another_origin_after_a_redirect(http_server, header, prefix):
+    answer = (200, "application/json", b'{"data": {"items": [{"body": "found"}]}}')
+    other, other_requests = http_server(lambda req: answer)
+    # Same machine, other host name: urllib follows the redirect, the key must stay behind.
+    url, requests = http_server(_redirect_to(other.replace("127.0.0.1", "localhost")))
+    config = _web_config(url, api_key_header=header, api_key_prefix=prefix)
+    assert search("q", config=config) == ["found"]
+    assert requests[0]["headers"][header.lower()] == prefix + "sk-test"  # the API itself got it
+    (followed,) = other_requests
+    assert header.lower() not in followed["headers"] and "sk-test" not in json.dumps(followed["headers"])
+    # A redirect within the same origin keeps it.
+    moved = (302, "text/plain", b"", {"Location": "/moved"})
+    url2, requests2 = http_server(lambda req: moved if req["path"].startswith("/api/search") else answer)
+    assert search("q", config=_web_config(url2, api_key_header=header, api_key_prefix=prefix)) == ["found"]
+    assert [r["path"] for r in requests2][1] == "/moved"
+    assert [r["headers"][header.lower()] for r in requests2] == [prefix + "sk-test"] * 2
+
+
+@pytest.mark.parametrize(
+    "new_url, kept",
+    [
+        ("https://api.example.org/v2/search", True),
+        ("http://api.example.org/search", False),  # https -> http
+        ("https://api.example.org:8443/search", False),
+        ("https://evil.example/search", False),
+        ("https://API.example.org:443/other", True),
+    ],
+)
+def test_redirect_handler_drops_credentials_when_the_origin_changes(new_url, kept):
+    handler = http_util._OriginBoundRedirects(frozenset({"x-api-key"}))
+    request = urllib.request.Request("https://api.example.org/search")
+    for name, value in (("X-API-KEY", "k"), ("Authorization", "Bearer k"), ("Cookie", "s=1"), ("Accept", "json")):
+        request.add_header(name, value)
+    new = handler.redirect_request(request, None, 302, "Found", {}, new_url)
+    names = {name.lower() for name in new.headers}
+    assert ({"x-api-key", "authorization", "cookie"} <= names) == kept
+    assert kept or not names & {"x-api-key", "authorization", "cookie"}
+    assert "accept" in names  # other headers always follow

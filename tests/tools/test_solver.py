@@ -8,8 +8,9 @@ from moss_jax.tools import ToolError, solve
 from moss_jax.tools.solver import prepare, solve_many
 from tests.tools.conftest import child_pids
 
-# A 4-unknown polynomial system sympy grinds on for far longer than the test timeouts.
-SLOW_SYSTEM = "x**4+y**3*z+w=1;y**4+z*w**2+x=2;z**4+w*x**2+y=3;w**4+x*y+z=4"
+# A polynomial system sympy grinds on for far longer than the test timeouts, though its degree
+# (4 * 4 * 4) is within MAX_DEGREE: the worker's timeout is the last fence.
+SLOW_SYSTEM = "x**4+y**3*z+w=1;y**4+z*w**2+x=2;z**4+w*x**2+y=3"
 
 
 @pytest.mark.parametrize(
@@ -60,7 +61,10 @@ def test_table(equations, expected):
         ("x=1=2", "more than one '='"),
         ("x/0=1", "division by zero"),
         ("x/(2-2)=1", "division by zero"),
-        ("x**100=1", "power 100 of an unknown"),
+        ("x**100=1", "degree 100 in its unknowns; the limit is 64"),
+        ("(x**64)**64=2", "degree 4096 in its unknowns"),
+        ("x**32*x**33=1", "degree 65 in its unknowns"),
+        ("x**16+y=1;y**16+x=3", "the system's degree .* is 256"),
         ("round(x)=1", "not supported"),
         (";", "no equation"),
         ("a+b+c+d+e1+f+g+h+i=1", "unknowns"),
@@ -159,3 +163,45 @@ def test_registry_presolve_answers_later_commands(monkeypatch):
     assert reg.execute('Solve("2x+3=7")').text == expected
     with pytest.raises(AssertionError):  # each presolved answer is used once
         reg._run("Solve", registry_module.Command("Solve", "2x+3=7"), 1)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2*x + 1", 1),
+        ("x**2 + x**3", 3),
+        ("x**2 * y**3", 5),
+        ("(x**8)**8", 64),
+        ("(x**2 + 1)**3 / x", 7),
+        ("x**(1/2)", 1),
+        ("x**-3", 3),
+        ("x**2.5", 2.5),
+        ("2**(x**3)", 3),
+        ("x**x", 2),
+        ("sin(x**4)", 4),
+        ("comb(x**2, 5)", 10),
+        ("hypot(x**3, y)", 6),
+        ("pi * 7", 0),
+    ],
+)
+def test_degree_bounds(text, expected):
+    from moss_jax.tools import expression
+    from moss_jax.tools.solver import degree
+
+    assert degree(expression.parse(expression.normalize(text), variables=True), time.monotonic() + 1) == expected
+
+
+def test_high_degrees_are_refused_before_a_worker_starts_and_degree_64_still_solves(monkeypatch):
+    from moss_jax.tools import solver
+
+    real_worker = solver._worker_call
+    monkeypatch.setattr(solver, "_worker_call", lambda *a, **k: pytest.fail("a worker was started"))
+    for text in ("(x**64)**64=2", "x**32*x**33=1", "((x**64)**64)**64=1", "x**16+y=1;y**16+x=3"):
+        start = time.perf_counter()
+        with pytest.raises(ToolError, match="degree"):
+            solve(text)
+        assert time.perf_counter() - start < 1.0
+    monkeypatch.setattr(solver, "_worker_call", real_worker)
+    lines = solve("x**64=2").split("\n")
+    assert len(lines) == 16 and lines[:2] == ["x = -1.01088928605170", "x = 1.01088928605170"]  # 16 of 64 roots
+    assert solve("(x**8)**8=2").split("\n")[:2] == lines[:2]

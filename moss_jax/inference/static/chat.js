@@ -194,7 +194,8 @@
     } catch (e) {
       detail = response.statusText || "no details";
     }
-    const what = response.status === 503 ? "The server is busy" : response.status >= 500 ? "Server error" : "Request refused";
+    const busy = response.status === 503 || response.status === 429;  // overloaded, or too many tool requests
+    const what = busy ? "The server is busy" : response.status >= 500 ? "Server error" : "Request refused";
     return what + " (HTTP " + response.status + "): " + detail;
   }
 
