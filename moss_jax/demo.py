@@ -11,8 +11,9 @@ What it does, all for real on the chosen preset:
      forward pass over the same tokens;
   5. if several devices are present, runs the forward on a (data, fsdp, tensor) mesh
      and checks it equals the single-device result.
-It ends with one JSON line of the measured figures. Training stages land in later releases
-and extend this demo into the end-to-end run.
+It ends with one JSON line of the measured figures. The end-to-end run (pre-training, SFT,
+preference-aware training and DPO on embedded data, with a report) is
+`python -m moss_jax.stages.demo` (`bash scripts/demo.sh`).
 """
 
 from __future__ import annotations
