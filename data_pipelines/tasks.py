@@ -205,6 +205,8 @@ def register_pretrain_tasks(
     copy_rate: float = 0.0,
     copy_pieces_range: tuple[int, int] = (16, 96),
     rate_sample_examples: int = DEFAULT_SAMPLE_EXAMPLES,
+    split_documents: bool = True,
+    rates_by: str = "tokens",
 ) -> TokenShareMixture:
     """Registers moss_pretrain_{en,zh,code} over `<corpus_dir>/<lang>.jsonl` and the mixture.
 
@@ -213,6 +215,11 @@ def register_pretrain_tasks(
     relative TOKEN shares (default 360:100:220, MOSS's token counts): the mixture
     (`token_mixture.TokenShareMixture`) samples each task's examples at its share divided by its
     mean tokens per chunk, estimated from its first `rate_sample_examples` train documents.
+
+    `split_documents=False` trims each document to its first `targets`-length tokens instead
+    (the share of tokens kept is estimated from the sample and logged); `rates_by="examples"`
+    uses `rates` as plain seqio example rates. Both are for small experiments such as the CPU
+    demo (docs/alignment.md), not for pre-training at scale.
 
     `repeat_rate` > 0 adds `moss_pretrain_repeat` (repeated corpus spans, see `_repeat_dataset`)
     as that fraction of the mixture's tokens: practice in in-context copying, which tool use
@@ -245,8 +252,11 @@ def register_pretrain_tasks(
             preprocessors=[
                 functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
                 seqio.preprocessors.tokenize,
-                seqio.preprocessors.append_eos,
-                split_targets,
+                *(
+                    [seqio.preprocessors.append_eos, split_targets]
+                    if split_documents
+                    else [seqio.preprocessors.append_eos_after_trim]
+                ),
                 _add_weights,
                 _with_task_id(task_id),
             ],
@@ -278,7 +288,12 @@ def register_pretrain_tasks(
     if "moss_pretrain" in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.remove("moss_pretrain")
     return seqio.MixtureRegistry.add(
-        "moss_pretrain", mixture, mixture_cls=TokenShareMixture, sample_examples=rate_sample_examples
+        "moss_pretrain",
+        mixture,
+        mixture_cls=TokenShareMixture,
+        sample_examples=rate_sample_examples,
+        split=split_documents,
+        rates_by=rates_by,
     )
 
 

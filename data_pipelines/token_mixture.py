@@ -12,6 +12,12 @@ Two things seqio does by default lose or skew pre-training tokens:
   the dataset is requested with, samples task i with example rate `share_i / m_i`, where `m_i`
   is the task's mean tokens per (chunked) example; its expected token share is then `share_i`.
 
+Both are options (`split`, `rates_by`): a run may trim documents to their first `seq_len`
+tokens instead (`split=False`; the share of tokens that keeps is estimated from the same sample
+and logged) or mix by examples (`rates_by="examples"`, plain seqio rates). The CPU demo does
+both: its 2M-parameter model learned to copy tool arguments only from document starts
+(docs/alignment.md).
+
 `m_i` is estimated from a bounded sample: the first `sample_examples` examples of the task's
 train split (whole documents, EOS included, in source order), tokenized once per mixture and
 cached; for a length L, `m_i = sum(n) / sum(ceil(n / L))` over the sampled document lengths n.
@@ -31,6 +37,7 @@ import tensorflow as tf
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_EXAMPLES = 2000
+RATES_BY = ("tokens", "examples")
 
 
 def split_targets(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None = None) -> tf.data.Dataset:
@@ -67,11 +74,17 @@ class TokenShareMixture(seqio.Mixture):
         tasks: Sequence[tuple[str | seqio.Task, float]],
         default_rate=None,
         sample_examples: int = DEFAULT_SAMPLE_EXAMPLES,
+        split: bool = True,
+        rates_by: str = "tokens",
         **kwargs,
     ):
         super().__init__(name, tasks, default_rate, **kwargs)
         if sample_examples < 1:
             raise ValueError(f"mixture {name}: sample_examples must be positive, got {sample_examples}")
+        if rates_by not in RATES_BY:
+            raise ValueError(f"mixture {name}: rates_by must be one of {RATES_BY}, got {rates_by!r}")
+        self.split = split
+        self.rates_by = rates_by
         for task_name, rate in self.rate_per_task_name.items():
             if callable(rate) or not float(rate) > 0:
                 raise ValueError(f"mixture {name}: token share of {task_name} must be a positive number, got {rate!r}")
@@ -102,24 +115,42 @@ class TokenShareMixture(seqio.Mixture):
         return self._document_lengths[task.name]
 
     def tokens_per_example(self, task: seqio.Task, length: int | None) -> float:
-        """Mean tokens per example after `split_targets` at `length` (None: whole documents)."""
+        """Mean tokens per example at `length` (None: whole documents): after `split_targets`,
+        or, without `split`, after trimming each document to its first `length` tokens."""
         n = self.document_lengths(task)
-        examples = np.ceil(n / length).sum() if length else n.size
-        return float(n.sum() / examples)
+        if not length:
+            return float(n.mean())
+        if not self.split:
+            return float(np.minimum(n, length).mean())
+        return float(n.sum() / np.ceil(n / length).sum())
+
+    def kept_fraction(self, task: seqio.Task, length: int | None) -> float:
+        """Share of the task's tokens that reach training at `length` (1 when split)."""
+        n = self.document_lengths(task)
+        if self.split or not length:
+            return 1.0
+        return float(np.minimum(n, length).sum() / n.sum())
 
     def example_rates(self, length: int | None, tasks: Sequence[seqio.Task] | None = None) -> dict[str, float]:
         """Per task: the example rate giving its configured token share at `targets` length `length`."""
         tasks = self.tasks if tasks is None else tasks
         per_example = {t.name: self.tokens_per_example(t, length) for t in tasks}
-        rates = {t.name: self.get_rate(t) / per_example[t.name] for t in tasks}
-        total = sum(self.get_rate(t) for t in tasks)
+        if self.rates_by == "tokens":
+            rates = {t.name: self.get_rate(t) / per_example[t.name] for t in tasks}
+        else:
+            rates = {t.name: float(self.get_rate(t)) for t in tasks}
+        tokens = {t.name: rates[t.name] * per_example[t.name] for t in tasks}
+        total = sum(tokens.values())
         log.warning(
-            "mixture %s at length %s: %s",
+            "mixture %s at length %s (rates by %s, documents %s): %s",
             self.name,
             length,
+            self.rates_by,
+            "split into chunks" if self.split else "trimmed",
             "; ".join(
-                f"{t.name} token share {self.get_rate(t) / total:.3f}, {per_example[t.name]:.1f} tokens per example "
+                f"{t.name} token share {tokens[t.name] / total:.3f}, {per_example[t.name]:.1f} tokens per example "
                 f"(from {self.document_lengths(t).size} sampled), example rate {rates[t.name]:.3g}"
+                + ("" if self.split else f", {self.kept_fraction(t, length):.1%} of its tokens kept by trimming")
                 for t in tasks
             ),
         )

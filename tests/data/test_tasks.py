@@ -116,6 +116,39 @@ def test_mixture_token_shares_with_very_different_document_lengths(tmp_path, voc
     assert mixture.get_rate(en) == 360.0  # get_rate is the configured token weight
 
 
+def test_trimmed_documents_and_example_rates_as_options(tmp_path, vocab_path, caplog):
+    """split_documents=False keeps each document's first L tokens (the kept share is logged);
+    rates_by="tokens" still gives the token shares, rates_by="examples" the example shares."""
+    docs = _synthetic_docs(seed=2)
+    corpus = _write_corpus(tmp_path / "corpus", docs)
+    vocab = load_vocabulary(vocab_path)
+    mixture = register_pretrain_tasks(corpus, vocab_path, split_documents=False)
+    heads = [
+        ex["targets"].tolist()
+        for ex in seqio.get_mixture_or_task("moss_pretrain_en")
+        .get_dataset({"targets": 64, WEIGHTS_FEATURE: 64}, shuffle=False, num_epochs=1)
+        .as_numpy_iterator()
+    ]
+    # One example per document: its first 63 tokens and EOS (seqio's append_eos_after_trim).
+    assert heads == [list(vocab.encode(d))[:63] + [vocab.eos_id] for d in docs["en"]]
+    with caplog.at_level("WARNING", logger="data_pipelines.token_mixture"):
+        shares = _token_shares(mixture, 64, 6000)
+    assert np.abs(shares - np.array([360, 100, 220]) / 680).max() < 0.03, shares
+    en = seqio.get_mixture_or_task("moss_pretrain_en")
+    kept = sum(min(len(vocab.encode(d)) + 1, 64) for d in docs["en"]) / sum(
+        len(vocab.encode(d)) + 1 for d in docs["en"]
+    )
+    assert mixture.kept_fraction(en, 64) == pytest.approx(kept) and kept < 0.3
+    assert f"{kept:.1%} of its tokens kept by trimming" in caplog.text
+
+    by_examples = register_pretrain_tasks(corpus, vocab_path, split_documents=False, rates_by="examples")
+    ds = by_examples.get_dataset({"targets": 64, WEIGHTS_FEATURE: 64}, shuffle=True, seed=1, num_epochs=None)
+    counts = np.bincount([ex[TASK_ID_FEATURE] for ex in ds.take(6000).as_numpy_iterator()], minlength=3)
+    assert np.abs(counts / counts.sum() - np.array([360, 100, 220]) / 680).max() < 0.03, counts
+    with pytest.raises(ValueError, match="rates_by must be one of"):
+        register_pretrain_tasks(corpus, vocab_path, rates_by="bytes")
+
+
 def test_empty_pretraining_task_is_a_clear_error(tmp_path, vocab_path):
     docs = _synthetic_docs() | {"zh": []}
     mixture = register_pretrain_tasks(_write_corpus(tmp_path / "corpus", docs), vocab_path)
