@@ -1,6 +1,5 @@
 """End-to-end checks of the training loop (in-process and as a killed/resumed subprocess)."""
 
-import functools
 import json
 import os
 import signal
@@ -12,40 +11,19 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipelines.byte_text import stdlib_byte_text
-from moss_jax.config import PRESETS
 from moss_jax.train.checkpoint import CheckpointMismatchError
 from moss_jax.train.objectives import PAIR_FEATURES, reward_objective
-from moss_jax.train.optimizer import OptimizerConfig
 from moss_jax.train.trainer import (
     KILL_DURING_SAVE_ENV,
     MeshConfig,
     NonFiniteError,
-    TrainConfig,
     model_flops_utilization,
     train,
 )
+from tests.train.common import CFG, DATA, ONE, OPT, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CFG = PRESETS["debug"]
-OPT = OptimizerConfig(learning_rate=1e-3, warmup_steps=2, total_steps=20)
-DATA = functools.partial(stdlib_byte_text, max_bytes=300_000)
-ONE = MeshConfig(fsdp=1, num_devices=1)
 MESH_222 = MeshConfig(data=2, fsdp=2, tensor=2)
-
-
-def _cfg(workdir, **kw):
-    base = dict(
-        workdir=str(workdir),
-        steps=3,
-        batch_size=8,
-        seq_len=32,
-        log_every=1,
-        checkpoint_every=100,
-        progress=False,
-        async_checkpoint=False,
-    )
-    return TrainConfig(**(base | kw))
 
 
 def _assert_trees_close(a, b, atol):
@@ -53,17 +31,17 @@ def _assert_trees_close(a, b, atol):
 
 
 def test_sharded_run_equals_single_device(tmp_path):
-    one = train(CFG, OPT, _cfg(tmp_path / "one"), DATA, ONE)
-    eight = train(CFG, OPT, _cfg(tmp_path / "eight"), DATA, MESH_222)
+    one = train(CFG, OPT, train_config(tmp_path / "one"), DATA, ONE)
+    eight = train(CFG, OPT, train_config(tmp_path / "eight"), DATA, MESH_222)
     np.testing.assert_allclose(eight["losses"], one["losses"], atol=1e-5, rtol=0)
     _assert_trees_close(eight["state"].params, one["state"].params, atol=1e-5)
     assert eight["state"].params["layers"]["attn"]["query"].sharding.spec[2] == "tensor"
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
-    full = train(CFG, OPT, _cfg(tmp_path / "full", steps=10, checkpoint_every=5), DATA, ONE)
-    part = train(CFG, OPT, _cfg(tmp_path / "part", steps=5, checkpoint_every=5), DATA, ONE)
-    resumed = train(CFG, OPT, _cfg(tmp_path / "part", steps=10, checkpoint_every=5), DATA, ONE)
+    full = train(CFG, OPT, train_config(tmp_path / "full", steps=10, checkpoint_every=5), DATA, ONE)
+    part = train(CFG, OPT, train_config(tmp_path / "part", steps=5, checkpoint_every=5), DATA, ONE)
+    resumed = train(CFG, OPT, train_config(tmp_path / "part", steps=10, checkpoint_every=5), DATA, ONE)
     assert resumed["start_step"] == 5
     np.testing.assert_allclose(part["losses"], full["losses"][:5], atol=1e-6, rtol=0)
     np.testing.assert_allclose(resumed["losses"], full["losses"][5:], atol=1e-6, rtol=0)
@@ -71,9 +49,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
-    full = train(CFG, OPT, _cfg(tmp_path / "full", steps=6, checkpoint_every=3), DATA, MESH_222)
-    train(CFG, OPT, _cfg(tmp_path / "re", steps=3, checkpoint_every=3, async_checkpoint=True), DATA, MESH_222)
-    moved = train(CFG, OPT, _cfg(tmp_path / "re", steps=6, checkpoint_every=3), DATA, MeshConfig(fsdp=8))
+    full = train(CFG, OPT, train_config(tmp_path / "full", steps=6, checkpoint_every=3), DATA, MESH_222)
+    train(CFG, OPT, train_config(tmp_path / "re", steps=3, checkpoint_every=3, async_checkpoint=True), DATA, MESH_222)
+    moved = train(CFG, OPT, train_config(tmp_path / "re", steps=6, checkpoint_every=3), DATA, MeshConfig(fsdp=8))
     assert moved["start_step"] == 3
     assert dict(moved["state"].params["embedding"].sharding.mesh.shape)["fsdp"] == 8
     np.testing.assert_allclose(moved["losses"], full["losses"][3:], atol=1e-5, rtol=0)
@@ -85,8 +63,8 @@ def test_init_from_converted_checkpoint(tmp_path):
 
     params = init_params(CFG, jax.random.PRNGKey(123))
     save_params(tmp_path / "converted", params, CFG)
-    run = train(CFG, OPT, _cfg(tmp_path / "run", steps=1, init_from=str(tmp_path / "converted")), DATA, ONE)
-    scratch = train(CFG, OPT, _cfg(tmp_path / "scratch", steps=1), DATA, ONE)
+    run = train(CFG, OPT, train_config(tmp_path / "run", steps=1, init_from=str(tmp_path / "converted")), DATA, ONE)
+    scratch = train(CFG, OPT, train_config(tmp_path / "scratch", steps=1), DATA, ONE)
     assert run["first_loss"] != scratch["first_loss"]
     # The first step's loss is computed on the converted params.
     from moss_jax.model import MossLM
@@ -102,17 +80,18 @@ def test_init_from_converted_checkpoint(tmp_path):
     ce, _ = weighted_cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
     np.testing.assert_allclose(run["first_loss"], float(ce / normalizer(batch["decoder_loss_weights"])), rtol=1e-5)
     with pytest.raises(CheckpointMismatchError, match="d_model"):
-        train(CFG.replace(d_model=32), OPT, _cfg(tmp_path / "bad", init_from=str(tmp_path / "converted")), DATA, ONE)
+        bad = train_config(tmp_path / "bad", init_from=str(tmp_path / "converted"))
+        train(CFG.replace(d_model=32), OPT, bad, DATA, ONE)
 
 
 def test_bad_input_fails_before_compute(tmp_path):
     with pytest.raises(ValueError, match="cannot be split"):
-        train(CFG, OPT, _cfg(tmp_path / "a"), DATA, MeshConfig(data=3))
+        train(CFG, OPT, train_config(tmp_path / "a"), DATA, MeshConfig(data=3))
     with pytest.raises(ValueError, match="data axes"):
-        train(CFG, OPT, _cfg(tmp_path / "b", batch_size=6), DATA, MESH_222)
-    train(CFG, OPT, _cfg(tmp_path / "c", steps=1), DATA, ONE)
+        train(CFG, OPT, train_config(tmp_path / "b", batch_size=6), DATA, MESH_222)
+    train(CFG, OPT, train_config(tmp_path / "c", steps=1), DATA, ONE)
     with pytest.raises(CheckpointMismatchError, match="n_layers: checkpoint 2 vs run 3"):
-        train(CFG.replace(n_layers=3), OPT, _cfg(tmp_path / "c", steps=2), DATA, ONE)
+        train(CFG.replace(n_layers=3), OPT, train_config(tmp_path / "c", steps=2), DATA, ONE)
 
 
 def test_nan_stops_with_step_and_last_checkpoint(tmp_path):
@@ -131,7 +110,7 @@ def test_nan_stops_with_step_and_last_checkpoint(tmp_path):
         return Poison()
 
     with pytest.raises(NonFiniteError, match=r"step 4: loss=nan .* last good checkpoint: step 2"):
-        train(CFG, OPT, _cfg(tmp_path / "nan", steps=6, checkpoint_every=2), poisoned, ONE)
+        train(CFG, OPT, train_config(tmp_path / "nan", steps=6, checkpoint_every=2), poisoned, ONE)
 
 
 def _run_main(gin_file, env_extra=None):
@@ -207,7 +186,7 @@ def test_export_run_params_for_chat_and_serve(tmp_path):
     from moss_jax.convert.__main__ import main as convert_main
     from moss_jax.convert.checkpoint_io import load_params
 
-    run = train(CFG, OPT, _cfg(tmp_path / "run", steps=2), DATA, ONE)
+    run = train(CFG, OPT, train_config(tmp_path / "run", steps=2), DATA, ONE)
     assert convert_main(["export", "--run_dir", str(tmp_path / "run"), "--out_dir", str(tmp_path / "ckpt")]) == 0
     config, params = load_params(tmp_path / "ckpt")
     assert config == CFG
@@ -224,7 +203,7 @@ def test_export_run_params_for_chat_and_serve(tmp_path):
 def test_train_config_rejects_non_positive_counts(tmp_path, field):
     # 0 used to pass and crash after compiling and running a step (ZeroDivisionError).
     with pytest.raises(ValueError, match=f"TrainConfig.{field} must be an int >= 1, got 0"):
-        _cfg(tmp_path, **{field: 0})
+        train_config(tmp_path, **{field: 0})
 
 
 def test_mfu_divides_by_the_mesh_devices():
@@ -270,7 +249,7 @@ def test_throughput_counts_the_objective_and_the_mesh(tmp_path):
     run = train(
         CFG,
         OPT,
-        _cfg(tmp_path, steps=3, peak_flops_per_device=peak),
+        train_config(tmp_path, steps=3, peak_flops_per_device=peak),
         _random_pairs,
         MeshConfig(fsdp=2, num_devices=2),
         objective=objective,
