@@ -44,17 +44,16 @@ def tool_server(engine, tokenizer, tmp_path_factory):
             txt2img_url=sd_url,
             image_dir=str(root / "images"),
         )
-        app = create_app(
-            engine,
-            tokenizer,
-            1024,
-            "moss-test",
-            default_max_tokens=8,
-            tools_config=tools,
-            make_generator=lambda: ScriptedFirstPass(engine, tokenizer, log),
-        )
+        app = _scripted_app(engine, tokenizer, log, default_max_tokens=8, tools_config=tools)
         with serve(app) as url:
             yield url, log, png
+
+
+def _scripted_app(engine, tokenizer, log, **kw):
+    """The server on a 1024-token context whose tool first passes are ScriptedFirstPass (logged)."""
+    return create_app(
+        engine, tokenizer, 1024, "moss-test", make_generator=lambda: ScriptedFirstPass(engine, tokenizer, log), **kw
+    )
 
 
 def _ask(text, **kw):
@@ -203,15 +202,7 @@ def test_preference_tags_in_server_prompts(engine, tokenizer, monkeypatch):
 
     monkeypatch.setattr(engine, "submit", spy)
     log = []
-    app = create_app(
-        engine,
-        tokenizer,
-        1024,
-        "moss-test",
-        default_max_tokens=4,
-        preference_tags=TAGS,
-        make_generator=lambda: ScriptedFirstPass(engine, tokenizer, log),
-    )
+    app = _scripted_app(engine, tokenizer, log, default_max_tokens=4, preference_tags=TAGS)
 
     def prompt_for(**extra):
         r = httpx.post(url + "/v1/chat/completions", json=_ask("hello", **extra), timeout=120)
@@ -317,15 +308,7 @@ def test_a_near_budget_tool_request_works_or_is_refused_before_any_tool_runs(too
 
 def test_tool_requests_over_the_limit_get_429(engine, tokenizer):
     log = []
-    app = create_app(
-        engine,
-        tokenizer,
-        1024,
-        "moss-test",
-        default_max_tokens=4,
-        max_tool_requests=1,
-        make_generator=lambda: ScriptedFirstPass(engine, tokenizer, log),
-    )
+    app = _scripted_app(engine, tokenizer, log, default_max_tokens=4, max_tool_requests=1)
     with serve(app) as url:
         slow = _ask("SLOW: what is 1+1?", stream=True, moss_tools={"calculate": True})
         double = _ask("DOUBLE", moss_tools={"calculate": True})
