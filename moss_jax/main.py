@@ -19,6 +19,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow (TensorBoard writer) start-up
 
+# Exit status of a run stopped by a preemption after its checkpoint was written (EX_TEMPFAIL:
+# rerun the same command to resume).
+EXIT_PREEMPTED = 75
+
 
 def run_stage(exp: dict) -> dict:
     """Runs one parsed experiment (see `configurables.experiment`); returns its JSON summary.
@@ -107,11 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         f"[main] process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices "
         f"({jax.devices()[0].device_kind}); stage {exp['stage']}"
     )
+    from moss_jax.train.trainer import Preempted
+
     try:
         summary = run_stage(exp)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"[main] {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     if jax.process_index() == 0:
         print(json.dumps(summary))
     return 0

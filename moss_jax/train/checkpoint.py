@@ -154,6 +154,11 @@ class Checkpointer:
             + f"): {cause}"
         )
 
+    def reached_preemption(self, step: int) -> bool:
+        """True at a preemption sync point (multi-host runs with `jax.distributed`; every host
+        agrees on the step)."""
+        return self.manager.reached_preemption(step)
+
     def should_save(self, step: int) -> bool:
         return self.manager.should_save(step)
 

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,39 @@ def model_flops_utilization(flops_per_step: float, seconds: float, peak_per_devi
 
 class NonFiniteError(FloatingPointError):
     """Loss or gradient norm became NaN/inf."""
+
+
+class Preempted(RuntimeError):
+    """The run stopped early at a preemption (a preemption sync point on a multi-host run, or
+    SIGTERM on a single process) after writing a checkpoint at `step`; rerunning the same
+    command resumes from it. A preempted run is not a finished one: nothing is exported."""
+
+    def __init__(self, step: int, directory: Path):
+        self.step, self.directory = step, directory
+        super().__init__(f"preempted: checkpoint saved at step {step} in {directory}; rerun the same command to resume")
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop reads after each step, so the step's checkpoint is
+    written before the process ends. Installed only in a single-process run's main thread: with
+    `jax.distributed` JAX's preemption notifier owns SIGTERM, and orbax's sync point reports it."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            from jax._src import distributed as jax_distributed  # no public query for this
+
+            if getattr(jax_distributed.global_state, "preemption_sync_manager", None) is None:
+                self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.event.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
 
 
 def _global_batch(
@@ -280,32 +314,42 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and is_chief))
     pending = None
     last = time.perf_counter()
+    preempted_at = None
     try:
-        for step in range(start, cfg.steps):
-            batch = _global_batch(next(data), b_sharding, cfg.batch_size, objective.features)
-            state, metrics = compiled(state, batch) if frozen is None else compiled(state, batch, frozen)
-            # Read step t-1's metrics after launching step t: the host never stalls the device.
+        with _SigtermFlag() as sigterm:
+            for step in range(start, cfg.steps):
+                batch = _global_batch(next(data), b_sharding, cfg.batch_size, objective.features)
+                state, metrics = compiled(state, batch) if frozen is None else compiled(state, batch, frozen)
+                # Read step t-1's metrics after launching step t: the host never stalls the device.
+                if pending is not None:
+                    m = finish_step(*pending)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                now = time.perf_counter()
+                pending, last = (step + 1, metrics, now - last), now
+                bar.update(1)
+                done = step + 1
+                # orbax's should_save is true at a multi-host preemption sync point (all hosts agree).
+                preempt = ckpt.reached_preemption(done) or sigterm.event.is_set()
+                if preempt or ckpt.should_save(done) or done == cfg.steps:
+                    m = finish_step(*pending)  # a checkpoint is only written for a finite state
+                    pending = None
+                    ckpt.save(done, state, data.get_state(), model_config, m, force=True)
+                    if done == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                if preempt and done < cfg.steps:
+                    preempted_at = done
+                    break
             if pending is not None:
-                m = finish_step(*pending)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-            now = time.perf_counter()
-            pending, last = (step + 1, metrics, now - last), now
-            bar.update(1)
-            done = step + 1
-            if ckpt.should_save(done) or done == cfg.steps:
-                m = finish_step(*pending)  # a checkpoint is only written for a finite state
-                pending = None
-                ckpt.save(done, state, data.get_state(), model_config, m, force=True)
-                if done == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-        if pending is not None:
-            finish_step(*pending)
+                finish_step(*pending)
     finally:
         bar.close()
-        ckpt.close()
+        ckpt.close()  # waits for the last save
         if is_chief:
             writer.flush()
             jsonl.close()
+    if preempted_at is not None:
+        print(f"[train] preempted after step {preempted_at}; checkpoint saved in {ckpt.directory / str(preempted_at)}")
+        raise Preempted(preempted_at, ckpt.directory)
     losses = [m["loss"] for m in history]
     head, tail = losses[: max(len(losses) // 10, 1)], losses[-max(len(losses) // 10, 1) :]
     summary = {

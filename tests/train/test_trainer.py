@@ -260,3 +260,77 @@ def test_throughput_counts_the_objective_and_the_mesh(tmp_path):
         # mfu * peak * devices / tokens_per_s = FLOPs per token, whatever the step took.
         per_token = m["mfu"] * peak * 2 / m["tokens_per_s"]
         assert per_token == pytest.approx(run["flops_per_step"] / run["tokens_per_step"], rel=1e-9)
+
+
+class _SigtermAtBatch:
+    """Wraps a data iterator; sends this process SIGTERM while producing batch `n` (1-based)."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.count = inner, n, 0
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def test_sigterm_checkpoints_the_step_and_stops_then_resume_reproduces(tmp_path):
+    import threading
+
+    from moss_jax.train.trainer import Preempted
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.fail("the trainer catches SIGTERM only in the main thread; this test must run there")
+    full = train(CFG, OPT, train_config(tmp_path / "full", steps=8), DATA, ONE)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="step 3") as info:
+        train(CFG, OPT, train_config(tmp_path / "run", steps=8), lambda **kw: _SigtermAtBatch(DATA(**kw), 3), ONE)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed again
+    assert info.value.step == 3
+    ckpts = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts == [3]  # checkpoint_every=100: only the preemption saved
+    assert not (tmp_path / "run" / "params").exists()
+    resumed = train(CFG, OPT, train_config(tmp_path / "run", steps=8), DATA, ONE)
+    assert resumed["start_step"] == 3
+    np.testing.assert_allclose(resumed["losses"], full["losses"][3:], atol=1e-6, rtol=0)
+
+
+def test_preemption_sync_point_stops_after_saving(tmp_path, monkeypatch):
+    from moss_jax.train.checkpoint import Checkpointer
+    from moss_jax.train.trainer import Preempted
+
+    monkeypatch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 2)
+    with pytest.raises(Preempted) as info:
+        train(CFG, OPT, train_config(tmp_path / "run", steps=5), DATA, ONE)
+    assert info.value.step == 2
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    # At the last step a preemption is an ordinary end: the run is complete.
+    monkeypatch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 5)
+    assert train(CFG, OPT, train_config(tmp_path / "run", steps=5), DATA, ONE)["start_step"] == 2
+
+
+def test_main_exits_75_when_preempted(tmp_path, monkeypatch, capsys):
+    import moss_jax.main as main_mod
+    from moss_jax.train.trainer import Preempted
+
+    def preempted(exp):
+        raise Preempted(4, tmp_path / "checkpoints")
+
+    monkeypatch.setattr(main_mod, "run_stage", preempted)
+    code = main_mod.main(
+        [
+            "--gin_file=experiments/debug/pretrain_tiny_cpu.gin",
+            f"--gin_bindings=moss_jax.train.TrainConfig.workdir = '{tmp_path}'",
+        ]
+    )
+    assert code == main_mod.EXIT_PREEMPTED == 75
+    assert "rerun the same command to resume" in capsys.readouterr().err
