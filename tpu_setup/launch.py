@@ -17,7 +17,9 @@ units on one TPU VM run one after another, several TPU VMs (--tpu_name=a,b) in p
 `--dry_run` prints every command exactly, as a shell script, and runs nothing. Otherwise the
 jobs run through xmanager's local API (`xm_local`: one experiment, a work unit per sweep point)
 when the `launch` extra is installed, or through subprocesses (`--launcher=builtin`). Every
-binding is checked against the gin configurables first unless --novalidate.
+binding is checked against the gin configurables first unless --novalidate. The builtin
+launcher reruns a work unit that exits 75 (`moss_jax.main`: preempted after writing a
+checkpoint) up to --preemption_retries times; each rerun resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 DEFAULT_WORKDIR_ROOT = {"local": "runs", "tpu": "/mnt/moss_runs"}
 WORKDIR_BINDING = "moss_jax.train.TrainConfig.workdir"
+EXIT_PREEMPTED = 75  # moss_jax.main.EXIT_PREEMPTED (not imported: the launcher does not load jax)
 REMOTE_DIR = "~/moss_jax"
 
 
@@ -157,13 +160,26 @@ def _queues(units: Sequence[WorkUnit]) -> list[list[WorkUnit]]:
     return list(groups.values())
 
 
-def run_builtin(units: Sequence[WorkUnit]) -> int:
+def run_builtin(units: Sequence[WorkUnit], preemption_retries: int = 3) -> int:
+    """Runs the work units as subprocesses (one thread per TPU VM queue). A unit that exits with
+    `EXIT_PREEMPTED` (its run checkpointed at a preemption) is rerun, resuming from that
+    checkpoint, up to `preemption_retries` times."""
     failures: list[int] = []
 
     def run_queue(queue: list[WorkUnit]) -> None:
         for u in queue:
             print(f"[launch] work unit {u.index}: {shlex.join(u.command)}", flush=True)
-            if subprocess.run(u.command).returncode != 0:
+            rc = subprocess.run(u.command).returncode
+            for retry in range(1, preemption_retries + 1):
+                if rc != EXIT_PREEMPTED:
+                    break
+                print(
+                    f"[launch] work unit {u.index} was preempted (exit {rc}); "
+                    f"resuming from its checkpoint (retry {retry}/{preemption_retries})",
+                    flush=True,
+                )
+                rc = subprocess.run(u.command).returncode
+            if rc != 0:
                 failures.append(u.index)
 
     threads = [threading.Thread(target=run_queue, args=(q,)) for q in _queues(units)]
@@ -238,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment_name", default=None, help="default: first gin file's stem and the time")
     parser.add_argument("--workdir_root", default=None, help="default: runs (local), /mnt/moss_runs (tpu)")
     parser.add_argument("--launcher", choices=("auto", "xmanager", "builtin"), default="auto")
+    parser.add_argument(
+        "--preemption_retries",
+        type=int,
+        default=3,
+        help="builtin launcher: rerun a work unit that exits 75 (preempted after a checkpoint) up to N times",
+    )
     parser.add_argument("--dry_run", action="store_true", help="print every command and run nothing")
     parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--novalidate", dest="validate", action="store_false", help=argparse.SUPPRESS)
@@ -251,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             args.experiment_name = f"{Path(args.gin_file[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not args.experiment_name or "/" in args.experiment_name or " " in args.experiment_name:
             raise LaunchError(f"--experiment_name {args.experiment_name!r}: no spaces or slashes")
+        if args.preemption_retries < 0:
+            raise LaunchError(f"--preemption_retries {args.preemption_retries}: must be >= 0")
         units = build_work_units(args)
         if args.validate:
             validate(args.gin_file, units, args.gin_bindings)
@@ -267,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     print(f"[launch] {args.experiment_name}: {len(units)} work unit(s) through {launcher}", flush=True)
-    return run_xmanager(args.experiment_name, units) if launcher == "xmanager" else run_builtin(units)
+    if launcher == "xmanager":
+        return run_xmanager(args.experiment_name, units)
+    return run_builtin(units, preemption_retries=args.preemption_retries)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,26 @@ def test_xmanager_runner_is_one_experiment_with_a_work_unit_per_point(tmp_path, 
     out, err = capsys.readouterr()
     assert rc == 1 and "failed work units: [3]" in err and "xmanager experiment id" in out
     assert (tmp_path / "a").read_text() == "1 3 " and (tmp_path / "b").read_text() == "2 4 "
+
+
+def test_builtin_runner_reruns_a_preempted_unit(tmp_path, capsys):
+    # Exits 75 (preempted) on its first two runs, then 0; the counter file survives the reruns.
+    count = tmp_path / "count"
+    script = (
+        f"import pathlib; p = pathlib.Path({str(count)!r}); n = len(p.read_text()) if p.exists() else 0; "
+        "p.write_text('x' * (n + 1)); exit(75 if n < 2 else 0)"
+    )
+    unit = launch.WorkUnit(1, {}, "w/1", None, (sys.executable, "-c", script))
+    assert launch.run_builtin([unit], preemption_retries=3) == 0
+    assert count.read_text() == "xxx"
+    assert "retry 2/3" in capsys.readouterr().out
+    count.unlink()
+    assert launch.run_builtin([unit], preemption_retries=1) == 1  # still preempted after one retry
+    assert count.read_text() == "xx" and "failed work units: [1]" in capsys.readouterr().err
+    assert launch.EXIT_PREEMPTED == 75
+
+
+def test_launcher_exit_code_matches_main():
+    import moss_jax.main
+
+    assert launch.EXIT_PREEMPTED == moss_jax.main.EXIT_PREEMPTED
