@@ -1,6 +1,6 @@
 """Terminal chat with a MOSS model, streaming the reply as it is generated.
 
-    python -m moss_jax.chat --checkpoint ckpt/ --tokenizer vocab/moss_sp.model [--tools] [--temperature 0.7]
+    python -m moss_jax.chat --checkpoint ckpt/ --tokenizer data/vocab/moss_sp.model [--tools] [--temperature 0.7]
 
 Commands: /reset (forget the conversation), /tools on|off (the plugin loop: inner thoughts,
 commands, results), /tag best|none|N (the preference tag after <|MOSS|>:), /quit (or end of input).

@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP server for a MOSS model, batching concurrent requests.
 
-python -m moss_jax.serve --checkpoint ckpt/ --tokenizer vocab/moss_sp.model --port 8000 [--batch_size 16]
+python -m moss_jax.serve --checkpoint ckpt/ --tokenizer data/vocab/moss_sp.model --port 8000 [--batch_size 16]
 
 curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}], "stream": true}'
 

@@ -1,6 +1,6 @@
 """An lm-evaluation-harness (EleutherAI `lm-eval`, optional extra `lm_eval`) model for moss_jax.
 
-    python -m moss_jax.eval.lm_eval_adapter --checkpoint ckpt/tiny --tokenizer vocab/moss_sp.model \
+    python -m moss_jax.eval.lm_eval_adapter --checkpoint ckpt/tiny --tokenizer data/vocab/moss_sp.model \
         --tasks my_task --include_path tasks/ [--num_fewshot 5] [--limit 100] [--out results.json]
 
 or, in Python, `lm_eval.simple_evaluate(model=MossJaxLM(checkpoint=..., tokenizer=...), tasks=[...])`.

@@ -40,9 +40,9 @@ VOCAB_SIZE = 4096
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-    """Steps per training stage and data sizes."""
+    """Steps per training stage (None: the stage gins' own, which the full demo runs) and data sizes."""
 
-    steps: dict
+    steps: dict | None
     corpus_chars: int
     sft_train: int
     sft_heldout: int
@@ -56,7 +56,7 @@ class Scale:
 
 SCALES = {
     "full": Scale(
-        steps={"pretrain": 150, "sft": 600, "reward_model": 150, "preference_aware": 300, "dpo": 60},
+        steps=None,  # experiments/demo/*.gin: pretrain 150, sft 600, reward_model 150, preference_aware 300, dpo 60
         corpus_chars=2_000_000,
         sft_train=2000,
         sft_heldout=100,
@@ -211,7 +211,7 @@ def run_stage(paths: Paths, stage: str, scale: Scale) -> dict:
         return done
     print(f"[demo] ===== stage {stage} =====")
     bindings = paths.macros()
-    if stage in TRAIN_STAGES:
+    if stage in TRAIN_STAGES and scale.steps is not None:
         steps = scale.steps[stage]
         bindings += [
             f"moss_jax.train.TrainConfig.steps = {steps}",

@@ -52,3 +52,43 @@ def test_tiny_cpu_pretraining_loss_falls(tmp_path):
     assert result["loss_drop"] >= 0.30, result
     assert (tmp_path / "checkpoints" / "300").is_dir() and (tmp_path / "metrics.jsonl").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+DEMO_STAGES = {"pretrain": 150, "sft": 600, "reward_model": 150, "tag": None, "preference_aware": 300, "dpo": 60}
+
+
+@pytest.mark.parametrize("stage", sorted(DEMO_STAGES))
+def test_demo_stage_gin_runs_alone_with_the_demo_settings(stage):
+    """`python -m moss_jax.main --gin_file=experiments/demo/<stage>.gin` (docs/alignment.md) parses
+    on its own (paths.gin's macros were self-references once: RecursionError), points at the
+    default demo workdir, and trains the steps the full demo runs (the demo no longer rebinds them)."""
+    import gin
+
+    from moss_jax import configurables
+    from moss_jax.stages import demo
+
+    def query(name):
+        value = gin.query_parameter(name)
+        # A binding to a macro (`= %DPO_DIR`) is a reference to gin.macro: evaluate it.
+        return value.scoped_configurable_fn() if isinstance(value, gin.config.ConfigurableReference) else value
+
+    assert demo.SCALES["full"].steps is None
+    configurables.clear()
+    try:
+        configurables.parse([f"experiments/demo/{stage}.gin"], [], [str(ROOT)])
+        if stage == "tag":
+            assert query("moss_jax.stages.TagConfig.reward_model") == "runs/demo/reward_model/params"
+            return
+        steps = DEMO_STAGES[stage]
+        assert gin.query_parameter("moss_jax.train.TrainConfig.steps") == steps
+        assert gin.query_parameter("moss_jax.train.OptimizerConfig.total_steps") == steps
+        assert query("moss_jax.train.TrainConfig.workdir") == f"runs/demo/{stage}"
+        if stage != "pretrain":
+            assert query("moss_jax.train.TrainConfig.init_from").startswith("runs/demo/")
+        # Every macro the demo rebinds for another --workdir exists in paths.gin with a real value.
+        macros = demo.Paths(Path("runs/demo")).macros()
+        for binding in macros:
+            name, value = binding.split(" = ")
+            assert gin.query_parameter(f"%{name}") == json.loads(value), name
+    finally:
+        configurables.clear()
