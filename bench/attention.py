@@ -158,6 +158,7 @@ def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespa
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
         "threads": args.threads,
+        "cpu_affinity": common.cpu_affinity(),
     }
     fwd_flop = 4 * args.batch * args.heads * seq_len**2 * args.head_dim / 2  # causal half
     run = impl != "xla" or seq_len <= args.max_ref_len
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inner", type=int, default=1, help="back-to-back calls per timing (GPU: hides dispatch)")
     parser.add_argument("--max_ref_len", type=int, default=4096, help="compile-only for the reference above this")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=common.default_threads())
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args(argv)
     common.set_threads(args.threads, args.device)

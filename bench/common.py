@@ -20,15 +20,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def set_threads(threads: int, device: str = "cpu") -> None:
     """Same CPU thread count for XLA and PyTorch; call before importing jax or torch.
 
-    On a GPU the XLA CPU thread flags are left out: they do not apply there.
+    XLA sizes its CPU thread pool from the process's CPU affinity (no flag sets it), so fewer
+    threads than the process may use means pinning the process to its first `threads` CPUs, as
+    `taskset` would; `torch_threads` then sets PyTorch's count. `cpu_affinity()` reports the
+    result for the JSON lines. On a GPU nothing is pinned.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if device != "cpu":
         return
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"
-    )
+    allowed = sorted(os.sched_getaffinity(0))
+    if threads < 1:
+        raise SystemExit(f"error: --threads {threads}: must be >= 1")
+    if threads > len(allowed):
+        raise SystemExit(f"error: --threads {threads}: this process may use only {len(allowed)} CPUs {allowed}")
+    if threads < len(allowed):
+        os.sched_setaffinity(0, allowed[:threads])
+
+
+def default_threads() -> int:
+    """All the CPUs this process may use (os.cpu_count() counts CPUs outside its affinity too)."""
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_affinity() -> list[int]:
+    """The CPUs this process runs on (XLA's CPU thread pool has one thread per CPU here)."""
+    return sorted(os.sched_getaffinity(0))
 
 
 def torch_threads(threads: int) -> None:

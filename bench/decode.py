@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=common.default_threads())
     parser.add_argument("--chunk_size", type=int, default=64, help="our decode steps per device call")
     parser.add_argument("--weights", nargs="+", default=["float32"], choices=WEIGHT_MODES)
     args = parser.parse_args(argv)
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                         "prompt_len": args.prompt_len,
                         "new_tokens": args.new_tokens,
                         "threads": args.threads,
+                        "cpu_affinity": common.cpu_affinity(),
                         "tokens_match": match[mode] == 1.0,
                         "match_fraction": round(match[mode], 3),
                         "weight_mib": round(weight_bytes(variants[mode]) / 2**20, 1),

@@ -163,7 +163,11 @@ def check_decode(dtype: str, head_dim: int, *, batch: int, heads: int, kv_len: i
     k, v = (jnp.asarray(rng.randn(batch, kv_len, heads, head_dim), dt) for _ in range(2))
     lengths = np.linspace(1, kv_len, batch).astype(np.int32)
     kv_seg = np.ones((batch, kv_len), np.int32)
-    kv_seg[0, : kv_len // 8] = 0  # row 0 left-padded
+    kv_seg[0, : kv_len // 8] = 0  # row 0 left-padded (its length 1: it sees no key, output 0)
+    if batch > 2:
+        # Row 1 as the Decoder lays rows out: left padding, then the prompt and generated keys,
+        # all before its length (slot-based), so the kernel must mask the padding inside it.
+        kv_seg[1, : max(int(lengths[1]) // 3, 1)] = 0
     kv_seg[-1, kv_len // 2 :] = 2  # the last row holds a second segment; its query is in it
     q_seg = np.ones(batch, np.int32)
     q_seg[-1] = 2
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     head_dims = {int(k) for k in args.head_dims.split(",")}
     kinds = set(args.checks.split(","))
-    common.set_threads(os.cpu_count() or 1, args.device)
+    common.set_threads(common.default_threads(), args.device)
 
     if args.smoke:
         flash = dict(batch=1, heads=2, q_len=100, kv_len=100, q_offset=0)

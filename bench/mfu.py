@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul", type=int, default=2048, help="side of the square matmul for the peak")
     parser.add_argument("--matmul_iters", type=int, default=1, help="matmuls per peak timing")
     parser.add_argument("--nominal_tflops", type=float, default=None, help="datasheet peak for mfu_nominal")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=common.default_threads())
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", default="none")
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_dtype": args.dtype,
         "device": jax.devices()[0].device_kind,
         "threads": args.threads,
+        "cpu_affinity": common.cpu_affinity(),
     }
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:

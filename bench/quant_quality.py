@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--greedy_prompt_len", type=int, default=16)
     parser.add_argument("--greedy_tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    common.set_threads(os.cpu_count() or 1)
+    common.set_threads(common.default_threads())
 
     import numpy as np
 

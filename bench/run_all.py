@@ -58,7 +58,8 @@ def markdown(rows: list[dict]) -> str:
         ]
         for r in ratio_rows:
             if r["bench"] == "train_step":
-                attention = r.get("ours_setup", "").rpartition("attention=")[2] or "xla"
+                # ours_setup: "scan=... remat=... attention=<impl> head_chunk_tokens=<n>"
+                attention = (r.get("ours_setup", "").partition("attention=")[2].split() or ["xla"])[0]
                 setting = f"seq {r['seq_len']}, batch {r['batch']}, {r['dtype']}, {attention} attention"
             else:
                 setting = f"batch {r['batch']}, {r.get('weights', 'float32')} weights"

@@ -180,6 +180,7 @@ def bench_config(name: str, args) -> dict:
         "dtype": args.dtype,
         "device": jax.devices()[0].device_kind,
         "threads": args.threads,
+        "cpu_affinity": common.cpu_affinity(),
         "ours_setup": f"scan={args.scan} remat={args.remat} attention={args.attention_impl} "
         f"head_chunk_tokens={args.head_chunk_tokens}",
         "peer": common.peer_name() + " eager, fused AdamW",
@@ -193,7 +194,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--target_s", type=float, default=1.0, help="approximate seconds per timing")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=common.default_threads())
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", default="none")

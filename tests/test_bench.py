@@ -17,6 +17,14 @@ def bench(hf_reference):
     sys.path.remove(BENCH)
 
 
+@pytest.fixture(autouse=True)
+def _keep_cpu_affinity():
+    """`--threads N` pins the process (common.set_threads); give the test worker its CPUs back."""
+    cpus = os.sched_getaffinity(0)
+    yield
+    os.sched_setaffinity(0, cpus)
+
+
 def _rows(capsys) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
@@ -38,6 +46,29 @@ def test_train_step_and_decode_print_ratio_lines(bench, capsys):
 
     table = bench("run_all").markdown([train, *rows[:2]])
     assert "| train_step | debug |" in table and "int8 weights" in table
+    assert ", xla attention |" in table  # ours_setup ends "attention=xla head_chunk_tokens=..."
+    assert train["cpu_affinity"] == rows[0]["cpu_affinity"] and len(train["cpu_affinity"]) == 1
+
+
+def test_threads_flag_sizes_the_xla_cpu_pool():
+    """XLA takes its CPU pool size from the affinity, not from a flag: --threads 1 must pin."""
+    import subprocess
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs")
+    code = (
+        f"import os, sys; sys.path.insert(0, {BENCH!r}); import common; common.set_threads(1)\n"
+        "import jax, jax.numpy as jnp\n"
+        "a = jnp.ones((512, 512)); jax.jit(lambda a: a @ a)(a).block_until_ready()\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "print(sum(n.startswith('tf_XLAEigen') for n in names), common.cpu_affinity())"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pool, cpus = out.stdout.split(maxsplit=1)
+    assert pool == "1" and len(json.loads(cpus)) == 1
 
 
 def test_quant_quality_greedy_agreement(bench):

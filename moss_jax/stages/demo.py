@@ -227,21 +227,18 @@ def run_stage(paths: Paths, stage: str, scale: Scale) -> dict:
 
 
 class _Beside:
-    """One stage in a child process with one XLA thread (its output in `<stage>/log.txt`), run
-    beside the stages of this process. The tiny demo model gains little from a second thread,
-    so two stages side by side take about the time of the longer one."""
+    """One stage in a child process (its output in `<stage>/log.txt`), run beside the stages of
+    this process; the two processes share the machine's cores. The tiny demo model gains little
+    from a second thread, so two stages side by side take about the time of the longer one."""
 
     def __init__(self, paths: Paths, stage: str, scale: str, seed: int):
         out = paths.stage(stage)
         out.mkdir(parents=True, exist_ok=True)
         self.stage, self.log_path = stage, out / "log.txt"
-        flags = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=1"
         cmd = [sys.executable, "-m", "moss_jax.stages.demo", "--workdir", str(paths.workdir), "--scale", scale,
                "--seed", str(seed), "--stages", stage]  # fmt: skip
         self._log = open(self.log_path, "w")  # noqa: SIM115 -- closed in wait()/stop()
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ, XLA_FLAGS=flags)
-        )
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         print(f"[demo] {stage}: started beside the other stages (pid {self.proc.pid}; log {self.log_path})")
 
     def wait(self) -> None:
