@@ -1,5 +1,6 @@
 """tpu_setup/tpu.sh: the exact gcloud commands it runs (dry run), and clear errors on bad input."""
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -133,3 +134,23 @@ def test_bad_input_is_a_clear_error(args, message):
     proc = _sh(*args)
     assert proc.returncode == 2 and proc.stdout == ""
     assert message in proc.stderr
+
+
+def test_aot_all_says_which_python_cannot_import_libtpu(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS[1])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHON="/usr/bin/false"),
+    )
+    assert proc.returncode == 2 and "/usr/bin/false cannot import moss_jax and libtpu" in proc.stderr
+
+
+def test_aot_all_prints_the_log_of_a_failed_compile(tmp_path):
+    gin = tmp_path / "bad.gin"
+    gin.write_text("# check: --topology=v5p:2x2x1\nmoss_jax.train.TrainConfig.stepz = 3\n")
+    proc = subprocess.run(["bash", str(SCRIPTS[1]), str(gin)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "did not compile; the end of its log:" in proc.stderr and "stepz" in proc.stderr
+    assert "| did not compile |" in proc.stdout
