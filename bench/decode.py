@@ -1,7 +1,7 @@
 """Decode throughput: moss_jax `generate` vs transformers `generate` on the same weights.
 
     python bench/decode.py [--config 125m] [--batches 1 8] [--prompt_len 32] [--new_tokens 64]
-                           [--repeats 3] [--threads N] [--weights float32 int8]
+                           [--repeats 3] [--threads N] [--weights float32 int8 int8_dynamic]
 
 A random CodeGenForCausalLM of the preset's size is built in PyTorch, converted with
 `moss_jax.convert.params_from_hf`, and both sides decode greedily (no stop token, so both
@@ -15,7 +15,8 @@ compared token for token ("tokens_match"). Prints one JSON line per batch size:
 tokens/s counts generated tokens (batch x new_tokens) over the whole generate call (the short
 prompt's prefill included on both sides).
 
-`--weights` lists our weight storage modes (moss_jax.quant: float32, bfloat16, int8 weight-only);
+`--weights` lists our weight storage modes (moss_jax.quant: float32, bfloat16, int8 weight-only,
+int8_dynamic: int8 weights and per-row int8 activations);
 each mode is its own line ("weights"), timed in the same alternation against the same fp32
 peer. Only the float32 line is the like-for-like comparison; the others trade accuracy
 ("match_fraction": share of generated tokens equal to the fp32 peer's) for speed.

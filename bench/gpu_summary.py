@@ -9,6 +9,7 @@ tiles, and the best of the tile settings tried; the issue's goal is <= 1.10).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -114,6 +115,11 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] in ("-h", "--help") or not os.path.isfile(argv[0]):
+        print(__doc__.strip(), file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: {argv[0]} is not a file", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
     rows = []
     with open(argv[0]) as f:
         for line in f:

@@ -48,3 +48,10 @@ def test_pytest_lines_name_their_files():
     row = {"bench": "pytest_gpu", "files": "tests/kernels/test_flash_mgpu.py", "summary": "44 passed in 9s"}
     assert gpu_summary._line(row) == "pytest tests/kernels/test_flash_mgpu.py: 44 passed in 9s"
     assert gpu_summary._line({"bench": "pytest_gpu", "summary": "1 passed"}) == "pytest tests/kernels: 1 passed"
+
+
+def test_help_and_a_missing_file_print_the_usage(capsys, tmp_path):
+    assert gpu_summary.main(["--help"]) == 0
+    assert "python bench/gpu_summary.py" in capsys.readouterr().err
+    assert gpu_summary.main([str(tmp_path / "nope.jsonl")]) == 2
+    assert "is not a file" in capsys.readouterr().err

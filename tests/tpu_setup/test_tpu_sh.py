@@ -154,3 +154,9 @@ def test_aot_all_prints_the_log_of_a_failed_compile(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "did not compile; the end of its log:" in proc.stderr and "stepz" in proc.stderr
     assert "| did not compile |" in proc.stdout
+
+
+def test_help_prints_the_header_comment_only():
+    proc = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert lines[-1].startswith("--dry_run or DRY_RUN=1") and "set -euo" not in proc.stdout + proc.stderr
