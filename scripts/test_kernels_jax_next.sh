@@ -46,6 +46,7 @@ if [ ! -x "$VENV_NEXT/bin/python" ] || ! "$VENV_NEXT/bin/python" -c "import jax,
     gin-config==0.5.0 "numpy>=2.0" "ml_dtypes>=0.5" "pytest>=8" "pytest-xdist>=3.5"
 fi
 export JAX_PLATFORMS=cpu TPU_WORKER_HOSTNAMES=localhost
+# shellcheck disable=SC2086 # JAX_NEXT_TESTS is a list of paths
 exec "$VENV_NEXT/bin/python" -m pytest -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" -rs \
   -W error::DeprecationWarning -W "ignore:The Pallas Triton backend is deprecated:DeprecationWarning" \
   ${JAX_NEXT_TESTS:-tests/kernels} "$@"
