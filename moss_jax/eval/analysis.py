@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ def read_scores(path: str | Path) -> dict[str, Any]:
         "tag": np.array([r["tag"] for r in rows]),
         "split": np.array([r["split"] for r in rows]),
     }
+
+
+def rises_by_tag(scores_by_tag: Sequence[float]) -> bool:
+    """Whether the scores rise strictly from the worst tag to the best (worst < ... < best).
+
+    Strict: a better tag that scores only as well as a worse one does not count as rising
+    (docs/alignment.md). The demo report's `monotone_by_tag` and the preference_scores notebook
+    both use this.
+    """
+    return bool(all(a < b for a, b in zip(scores_by_tag[:-1], scores_by_tag[1:], strict=True)))
 
 
 def layer_params(params: Any, layer: int, n_layers: int) -> Any:

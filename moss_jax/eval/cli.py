@@ -82,10 +82,12 @@ def run(args: argparse.Namespace) -> dict:
         args.checkpoint, args.tokenizer, tensor_parallel=args.tensor_parallel, batch_size=args.batch_size
     )
     report: dict = {"checkpoint": str(args.checkpoint), "tokenizer": str(args.tokenizer), "suites": {}, "seconds": {}}
+    report["prompts_cut"] = {}  # per suite: generation prompts cut from the left to fit (EvalModel.generate)
     for suite in suites:
-        start = time.perf_counter()
+        start, cut = time.perf_counter(), model.prompts_cut
         report["suites"][suite] = _run_suite(suite, model, inputs[suite], args)
         report["seconds"][suite] = round(time.perf_counter() - start, 2)
+        report["prompts_cut"][suite] = model.prompts_cut - cut
     return report
 
 

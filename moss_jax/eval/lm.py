@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,8 @@ from moss_jax.config import MossConfig
 
 # (ids_BxL int32, segment_ids_BxL int32; 0 = padding) -> logits_BxLxV float32
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+logger = logging.getLogger(__name__)
 
 
 class EvalError(ValueError):
@@ -94,6 +97,10 @@ class EvalModel:
         None for a model that only scores.
       batch_size: rows per forward pass (padded to it, so one compile per length bucket).
       end_ids: ids that end a generated reply (`<eom>`), used by the conversation checks.
+
+    `prompts_cut` counts the prompts `generate` had to cut from the left to leave room for
+    `max_new_tokens` (a harness that can cut at better places, such as whole conversation
+    turns, should do so before calling it and report this count).
     """
 
     def __init__(
@@ -121,6 +128,7 @@ class EvalModel:
         self._last = _last_fn(logits_fn)
         self._generate = generate_fn
         self.mesh = mesh
+        self.prompts_cut = 0
 
     def _context(self):
         """The mesh and logical-axis rules the jitted functions trace and run in."""
@@ -279,10 +287,30 @@ class EvalModel:
     def generate(
         self, prompts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = (), **sampling
     ) -> list[str]:
-        """Greedy by default; each text is cut before the first stop string."""
+        """Greedy by default; each text is cut before the first stop string.
+
+        A prompt longer than `max_len - max_new_tokens` tokens loses tokens from the left (as
+        lm-eval's own models do); each such prompt is counted in `prompts_cut` and logged.
+        """
         if self._generate is None:
             raise EvalError(f"{self.name} scores only; this suite needs generation")
         ids = [self.encode(p) for p in prompts]
+        room = self.max_len - max_new_tokens
+        cut = [i for i, p in enumerate(ids) if room > 0 and len(p) > room]
+        if cut:
+            self.prompts_cut += len(cut)
+            longest = max(len(ids[i]) for i in cut)
+            logger.warning(
+                "%s: %d of %d prompt(s) cut from the left to %d tokens (max_len %d - max_new_tokens %d; longest %d)",
+                self.name,
+                len(cut),
+                len(ids),
+                room,
+                self.max_len,
+                max_new_tokens,
+                longest,
+            )
+            ids = [p[-room:] if len(p) > room else p for p in ids]
         texts = self._generate(ids, max_new_tokens, stop_strings, **sampling)
         return [cut_at_stop(t, stop_strings) for t in texts]
 
@@ -313,9 +341,16 @@ def _moss_generate(
         raise TypeError(f"unknown sampling argument(s) {sorted(sampling)}")
     if not 0 < max_new_tokens < config.max_len:
         raise EvalError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_len {config.max_len}")
+    room = config.max_len - max_new_tokens
+    too_long = [i for i, p in enumerate(prompts) if len(p) > room]
+    if too_long:  # EvalModel.generate cuts (and counts) first; nothing is cut silently here
+        raise EvalError(
+            f"prompt {too_long[0]} has {len(prompts[too_long[0]])} tokens; with max_new_tokens={max_new_tokens} "
+            f"at most {room} fit max_len {config.max_len}"
+        )
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [list(p)[-(config.max_len - max_new_tokens) :] for p in prompts[start : start + batch_size]]
+        chunk = [list(p) for p in prompts[start : start + batch_size]]
         cache_len = bucket(max(len(p) for p in chunk), 16) + bucket(max_new_tokens, 16)
         decoder = get_decoder(config, bucket(len(chunk)), cache_len, mesh, 16)
         streams = [SequenceStream(max_new_tokens, stop_ids, stop_strings, tokenizer.decode) for _ in chunk]

@@ -109,7 +109,8 @@ class ChatSession:
       max_len: the model's context length (prompt + reply).
       tools: the tool registry; None means no tools at all.
       tools_on: start with tools enabled (needs a plugin-trained model to be useful).
-      sampling: decoding settings (MOSS defaults unless given).
+      sampling: decoding settings (MOSS defaults unless given); every generation of the
+        conversation draws from its own seed derived from `sampling.seed` (`seed_for`).
       max_new_tokens: cap of the reply, below `max_len`; the prompt gets the rest of the context.
       tag: preference tag token written after `<|MOSS|>:` (tags.resolve_tag), None for none.
       stop_strings: extra strings that end the reply (besides `<|Human|>`).
@@ -272,13 +273,23 @@ class ChatSession:
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return fits(lo)
 
-    def _generate(self, ids: list[int], cap: int, stop_ids, stop_strings, on_text) -> Generation:
+    def seed_for(self, turn: int, *, tool_pass: bool) -> int:
+        """The sampling seed of one generation: turn `turn` (0-based, counting the history) draws
+        its reply from `seed + 2 * turn` and its tool pass from `seed + 2 * turn + 1`.
+
+        Each generation of a conversation gets its own random stream (one seed for all of them
+        would repeat the same per-step draws in every pass and turn), and the same `seed` replays
+        the same conversation; a first reply without tools uses `seed` itself, as `generate` does.
+        """
+        return self.sampling.seed + 2 * turn + (1 if tool_pass else 0)
+
+    def _generate(self, ids: list[int], cap: int, stop_ids, stop_strings, on_text, seed: int) -> Generation:
         return self.generator.generate_text(
             ids,
             max_new_tokens=cap,
             stop_ids=stop_ids,
             stop_strings=stop_strings,
-            sampling=self.sampling,
+            sampling=dataclasses.replace(self.sampling, seed=seed),
             on_text=on_text,
         )
 
@@ -301,13 +312,15 @@ class ChatSession:
           PromptTooLongError: the message does not fit; raised before any generation or tool.
         """
         turn = Turn(human=message)
+        index = len(self.history)  # this turn's place in the conversation: its generations' seeds
         turns = self.history + [turn]
         first, cap = self._first(turns)
         prompt, tool_result = first, None
         reply_stops = ROLE_GUARDS + self.stop_strings
         if self.tools_on:
             stops = ROLE_GUARDS + (sp.ROLE_MOSS + ":",)  # the reply is the reply pass's job
-            gen = self._generate(first.ids, cap, [self.tokenizer.eoc_id, self.tokenizer.eom_id], stops, on_thoughts)
+            stop_ids = [self.tokenizer.eoc_id, self.tokenizer.eom_id]
+            gen = self._generate(first.ids, cap, stop_ids, stops, on_thoughts, self.seed_for(index, tool_pass=True))
             turn.thoughts, turn.commands = parse_tool_pass(gen.text)
             if turn.commands == NONE:
                 turn.results = NONE
@@ -318,7 +331,12 @@ class ChatSession:
             if on_tools is not None:
                 on_tools(turn, tool_result)
         reply = self._generate(
-            prompt.ids, self.max_new_tokens, [self.tokenizer.eom_id], reply_stops, _strip_leading_space(on_text)
+            prompt.ids,
+            self.max_new_tokens,
+            [self.tokenizer.eom_id],
+            reply_stops,
+            _strip_leading_space(on_text),
+            self.seed_for(index, tool_pass=False),
         )
         turn.moss = reply.text.strip()
         self.history.append(turn)

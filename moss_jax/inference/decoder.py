@@ -264,7 +264,13 @@ class Decoder:
         k = len(prompts)
         if not (k == len(rows) == len(budgets) == len(stop_ids) == len(sampling)) or k == 0:
             raise ValueError("prompts, rows, budgets, stop_ids and sampling must be non-empty and of equal length")
-        p = self.prompt_bucket(max(len(x) for x in prompts))
+        longest = max(len(x) for x in prompts)
+        if longest > self.cache_len:  # prompt_bucket clips to cache_len, so it would not catch this
+            raise ValueError(
+                f"a prompt of {longest} tokens does not fit the KV cache of {self.cache_len} slots "
+                "(cut the prompt or build the Decoder with a larger cache_len)"
+            )
+        p = self.prompt_bucket(longest)
         if p > index or index > self.cache_len:
             raise ValueError(f"prompt bucket {p} does not fit before slot index {index} (cache {self.cache_len})")
         kb = min(bucket(k), bucket(self.batch_size))

@@ -32,6 +32,9 @@ HEADLINE_KEYS = (
     "dpo_pair_accuracy",
 )
 REPLY_TOKENS = 48
+# Room kept after REPLY_TOKENS for what the preference model reads around the reply: the space
+# after `<|MOSS|>:`, `<eom>\n`, and ids that re-encoding the decoded reply may add.
+REPLY_END_TOKENS = 8
 
 
 def _load(path: Path):
@@ -69,12 +72,39 @@ def reply_prompt(pair: dict, tag: str | None) -> str:
     return text + sp.ROLE_MOSS + ":" + (tag or "")
 
 
+def fit_contexts(pairs: list[dict], encode, max_len: int, tags: list[str | None]) -> tuple[list[dict], int, int]:
+    """The held-out contexts cut to fit generation and scoring, at whole turns as training cuts.
+
+    Each pair keeps its meta instruction and its last turn and loses earlier turns, oldest first,
+    until its prompt (`reply_prompt`, with the longest of `tags`) plus REPLY_TOKENS generated and
+    REPLY_END_TOKENS fit `max_len`; so the reply is generated from, and scored in, the same
+    context. Returns (the pairs that fit, how many of them lost turns, how many did not fit even
+    with their last turn alone: left out).
+    """
+    out, turns_cut, dropped = [], 0, 0
+    room = max_len - REPLY_TOKENS - REPLY_END_TOKENS
+    for pair in pairs:
+        turns = conv.record_turns(pair)
+        for start in range(len(turns)):
+            kept = dict(pair, chat={f"turn_{i}": dict(t) for i, t in enumerate(turns[start:], 1)})
+            if "num_turns" in pair:
+                kept["num_turns"] = len(turns) - start
+            if max(len(encode(reply_prompt(kept, tag))) for tag in tags) <= room:
+                out.append(kept)
+                turns_cut += start > 0
+                break
+        else:
+            dropped += 1
+    return out, turns_cut, dropped
+
+
 def generate_replies(model, pairs: list[dict], tag: str | None) -> list[str]:
     texts = model.generate([reply_prompt(p, tag) for p in pairs], REPLY_TOKENS, [sp.END_OF_MOSS])
     return [t[1:] if t.startswith(" ") else t for t in texts]
 
 
 def score_replies(rm_params, rm_config, vocab, pairs: list[dict], replies: list[str], seq_len: int) -> np.ndarray:
+    """The preference model's score of each reply in its pair's whole context (see fit_contexts)."""
     from moss_jax.stages.scoring import encode_reply, reward_scores
 
     rows = []
@@ -82,9 +112,14 @@ def score_replies(rm_params, rm_config, vocab, pairs: list[dict], replies: list[
         turns = conv.record_turns(p)
         chat = {f"turn_{i}": dict(t) for i, t in enumerate(turns, 1)}
         chat[f"turn_{len(turns)}"]["MOSS"] = moss_field(reply.strip())
-        row = encode_reply({"meta_instruction": p.get("meta_instruction", ""), "chat": chat}, vocab, seq_len)
-        if row is None:
-            raise ValueError(f"pair {p.get('conversation_id')}: context and reply do not fit {seq_len} tokens")
+        stats = conv.ConversionStats()
+        row = encode_reply({"meta_instruction": p.get("meta_instruction", ""), "chat": chat}, vocab, seq_len, stats)
+        if row is None or stats.truncated:
+            raise ValueError(
+                f"pair {p.get('conversation_id')}: context and reply do not fit {seq_len} tokens, so the "
+                "preference model would score the reply in a shorter context than it was generated from "
+                "(fit_contexts leaves room for it)"
+            )
         rows.append(row)
     return reward_scores(rm_params, rm_config, rows, batch_size=16, seq_len=seq_len, desc="score replies")
 
@@ -165,6 +200,7 @@ def sample_conversation(params, config, tokenizer, registry, tag: str | None) ->
 
 def evaluate_and_report(paths, scale, summaries: dict, timings: dict) -> dict:
     """Measures everything, writes `<workdir>/report/`, returns the metrics."""
+    from moss_jax.eval.analysis import rises_by_tag
     from moss_jax.eval.lm import EvalModel
     from moss_jax.eval.tool_use import exact_match, read_questions
     from moss_jax.inference.tokenizer import load_tokenizer
@@ -224,7 +260,11 @@ def evaluate_and_report(paths, scale, summaries: dict, timings: dict) -> dict:
     metrics["tool_questions"] = len(questions)
 
     # Preference-model score of generations, per conditioning tag (worst first), and baselines.
-    prompts = held[: scale.tag_prompts]
+    prompts, turns_cut, too_long = fit_contexts(
+        held[: scale.tag_prompts], tokenizer.encode, seq_len, [*tag_tokens, None]
+    )
+    metrics["pm_score_prompts_turns_cut"] = turns_cut
+    metrics["pm_score_prompts_dropped_too_long"] = too_long
     by_tag = []
     samples = {}
     for k, tag in enumerate(tag_tokens):
@@ -239,7 +279,9 @@ def evaluate_and_report(paths, scale, summaries: dict, timings: dict) -> dict:
     metrics["pm_score_prompts"] = len(prompts)
     metrics["tag_thresholds"] = tags_meta["thresholds"]  # global; the tags used these per group if set:
     metrics["tag_group_thresholds"] = tags_meta.get("group_thresholds")
-    metrics["monotone_by_tag"] = bool(all(a < b for a, b in zip(by_tag, by_tag[1:])))  # noqa: B905
+    metrics["monotone_by_tag"] = rises_by_tag(by_tag)  # strict: worst < ... < best
+    # Prompts EvalModel.generate cut from the left (tool questions have no turns to drop): 0 expected.
+    metrics["generation_prompts_cut"] = sum(m.prompts_cut for m in models.values())
     metrics["checks"] = {
         "pm_pair_accuracy >= 0.9": metrics["pm_pair_accuracy"] >= 0.9,
         "tool_exact_match_pat >= 0.8": metrics["tool_exact_match_pat"] >= 0.8,
@@ -266,7 +308,17 @@ def evaluate_and_report(paths, scale, summaries: dict, timings: dict) -> dict:
         s: {k: v for k, v in summ.items() if k in ("first_loss", "last_loss", "loss_drop", "last_metrics", "end_step")}
         for s, summ in summaries.items()
     }
-    metrics["tag_stage"] = {k: summaries["tag"].get(k) for k in ("tag_counts", "mean_score_by_tag", "thresholds")}
+    metrics["tag_stage"] = {
+        k: summaries["tag"].get(k)
+        for k in (
+            "tag_counts",
+            "mean_score_by_tag",
+            "thresholds",
+            "tagged_replies",
+            "unscored_too_long",
+            "unscored_too_long_heldout",
+        )
+    }
     write_text_atomic(report / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
     write_text_atomic(
         report / "tool_examples.json",
@@ -279,6 +331,7 @@ def evaluate_and_report(paths, scale, summaries: dict, timings: dict) -> dict:
 
 def markdown(m: dict, conversation: dict) -> str:
     tags = " < ".join(f"{s:.3f}" for s in m["pm_score_by_tag"])
+    tag = m.get("tag_stage") or {}
     lines = [
         "# moss_jax embedded demo: report",
         "",
@@ -295,6 +348,11 @@ def markdown(m: dict, conversation: dict) -> str:
         f"{m['pm_score_no_tag']:.3f} / {m['pm_score_sft']:.3f} / {m['pm_score_dpo']:.3f} |",
         f"| DPO implicit-reward pair accuracy [> 0.5] | {m['dpo_pair_accuracy']:.3f} |",
         f"| SFT log-prob pair accuracy (before DPO) | {m['sft_logprob_pair_accuracy']:.3f} |",
+        f"| PM-score prompts: used / cut at whole turns / left out, too long | {m['pm_score_prompts']} / "
+        f"{m['pm_score_prompts_turns_cut']} / {m['pm_score_prompts_dropped_too_long']} |",
+        f"| generation prompts cut from the left (no turns to drop) | {m['generation_prompts_cut']} |",
+        f"| tag stage: replies tagged / too long to score (train, held-out) | {tag.get('tagged_replies')} / "
+        f"{tag.get('unscored_too_long')}, {tag.get('unscored_too_long_heldout')} |",
         "",
         "Checks: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in m["checks"].items()),
         "",

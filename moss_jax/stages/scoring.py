@@ -33,10 +33,13 @@ def reply_record(record: dict, turn: int, reply_field: str | None = None) -> dic
     return {"meta_instruction": record.get("meta_instruction", ""), "chat": chat}
 
 
-def encode_reply(record: dict, vocab: Any, max_len: int) -> tuple[list[int], list[float]] | None:
+def encode_reply(
+    record: dict, vocab: Any, max_len: int, stats: conv.ConversionStats | None = None
+) -> tuple[list[int], list[float]] | None:
     """(ids, weights) of a conversation whose last turn's reply is scored; weights mark that reply.
 
-    Earlier context is cut at whole turns to fit; None if the last turn alone does not fit.
+    Earlier context is cut at whole turns to fit; None if the last turn alone does not fit. Both
+    are counted in `stats` when given (`truncated`, `dropped_too_long`).
     """
     turns = conv.record_turns(record)
     last = dict(turns[-1])
@@ -47,7 +50,7 @@ def encode_reply(record: dict, vocab: Any, max_len: int) -> tuple[list[int], lis
         "chosen": reply,
         "rejected": reply,
     }
-    out = conv.encode_pair(pair, vocab, max_len)
+    out = conv.encode_pair(pair, vocab, max_len, stats=stats)
     return None if out is None else out["chosen"]
 
 

@@ -12,7 +12,8 @@ conversation (`data_pipelines.demo_data.pair_conversations` layout), so the tagg
 good and bad replies and the tags carry information. Every turn's reply is scored in its context.
 
 Outputs in `out_dir`: `tags.jsonl` (conversation_id, turn, tag: the `load_tags` format),
-`scores.jsonl` (conversation_id, turn, score, tag, split), `thresholds.json`,
+`scores.jsonl` (conversation_id, turn, score, tag, split), `thresholds.json` (with the counts of
+replies too long for `seq_len` to score, `unscored_too_long` and `unscored_too_long_heldout`),
 `preference_tags.json` (num_tags, tokens, best, thresholds: read by chat and serve) and
 `conversations.jsonl` (the tagged conversations, the preference-aware stage's training data).
 
@@ -122,6 +123,8 @@ def _conversations(pair_files: Sequence[str]) -> list[dict]:
 
 
 def _score_turns(params, config, vocab, conversations, seq_len, batch_size, desc):
+    """(keys, scores, unscored): every turn's reply that fits `seq_len` with its context, scored;
+    `unscored` counts the replies whose last turn alone does not fit (they stay untagged)."""
     keys, rows = [], []
     dropped = 0
     for c in conversations:
@@ -134,7 +137,7 @@ def _score_turns(params, config, vocab, conversations, seq_len, batch_size, desc
             rows.append(row)
     if dropped:
         print(f"[tag] {desc}: {dropped} replies longer than seq_len {seq_len} were not scored (left untagged)")
-    return keys, reward_scores(params, config, rows, batch_size, seq_len, desc=desc)
+    return keys, reward_scores(params, config, rows, batch_size, seq_len, desc=desc), dropped
 
 
 def tag_stage(cfg: TagConfig) -> dict:
@@ -148,8 +151,10 @@ def tag_stage(cfg: TagConfig) -> dict:
     vocab = load_vocabulary(cfg.vocab_path)
     held = _conversations(cfg.heldout_pair_files)
     train = _conversations(cfg.pair_files)
-    held_keys, held_scores = _score_turns(params, config, vocab, held, cfg.seq_len, cfg.batch_size, "score held-out")
-    keys, scores = _score_turns(params, config, vocab, train, cfg.seq_len, cfg.batch_size, "score train")
+    held_keys, held_scores, held_unscored = _score_turns(
+        params, config, vocab, held, cfg.seq_len, cfg.batch_size, "score held-out"
+    )
+    keys, scores, unscored = _score_turns(params, config, vocab, train, cfg.seq_len, cfg.batch_size, "score train")
     thresholds = quantile_thresholds(held_scores, cfg.num_tags)
 
     def groups(ks, conversations):
@@ -163,6 +168,10 @@ def tag_stage(cfg: TagConfig) -> dict:
         "group_by": cfg.group_by,
         "group_thresholds": group_thresholds,
         "tagged_replies": len(keys),
+        # Replies longer than seq_len with their last turn: not scored, so the training replies
+        # among them stay in conversations.jsonl without a tag, the held-out ones fix no cut point.
+        "unscored_too_long": unscored,
+        "unscored_too_long_heldout": held_unscored,
         "tag_counts": np.bincount(tags, minlength=cfg.num_tags).tolist(),
         "mean_score_by_tag": [
             float(scores[tags == k].mean()) if (tags == k).any() else None for k in range(cfg.num_tags)
@@ -202,6 +211,8 @@ def tag_stage(cfg: TagConfig) -> dict:
                 "group_by": cfg.group_by,
                 "group_thresholds": group_thresholds,
                 "num_heldout": len(held_scores),
+                "unscored_too_long": unscored,
+                "unscored_too_long_heldout": held_unscored,
             },
             indent=2,
         ),
@@ -210,6 +221,6 @@ def tag_stage(cfg: TagConfig) -> dict:
     print(
         f"[tag] {len(keys)} replies tagged; thresholds {np.round(thresholds, 3).tolist()} "
         f"(group_by {cfg.group_by}: { ({g: np.round(c, 3).tolist() for g, c in group_thresholds.items()}) }); "
-        f"counts {summary['tag_counts']}"
+        f"counts {summary['tag_counts']}; {unscored} train and {held_unscored} held-out replies too long to score"
     )
     return summary

@@ -49,3 +49,10 @@ def test_metrics_and_scores_files(tmp_path):
     (tmp_path / "scores.jsonl").write_text(json.dumps({"score": 0.5, "tag": "1", "split": "train"}) + "\n")
     with pytest.raises(EvalError, match=r"scores.jsonl:1: field 'tag'"):
         analysis.read_scores(tmp_path / "scores.jsonl")
+
+
+def test_scores_rise_by_tag_only_when_strictly_increasing():
+    assert analysis.rises_by_tag([-0.5, 0.1, 0.7])
+    assert not analysis.rises_by_tag([0.1, 0.1, 0.7])  # a tie is not a rise
+    assert not analysis.rises_by_tag([0.7, 0.1, 0.9])
+    assert analysis.rises_by_tag([1.0])

@@ -18,7 +18,9 @@ class ScriptedGenerator:
         self.calls = []
 
     def generate_text(self, prompt_ids, *, max_new_tokens, stop_ids, stop_strings, sampling, on_text=None):
-        self.calls.append(dict(prompt_ids=prompt_ids, stop_ids=list(stop_ids), max_new_tokens=max_new_tokens))
+        self.calls.append(
+            dict(prompt_ids=prompt_ids, stop_ids=list(stop_ids), max_new_tokens=max_new_tokens, seed=sampling.seed)
+        )
         text = self.texts.pop(0)
         if on_text is not None:
             for i in range(0, len(text), 3):
@@ -65,6 +67,29 @@ def test_zero_tool_registry_and_tools_off(tokenizer):
     assert prompt.endswith("<|Human|>: again<eoh>\n<|MOSS|>:") and "- Inner thoughts: disabled." in prompt
     session.reset()
     assert session.history == []
+
+
+def test_every_pass_and_turn_samples_from_its_own_seed(tokenizer):
+    """One seed for the tool pass, the reply pass and every turn would repeat the same random
+    draws in each; the seeds derive from the user's, so the same seed replays the conversation."""
+    script = [" a<eot>\n<|Commands|>: None", " One.", " b<eot>\n<|Commands|>: None", " Two.", " Three."]
+
+    def seeds(seed):
+        gen = ScriptedGenerator(script)
+        sampling = SamplingParams(temperature=0.7, top_p=0.8, seed=seed)
+        session = ChatSession(gen, tokenizer, 2048, tools=ToolRegistry(), tools_on=True, sampling=sampling)
+        session.send("hi")
+        session.send("again")
+        session.set_tools(False)
+        session.send("bye")
+        return [c["seed"] for c in gen.calls]
+
+    # turn 0: tool pass, reply; turn 1: tool pass, reply; turn 2 (tools off): reply.
+    assert seeds(7) == [8, 7, 10, 9, 11] == seeds(7)
+    assert seeds(0) == [1, 0, 3, 2, 4]
+    gen = ScriptedGenerator([" Hi."])
+    ChatSession(gen, tokenizer, 2048, sampling=SamplingParams(temperature=0.7, seed=5)).send("hi")
+    assert gen.calls[0]["seed"] == 5  # a first reply without tools: the seed itself, as generate's row 0
 
 
 def test_parse_tool_pass():

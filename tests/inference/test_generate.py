@@ -187,6 +187,17 @@ def test_bad_inputs(debug_model):
         generate(params, config, np.asarray([[1, 2]]), 4, stop_strings=["x"])
 
 
+def test_a_prompt_longer_than_the_cache_is_a_clear_error(debug_model):
+    """Not numpy's "could not broadcast (20,) into (4,)": the prompt length and cache size."""
+    from moss_jax.inference.decoder import Decoder
+    from moss_jax.inference.sampling import SamplingParams
+
+    config, params = debug_model
+    decoder = Decoder(config, batch_size=1, cache_len=4, chunk_size=2)
+    with pytest.raises(ValueError, match="prompt of 20 tokens does not fit the KV cache of 4 slots"):
+        decoder.insert(params, decoder.init_state(), [list(range(3, 23))], [0], 4, [1], [[]], [SamplingParams()])
+
+
 def test_tensor_parallel_decode_matches_single_device(debug_model, batch):
     config, params = debug_model
     ids, seg = batch

@@ -58,3 +58,58 @@ def test_turn_group_is_the_human_turn_language():
     assert turn_group(c, 2, "none") == "all"
     with pytest.raises(ValueError, match="group_by"):
         TagConfig("rm", "v", (), (), "out", group_by="topic")
+
+
+class _ByteVocab:
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+
+def _pair(cid, human):
+    return {
+        "conversation_id": cid,
+        "meta_instruction": "",
+        "chat": {"turn_1": {"Human": f"<|Human|>: {human}<eoh>\n"}},
+        "chosen": "<|MOSS|>: yes.<eom>\n",
+        "rejected": "<|MOSS|>: no.<eom>\n",
+    }
+
+
+def test_replies_too_long_to_score_are_counted_in_the_summary_and_thresholds(tmp_path, monkeypatch):
+    """They stay untagged in conversations.jsonl; the count must reach the summary (DONE.json)
+    and thresholds.json, not only the log."""
+    import json
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import moss_jax.convert.checkpoint_io as checkpoint_io
+    from moss_jax.config import get_config
+    from moss_jax.reward_model import RewardModel
+    from moss_jax.stages import tagging
+
+    config = get_config("debug", max_len=128)
+    params = nn.unbox(RewardModel(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    monkeypatch.setattr(checkpoint_io, "load_params", lambda path: (config, params))
+    monkeypatch.setattr(tagging, "load_vocabulary", lambda path: _ByteVocab())
+    for name, humans in (("train", ["hi", "ok", "x" * 300]), ("held", ["a", "b", "c", "y" * 300, "z" * 300])):
+        lines = [json.dumps(_pair(f"{name}{i}", h)) for i, h in enumerate(humans)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = TagConfig(
+        "rm",
+        "vocab",
+        (str(tmp_path / "train.jsonl"),),
+        (str(tmp_path / "held.jsonl"),),
+        str(tmp_path / "out"),
+        num_tags=2,
+        seq_len=128,
+        batch_size=4,
+    )
+    summary = tagging.tag_stage(cfg)
+    # Each pair gives two conversations (chosen and rejected): one long train pair, two held-out.
+    assert summary["tagged_replies"] == 4
+    assert summary["unscored_too_long"] == 2 and summary["unscored_too_long_heldout"] == 4
+    saved = json.loads((tmp_path / "out" / "thresholds.json").read_text())
+    assert saved["unscored_too_long"] == 2 and saved["unscored_too_long_heldout"] == 4
+    assert saved["num_heldout"] == 6
