@@ -390,13 +390,24 @@ class DemoDataSizes:
 
 
 def tool_questions(gen: DemoGenerator, n: int) -> list[dict]:
-    """Held-out single-turn tool questions with the exact command a correct model emits."""
+    """Held-out single-turn tool questions with the exact command a correct model emits, each
+    with the meta instruction the demo trained on (moss_jax.eval.tool_use puts it in the prompt;
+    without it the prompt would carry MOSS's long default one, which the demo model never saw)."""
     out = []
     for i in range(n):
         kind = ("calculate", "solve", "search")[i % 3]
         lang = "zh" if gen.rng.random() < gen.lang_zh else "en"
         human, _, command = gen.question(kind, lang)
-        out.append({"id": f"q{i}", "kind": kind, "lang": lang, "human": human, "command": command})
+        out.append(
+            {
+                "id": f"q{i}",
+                "kind": kind,
+                "lang": lang,
+                "human": human,
+                "command": command,
+                "meta_instruction": gen.meta,
+            }
+        )
     return out
 
 

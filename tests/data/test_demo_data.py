@@ -125,11 +125,12 @@ def test_pairs_differ_only_in_a_worse_final_reply(demo):
 
 
 def test_heldout_questions_use_unseen_topics_and_equations(demo):
-    out, _, _, _ = demo
+    out, _, meta, _ = demo
     train_commands = {t["Commands"] for r in _records(out / "sft_train.jsonl") for t in conv.record_turns(r)} | {
         t["Commands"] for r in _records(out / "pairs_train.jsonl") for t in conv.record_turns(r)
     }
     for q in _records(out / "tool_questions.jsonl"):
+        assert q["meta_instruction"] == meta  # evaluated with the meta instruction it trained on
         if q["kind"] in ("search", "solve"):
             assert f"<|Commands|>: {q['command']}<eoc>\n" not in train_commands
         assert q["command"].split("(")[0] in ("Calculate", "Solve", "Search")
