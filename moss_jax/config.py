@@ -8,6 +8,8 @@ F MLP width, V vocab, Y layers.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +24,18 @@ KV_CACHE_LAYOUTS = ("bshk", "bhsk")
 
 class ConfigError(ValueError):
     """A MossConfig field is invalid or inconsistent with another field."""
+
+
+# HF CodeGen (and the MOSS remote code) compute rotary frequencies with a fixed base of 10000;
+# their config.json has no field for it.
+HF_ROTARY_BASE = 10000.0
+# MOSS GPTQ releases (moss-moon-003-sft-int4/-int8) mark their config.json with these fields.
+GPTQ_FIELDS = ("wbits", "groupsize", "quantization_config")
+
+
+def _is_real(value: Any) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +87,13 @@ class MossConfig:
                 f"MossConfig.rotary_dim={self.rotary_dim} must be even and at most head_dim="
                 f"{self.head_dim} (d_model {self.d_model} / n_heads {self.n_heads})"
             )
-        if not self.layer_norm_eps > 0:
-            raise ConfigError(f"MossConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        if not self.rotary_base > 0:
-            raise ConfigError(f"MossConfig.rotary_base must be > 0, got {self.rotary_base!r}")
+        for name in ("rotary_base", "layer_norm_eps", "initializer_range", "dropout_rate"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ConfigError(f"MossConfig.{name} must be a finite number, got {value!r}")
+        for name in ("rotary_base", "layer_norm_eps", "initializer_range"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"MossConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"MossConfig.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         for name, allowed in (
@@ -89,11 +106,16 @@ class MossConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"MossConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"MossConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        for name in ("scan_layers", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"MossConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"MossConfig.{name} must be an int or None, got {value!r}")
+            if not 0 <= value < self.vocab_size:
                 raise ConfigError(f"MossConfig.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
 
     # Derived sizes ---------------------------------------------------------
@@ -144,6 +166,12 @@ class MossConfig:
                 "config.json tie_word_embeddings=true: MOSS/CodeGen heads are untied (a moss_jax "
                 "tie_embeddings model exports an untied copy of its head)"
             )
+        gptq = [k for k in GPTQ_FIELDS if config_dict.get(k) is not None]
+        if gptq:
+            raise ConfigError(
+                f"config.json has quantisation field(s) {gptq}: GPTQ-quantized checkpoints are not "
+                "supported; use the fp16 release (e.g. fnlp/moss-moon-003-sft) and moss_jax.quant"
+            )
         missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if k not in config_dict]
         if missing:
             raise ConfigError(f"config.json is missing field(s) {missing}")
@@ -151,6 +179,14 @@ class MossConfig:
         n_heads = config_dict["n_head"]
         n_inner = config_dict.get("n_inner")
         rotary_dim = config_dict.get("rotary_dim")
+        # One dropout_rate covers the embedding and the residual branch (to_hf writes it to both).
+        embd_pdrop, resid_pdrop = config_dict.get("embd_pdrop"), config_dict.get("resid_pdrop")
+        if "dropout_rate" not in overrides and None not in (embd_pdrop, resid_pdrop) and embd_pdrop != resid_pdrop:
+            raise ConfigError(
+                f"config.json embd_pdrop={embd_pdrop} differs from resid_pdrop={resid_pdrop}: moss_jax has one "
+                "dropout_rate for both; pass dropout_rate= to from_hf"
+            )
+        dropout_rate = resid_pdrop if resid_pdrop is not None else embd_pdrop
         kwargs = dict(
             vocab_size=config_dict["vocab_size"],
             d_model=d_model,
@@ -162,6 +198,7 @@ class MossConfig:
             layer_norm_eps=config_dict.get("layer_norm_epsilon", 1e-5),
             activation=config_dict.get("activation_function", "gelu_new"),
             initializer_range=config_dict.get("initializer_range", 0.02),
+            dropout_rate=0.0 if dropout_rate is None else dropout_rate,
             bos_token_id=config_dict.get("bos_token_id"),
             eos_token_id=config_dict.get("eos_token_id"),
             pad_token_id=config_dict.get("pad_token_id"),
@@ -170,7 +207,17 @@ class MossConfig:
         return cls(**kwargs)
 
     def to_hf(self, model_type: str = "codegen") -> dict[str, Any]:
-        """The HF `config.json` dict for this architecture (CodeGenForCausalLM or MOSS)."""
+        """The HF `config.json` dict for this architecture (CodeGenForCausalLM or MOSS).
+
+        Unset token ids are written as null (HF would otherwise fill in CodeGen's 50256). Raises
+        ConfigError for a rotary_base other than 10000, which HF CodeGen/MOSS cannot express.
+        """
+        if self.rotary_base != HF_ROTARY_BASE:
+            raise ConfigError(
+                f"MossConfig.rotary_base={self.rotary_base} cannot be exported: HF CodeGen/MOSS fix the "
+                f"rotary base at {HF_ROTARY_BASE:g} and config.json has no field for it, so the exported "
+                "model would compute different logits"
+            )
         out = {
             "architectures": ["CodeGenForCausalLM" if model_type == "codegen" else "MossForCausalLM"],
             "model_type": model_type,
@@ -192,8 +239,7 @@ class MossConfig:
             "torch_dtype": self.param_dtype,
         }
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
+            out[name] = getattr(self, name)
         return out
 
 

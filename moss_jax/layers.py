@@ -39,10 +39,15 @@ def named_param(module: nn.Module, name: str, init, shape: tuple[int, ...], name
 
 
 def layer_norm(config: MossConfig, name: str) -> nn.LayerNorm:
-    """LayerNorm computed in fp32, output in the compute dtype."""
+    """LayerNorm computed in fp32, output in the compute dtype.
+
+    Two-pass variance (mean of squared deviations, as torch): flax's default E[x^2] - E[x]^2
+    loses the variance of rows whose mean is large next to their spread.
+    """
     return nn.LayerNorm(
         epsilon=config.layer_norm_eps,
         dtype=jnp.float32,
+        use_fast_variance=False,
         param_dtype=jnp.dtype(config.param_dtype),
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),

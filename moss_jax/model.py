@@ -105,6 +105,42 @@ def check_input_ids(input_ids: Any, vocab_size: int) -> None:
         )
 
 
+def check_length(input_ids: Any, cache: KVCache | None, max_len: int) -> None:
+    """Raises ValueError for an input longer than the context `max_len` or than the cache's room.
+
+    Shapes are always checked; the cache index only when concrete (under jit a chunk past the
+    cache's end gives NaN outputs instead, see MossLM).
+    """
+    b, length = np.shape(input_ids)[:2]
+    if cache is None:
+        if length > max_len:
+            raise ValueError(
+                f"input of {length} tokens is longer than the model's context max_len={max_len} "
+                "(rotary positions past it were never trained)"
+            )
+        return
+    if cache.segment_ids.shape[0] != b:
+        raise ValueError(f"the KV cache holds {cache.segment_ids.shape[0]} rows but the input has batch {b}")
+    if length > cache.max_len:
+        raise ValueError(f"a {length}-token chunk does not fit the KV cache of {cache.max_len} slots")
+    if not isinstance(cache.index, jax.core.Tracer):
+        index = int(cache.index)
+        if index + length > cache.max_len:
+            raise ValueError(
+                f"the KV cache is full: a {length}-token chunk at slot index {index} needs "
+                f"{index + length} slots, the cache has {cache.max_len}"
+            )
+
+
+def check_positions(positions: Any, max_len: int) -> None:
+    """Raises ValueError for a position >= the context `max_len` when the positions are concrete."""
+    if isinstance(positions, jax.core.Tracer) or not np.size(positions):
+        return
+    top = int(np.max(positions))
+    if top >= max_len:
+        raise ValueError(f"position {top} is past the model's context max_len={max_len}")
+
+
 class MossLM(nn.Module):
     """Decoder-only MOSS/CodeGen language model with an untied, biased head."""
 
@@ -124,6 +160,9 @@ class MossLM(nn.Module):
     ):
         cfg = self.config
         check_input_ids(input_ids_BxL, cfg.vocab_size)
+        check_length(input_ids_BxL, cache, cfg.max_len)
+        # Positions the caller gives, or a cache derives from its rows' lengths, may run past max_len.
+        check_positions_later = positions_BxL is not None or cache is not None
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.initializer_range)
 
@@ -145,6 +184,8 @@ class MossLM(nn.Module):
                 positions_BxL = jnp.broadcast_to(jnp.arange(input_ids_BxL.shape[1]), input_ids_BxL.shape)
             else:
                 positions_BxL = positions_from_segments(segment_ids_BxL)
+        if check_positions_later:
+            check_positions(positions_BxL, cfg.max_len)
 
         embedding_VxD = named_param(self, "embedding", init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdtype)
         # Out-of-range ids under jit become NaN activations (loud) rather than a clipped row (silent).
@@ -182,6 +223,12 @@ class MossLM(nn.Module):
                 )
             x_BxLxD, new_kv = carry
 
+        if cache is not None:
+            # A chunk past the cache's end would be written clamped over valid slots (wrong logits,
+            # no error): where the index is traced (check_length cannot see it) the chunk's outputs
+            # become NaN, the way out-of-range ids do.
+            fits = cache.index + input_ids_BxL.shape[1] <= cache.max_len
+            x_BxLxD = jnp.where(fits, x_BxLxD, jnp.nan).astype(x_BxLxD.dtype)
         x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
         if cfg.tie_embeddings:
             head_DxV = embedding_VxD.T

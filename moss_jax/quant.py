@@ -7,12 +7,12 @@ Modes: "float32" (unchanged), "bfloat16" (kernels cast), "int8" (weight-only, W8
 stay in the compute dtype) and "int8_dynamic" (W8A8: each matmul also quantises its input rows
 to int8 on the fly, one scale per row, and runs an int8 x int8 -> int32 dot).
 
-A quantised kernel is a `QuantizedWeight(q, scale)`: `q` int8 of the kernel's shape and
-`scale` fp32 of its output dims (the dims after the contracting ones), symmetric, with
-`w ~= q * scale` and |w - q * scale| <= scale / 2. Activations stay in the compute dtype: a
-matmul converts `q` to it and multiplies the output by the scale (exact, the scale is per
-output channel). Layers call `dense` for every kernel, so fp32, bf16 and int8 weights share one
-code path.
+A quantised kernel is a `QuantizedWeight(q, scale)`: `q` int8 of the kernel's shape and `scale`
+fp32 of its output dims (the dims after the contracting ones), symmetric, with `w ~= q * scale`
+and |w - q * scale| <= scale / 2. Activations stay in the compute dtype: a matmul converts `q`
+to it, sums in fp32 and multiplies the output by the fp32 scale before the cast back (exact,
+the scale is per output channel; the unscaled sum would overflow float16). Layers call `dense`
+for every kernel, so fp32, bf16 and int8 weights share one code path.
 
 On XLA:CPU a matmul whose weight is converted on the fly streams the weight from memory at its
 stored width only when the converted operand stays cache-sized: the layer kernels are, the
@@ -205,7 +205,17 @@ def dense(spec: str, x: jax.Array, w: Any, dtype: Any) -> jax.Array:
     cols = w.q.shape[-1]
     if w.scale.ndim == 1 and cols > HEAD_CHUNK and cols % HEAD_CHUNK == 0:
         return _chunked_dense(spec, x.astype(dtype), w, dtype)
-    return jnp.einsum(spec, x.astype(dtype), w.q.astype(dtype)) * w.scale.astype(dtype)
+    return _int8_einsum(spec, x.astype(dtype), w.q, w.scale, dtype)
+
+
+def _int8_einsum(spec: str, x: jax.Array, q: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
+    """`einsum(spec, x, q) * scale`, summed and scaled in fp32, then cast to `dtype`.
+
+    The unscaled sum is about 127 / max|w| times the real output, past float16's 65504 for wide
+    contractions; and a scale rounded to bfloat16 would be off by up to 2^-9 per channel.
+    """
+    y = jnp.einsum(spec, x, q.astype(dtype), preferred_element_type=jnp.float32)
+    return (y * scale.astype(jnp.float32)).astype(dtype)
 
 
 def _chunked_dense(spec: str, x: jax.Array, w: QuantizedWeight, dtype: Any) -> jax.Array:
@@ -215,7 +225,7 @@ def _chunked_dense(spec: str, x: jax.Array, w: QuantizedWeight, dtype: Any) -> j
     def one(i):
         q = jax.lax.dynamic_slice_in_dim(w.q, i * HEAD_CHUNK, HEAD_CHUNK, axis=w.q.ndim - 1)
         s = jax.lax.dynamic_slice_in_dim(w.scale, i * HEAD_CHUNK, HEAD_CHUNK, axis=0)
-        return jnp.einsum(spec, x, q.astype(dtype)) * s.astype(dtype)
+        return _int8_einsum(spec, x, q, s, dtype)
 
     out_NxBx_xC = jax.lax.map(one, jnp.arange(n))
     out = jnp.moveaxis(out_NxBx_xC, 0, -2)  # [..., N, C]

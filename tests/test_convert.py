@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moss_jax.config import MossConfig
+from moss_jax.config import ConfigError, MossConfig
 from moss_jax.convert import CheckpointError, params_from_hf, params_to_hf, tensor_rules
 from moss_jax.convert.__main__ import main as convert_main
-from moss_jax.convert.checkpoint_io import load_hf_checkpoint, load_params
+from moss_jax.convert.checkpoint_io import load_hf_checkpoint, load_params, save_hf_checkpoint
 from moss_jax.model import MossLM
 from tests.hf_utils import make_hf_model, state_dict_numpy
 
@@ -189,3 +189,21 @@ def test_missing_weights_dir_errors(tmp_path):
         from moss_jax.convert.checkpoint_io import hf_weight_files
 
         hf_weight_files(tmp_path)
+
+
+def test_hf_export_refuses_a_non_default_rotary_base(tmp_path, hf_model, config):
+    """HF CodeGen hard-codes base 10000: the export would load as a different model."""
+    params = params_from_hf(state_dict_numpy(hf_model), config)
+    with pytest.raises(ConfigError, match="rotary_base=500000.0 cannot be exported"):
+        save_hf_checkpoint(tmp_path / "hf", params, config.replace(rotary_base=500000.0), progress=False)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_gptq_checkpoint_is_refused_up_front(tmp_path, hf_model, capsys):
+    """The MOSS int4/int8 GPTQ releases mark config.json with wbits/groupsize."""
+    src = tmp_path / "moss-int4"
+    _write_sharded_safetensors(src, state_dict_numpy(hf_model), dict(hf_model.config.to_dict(), wbits=4, groupsize=128))
+    with pytest.raises(ConfigError, match="GPTQ-quantized checkpoints are not supported"):
+        load_hf_checkpoint(src, progress=False)
+    assert convert_main(["hf2orbax", "--hf_dir", str(src), "--out_dir", str(tmp_path / "ours")]) == 2
+    assert "GPTQ-quantized" in capsys.readouterr().err

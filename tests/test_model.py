@@ -183,3 +183,88 @@ def test_initial_weights_for_a_seed_are_stable():
     for (module, name), expected in sums.items():
         got = float(np.asarray(p[module][name], np.float64).sum())
         assert got == pytest.approx(expected, rel=1e-6), f"{module}/{name}: init changed ({got} vs {expected})"
+
+
+def test_full_kv_cache_is_an_error(params):
+    """A chunk past the cache's end would be written over its last slots (clamped) and give
+    wrong logits; with a concrete index it raises, naming the cache size, index and chunk."""
+    model = MossLM(CFG)
+    ids = _ids((1, 10))
+    full = model.apply({"params": params}, ids)
+    _, cache = model.apply({"params": params}, ids[:, :4], cache=KVCache.init(CFG, batch=1, max_len=6))
+    for t in (4, 5):  # the last two slots still fit
+        logits, cache = model.apply({"params": params}, ids[:, t : t + 1], cache=cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="1-token chunk at slot index 6 needs 7 slots, the cache has 6"):
+        model.apply({"params": params}, ids[:, 6:7], cache=cache)
+    # A chunk that straddles the end.
+    _, cache = model.apply({"params": params}, ids[:, :4], cache=KVCache.init(CFG, batch=1, max_len=6))
+    with pytest.raises(ValueError, match="3-token chunk at slot index 4 needs 7 slots, the cache has 6"):
+        model.apply({"params": params}, ids[:, 4:7], cache=cache)
+
+
+@pytest.mark.parametrize("layout", ["bshk", "bhsk"])
+def test_full_kv_cache_under_jit_gives_nan(params, layout):
+    """Under jit the index is traced: a chunk that does not fit gives NaN logits, never wrong ones."""
+    cfg = CFG.replace(kv_cache_layout=layout)
+    model = MossLM(cfg)
+    ids = _ids((2, 10))
+    full = model.apply({"params": params}, ids)
+    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+    hidden = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c, head=False))
+    _, cache = step(params, ids[:, :4], KVCache.init(cfg, batch=2, max_len=6))
+    straddle, _ = step(params, ids[:, 4:7], cache)
+    assert np.isnan(straddle).all()
+    for t in range(4, 9):
+        logits, new_cache = step(params, ids[:, t : t + 1], cache)
+        if t < 6:
+            np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0)
+        else:
+            assert np.isnan(logits).all(), t
+            assert np.isnan(hidden(params, ids[:, t : t + 1], cache)[0]).all()
+        cache = new_cache
+
+
+def test_misused_cache_errors_name_the_cache(params):
+    model = MossLM(CFG)
+    with pytest.raises(ValueError, match="8-token chunk does not fit the KV cache of 6 slots"):
+        model.apply({"params": params}, _ids((1, 8)), cache=KVCache.init(CFG, batch=1, max_len=6))
+    with pytest.raises(ValueError, match="the KV cache holds 3 rows but the input has batch 2"):
+        model.apply({"params": params}, _ids((2, 4)), cache=KVCache.init(CFG, batch=3, max_len=8))
+    # Static shapes: also an error under jit.
+    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+    with pytest.raises(ValueError, match="does not fit the KV cache of 6 slots"):
+        step(params, _ids((1, 8)), KVCache.init(CFG, batch=1, max_len=6))
+
+
+def test_inputs_past_max_len_are_an_error(params):
+    """Rotary positions past max_len were never trained (HF CodeGen fails on them too)."""
+    cfg = CFG.replace(max_len=8)  # the parameters do not depend on max_len
+    model = MossLM(cfg)
+    model.apply({"params": params}, _ids((1, 8)))
+    with pytest.raises(ValueError, match="input of 9 tokens is longer than the model's context max_len=8"):
+        model.apply({"params": params}, _ids((1, 9)))
+    with pytest.raises(ValueError, match="max_len=8"):
+        jax.jit(lambda p, x: model.apply({"params": p}, x))(params, _ids((1, 9)))
+    with pytest.raises(ValueError, match="position 8 is past the model's context max_len=8"):
+        model.apply({"params": params}, _ids((1, 2)), positions_BxL=jnp.asarray([[7, 8]]))
+    # A cache larger than the context (a shared-slot serving cache) is allowed, positions are not.
+    logits, cache = model.apply({"params": params}, _ids((1, 8)), cache=KVCache.init(cfg, batch=1, max_len=12))
+    assert logits.shape == (1, 8, cfg.vocab_size)
+    with pytest.raises(ValueError, match="position 8 is past"):
+        model.apply({"params": params}, _ids((1, 1)), cache=cache)
+
+
+def test_layer_norm_matches_two_pass_variance():
+    """Rows with a large mean next to their spread: E[x^2] - E[x]^2 in fp32 loses the variance
+    (error 0.13 at mean 1000, d 4096); torch's layer_norm subtracts the mean first."""
+    from moss_jax.layers import layer_norm
+
+    x = np.random.RandomState(0).randn(3, 4096).astype(np.float32) + np.asarray([[0.0], [100.0], [1000.0]], np.float32)
+    ln = layer_norm(CFG, "ln")
+    variables = ln.init(jax.random.key(0), jnp.asarray(x))
+    got = np.asarray(ln.apply(variables, jnp.asarray(x)))
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    ref = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + CFG.layer_norm_eps)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)  # the one-pass variance: 0.13

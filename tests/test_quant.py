@@ -68,6 +68,38 @@ def test_chunked_int8_head_equals_unchunked(monkeypatch):
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_int8_dense_sums_in_fp32_in_half_precision(monkeypatch, chunk):
+    """float16: the unscaled sum x @ q is ~127 / max|w| times the output (here ~1.3e5, past
+    65504), so it is summed and scaled in fp32, then cast; plain fp16 weights stay finite too."""
+    if chunk:
+        monkeypatch.setattr(quant, "HEAD_CHUNK", chunk)  # the chunked head path
+    rng = np.random.RandomState(0)
+    x = rng.randn(1, 4, 16384).astype(np.float32) * 8
+    w = rng.randn(16384, 128).astype(np.float32) * 0.01
+    qw = quantize_int8(w, 1)
+    want = np.einsum("bld,dv->blv", x.astype(np.float64), np.asarray(qw.dequantize(), np.float64))
+    got = np.asarray(dense("bld,dv->blv", jnp.asarray(x, jnp.float16), qw, jnp.float16), np.float32)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=0.5, rtol=0)  # fp16 input rounding; |y| ~ 40
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_int8_dense_bf16_scale_is_not_rounded(monkeypatch, chunk):
+    """bfloat16: the per-channel scale stays fp32 (rounded to bf16 it is off by up to 2^-9,
+    the same way for a whole channel); the output is the exact product rounded once."""
+    if chunk:
+        monkeypatch.setattr(quant, "HEAD_CHUNK", chunk)
+    rng = np.random.RandomState(3)
+    x = rng.randint(-3, 4, (2, 3, 16)).astype(np.float32)  # exact in bf16; sums exact in fp32
+    qw = quantize_int8(rng.randn(16, 64).astype(np.float32), 1)
+    exact = np.einsum("bld,dv->blv", x.astype(np.float64), np.asarray(qw.q, np.float64))
+    exact = exact * np.asarray(qw.scale, np.float64)
+    got = np.asarray(dense("bld,dv->blv", jnp.asarray(x, jnp.bfloat16), qw, jnp.bfloat16), np.float64)
+    rel = np.abs(got - exact) / np.maximum(np.abs(exact), 1e-30)
+    assert rel.max() <= 2.0**-8 * 1.001  # one bf16 rounding (unit roundoff 2^-8); the old path: 8e-3
+
+
 def test_quantize_params_modes(model):
     config, params = model
     q8 = quantize_params(params, "int8")

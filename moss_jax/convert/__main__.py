@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moss_jax.config import ConfigError
 from moss_jax.convert.checkpoint_io import (
     export_params_from_run,
     load_hf_checkpoint,
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
             print(f"wrote {args.out_dir}")
-    except (CheckpointError, FileExistsError) as e:
+    except (CheckpointError, ConfigError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -197,6 +197,8 @@ def save_hf_checkpoint(
     """Writes a HF checkpoint (config.json + sharded safetensors + index), one shard in memory."""
     from safetensors.numpy import save_file
 
+    # Before any tensor is written: raises for a config HF cannot express (e.g. its rotary base).
+    hf_config = config.to_hf(model_type)
     rules = tensor_rules(config)
     # Plan shard boundaries from shapes alone, so each shard is written as soon as it is full.
     itemsize = np.dtype(_first_leaf(params).dtype).itemsize
@@ -230,7 +232,6 @@ def save_hf_checkpoint(
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in shard_of.items()}}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        hf_config = config.to_hf(model_type)
         hf_config["torch_dtype"] = str(np.dtype(_first_leaf(params).dtype))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return Path(out_dir)
