@@ -13,4 +13,5 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 ruff check .
-exec python -m pytest -n "${PYTEST_WORKERS:-2}" tests "$@"
+# loadgroup: a module marked xdist_group (the demo pipeline) stays on one worker.
+exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup tests "$@"

@@ -13,6 +13,29 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower checks (still run in CI)")
 
 
+# The longest tests (2 to 8 minutes each under `pytest -n 2`, --durations of 2026-11-26) start
+# first: with xdist a long test that starts near the end sets the suite's wall time. Whole
+# modules keep their order; scripts/test.sh runs `--dist loadgroup`, so the demo pipeline's
+# module (one expensive module fixture, `xdist_group`) stays on one worker.
+LONGEST_FIRST = (
+    "tests/stages/test_demo_pipeline.py::",
+    "tests/train/test_experiments.py::test_tiny_cpu_pretraining_loss_falls",
+    "tests/test_install.py::test_launch_extra_resolves_and_imports",
+    "tests/kernels/test_flash_mgpu_interpret.py::test_the_async_checks_run_on_jax_011_too",
+    "tests/kernels/test_flash_mgpu_interpret.py::test_hopper_kernels_match_reference_in_the_interpreter",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        for i, prefix in enumerate(LONGEST_FIRST):
+            if item.nodeid.startswith(prefix):
+                return i
+        return len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: everything else keeps its collection order
+
+
 @pytest.fixture(scope="session")
 def hf_reference():
     """(transformers, torch) for parity tests."""

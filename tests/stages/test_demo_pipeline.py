@@ -8,7 +8,8 @@ import pytest
 from moss_jax.stages import demo
 from moss_jax.stages.demo_report import HEADLINE_KEYS
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module: its fixture is the reduced demo (minutes).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_pipeline")]
 
 
 @pytest.fixture(scope="module")
