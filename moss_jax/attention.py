@@ -9,15 +9,18 @@ implementations:
 * and only if `q_segment_ids[b, i] == kv_segment_ids[b, j]` when segment ids are
   given (0 marks padding; packed sequences use 1, 2, ...).
 
-Scores and softmax are computed in float32; the output has the dtype of `v`.
+Scores and softmax are computed in float32; the output has the dtype of `v`. k and v are
+[B, S, H, K] with q's B, H and K: every implementation but the reference raises a ValueError for
+other shapes (`kernels.common.check_shapes`; no grouped-query attention).
 
 Implementations (`impl`, also `MossConfig.attention_impl`):
 
 * "xla": the reference below; materialises the [B, H, L, S] scores.
 * "blockwise": XLA loops over key blocks with an online softmax (moss_jax/kernels/blockwise.py).
 * "pallas_tpu" / "pallas_gpu": Pallas flash-attention kernels (Mosaic / Triton); a one-token
-  query (the KV-cache decode step) uses the decode kernel instead. Off their platform they run
-  in the Pallas interpreter, which is how the tests check them on CPU.
+  query (the KV-cache decode step) uses the decode kernel instead, whose gradient, when one is
+  taken, is the flash kernel's. Off their platform they run in the Pallas interpreter, which is how
+  the tests check them on CPU.
 * "pallas_mgpu": "pallas_gpu" whose forward and backward passes are Hopper kernels written in Pallas
   Mosaic GPU (warp-specialised, TMA, wgmma; moss_jax/kernels/flash_mgpu.py, flash_mgpu_bwd.py) for
   bf16/fp16 training calls (`q_offset` 0) on an H100/H200 (the backward for head_dim <= 128);
@@ -120,32 +123,54 @@ def xla_attention(
     return out.astype(v.dtype)
 
 
-def _kernel_attention(flash: Callable[..., jax.Array], decode: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """A Pallas implementation: flash kernel, or the decode kernel for one query per row."""
+def _kernel_attention(
+    flash: Callable[..., jax.Array], decode: Callable[..., jax.Array], name: str
+) -> Callable[..., jax.Array]:
+    """A Pallas implementation (registered as `name`): the flash kernel, or the decode kernel for
+    one query per row, whose gradient is the flash kernel's (the decode kernel has no VJP)."""
 
-    def local(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset, *, causal):
-        batch, q_len = q_BxLxHxK.shape[:2]
-        if q_len > 1:
-            return flash(
-                q_BxLxHxK,
-                k_BxSxHxK,
-                v_BxSxHxK,
-                q_segment_ids=q_segment_ids,
-                kv_segment_ids=kv_segment_ids,
-                causal=causal,
-                q_offset=offset,
-            )
+    def run_flash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset, causal):
+        return flash(
+            q_BxLxHxK,
+            k_BxSxHxK,
+            v_BxSxHxK,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            causal=causal,
+            q_offset=offset,
+        )
+
+    def run_decode(q_Bx1xHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset, causal):
         # Causal with one query at absolute index `offset`: keys 0..offset are visible.
         length = offset + 1 if causal else k_BxSxHxK.shape[1]
         out_BxHxK = decode(
-            q_BxLxHxK[:, 0],
+            q_Bx1xHxK[:, 0],
             k_BxSxHxK,
             v_BxSxHxK,
-            jnp.broadcast_to(jnp.asarray(length, jnp.int32), (batch,)),
+            jnp.broadcast_to(jnp.asarray(length, jnp.int32), (q_Bx1xHxK.shape[0],)),
             q_segment_ids_B=None if q_segment_ids is None else q_segment_ids[:, 0],
             kv_segment_ids_BxS=kv_segment_ids,
         )
         return out_BxHxK[:, None]
+
+    # The decode kernel forward, the flash kernel's VJP backward (it recomputes the one-row forward:
+    # O(S), like the decode step itself), so a one-token query can be differentiated too.
+    one_query = jax.custom_vjp(run_decode, nondiff_argnums=(6,))
+
+    def one_query_fwd(q, k, v, q_segment_ids, kv_segment_ids, offset, causal):
+        out = run_decode(q, k, v, q_segment_ids, kv_segment_ids, offset, causal)
+        return out, (q, k, v, q_segment_ids, kv_segment_ids, offset)
+
+    def one_query_bwd(causal, res, do):
+        q, k, v, q_segment_ids, kv_segment_ids, offset = res
+        _, vjp = jax.vjp(lambda q, k, v: run_flash(q, k, v, q_segment_ids, kv_segment_ids, offset, causal), q, k, v)
+        return (*vjp(do), None, None, None)
+
+    one_query.defvjp(one_query_fwd, one_query_bwd)
+
+    def local(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset, *, causal):
+        run = run_flash if q_BxLxHxK.shape[1] > 1 else one_query
+        return run(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset, causal)
 
     def impl(
         q_BxLxHxK: jax.Array,
@@ -157,6 +182,7 @@ def _kernel_attention(flash: Callable[..., jax.Array], decode: Callable[..., jax
         causal: bool = True,
         q_offset: jax.Array | int = 0,
     ) -> jax.Array:
+        common.check_shapes(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl=name)
         common.check_segment_ids(q_segment_ids, kv_segment_ids)
         return partition.shard_map_attention(
             functools.partial(local, causal=causal),
@@ -173,10 +199,10 @@ def _kernel_attention(flash: Callable[..., jax.Array], decode: Callable[..., jax
 
 register("blockwise")(blockwise.blockwise_attention)
 pallas_tpu_attention = register("pallas_tpu")(
-    _kernel_attention(flash_tpu.flash_attention_tpu, decode_tpu.decode_attention_tpu)
+    _kernel_attention(flash_tpu.flash_attention_tpu, decode_tpu.decode_attention_tpu, "pallas_tpu")
 )
 pallas_gpu_attention = register("pallas_gpu")(
-    _kernel_attention(flash_gpu.flash_attention_gpu, decode_gpu.decode_attention_gpu)
+    _kernel_attention(flash_gpu.flash_attention_gpu, decode_gpu.decode_attention_gpu, "pallas_gpu")
 )
 
 
@@ -194,7 +220,7 @@ def _hopper_flash(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, *, q_segment_ids, kv_segment_
     )
 
 
-_pallas_hopper_attention = _kernel_attention(_hopper_flash, decode_gpu.decode_attention_gpu)
+_pallas_hopper_attention = _kernel_attention(_hopper_flash, decode_gpu.decode_attention_gpu, "pallas_mgpu")
 
 
 @register("pallas_mgpu")
@@ -211,6 +237,7 @@ def pallas_mgpu_attention(
     """The Hopper (Mosaic GPU) forward and backward kernels where they apply
     (`flash_gpu.flash_attention_gpu(forward="mosaic", backward="mosaic")`), else "pallas_gpu";
     KV-cache calls (a `q_offset`) run "pallas_gpu" unchanged."""
+    common.check_shapes(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl="pallas_mgpu")
     kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
     if isinstance(q_offset, int) and q_offset == 0 and q_BxLxHxK.shape[1] > 1:
         return _pallas_hopper_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, **kw)
@@ -292,6 +319,7 @@ def auto_attention(
     q_offset: jax.Array | int = 0,
 ) -> jax.Array:
     """The TPU kernel on TPU, the GPU kernel on CUDA, blockwise XLA elsewhere (at lowering time)."""
+    common.check_shapes(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl="auto")
 
     def branch(fn):
         def run(q, k, v, q_seg, kv_seg, offset):

@@ -190,9 +190,12 @@ def blockwise_attention(
     block_k: int = DEFAULT_BLOCK_K,
 ) -> jax.Array:
     """Attention with the semantics of `moss_jax.attention` in O(block) memory; output dtype of v."""
+    common.check_shapes(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl="blockwise")
     common.check_segment_ids(q_segment_ids, kv_segment_ids)
     q_len, kv_len = q_BxLxHxK.shape[1], k_BxSxHxK.shape[1]
-    block_q, block_k = common.fit_block(block_q, q_len, 1), common.fit_block(block_k, kv_len, 1)
+    kernel = "blockwise implementation"
+    block_q = common.fit_block(block_q, q_len, 1, name="block_q", kernel=kernel)
+    block_k = common.fit_block(block_k, kv_len, 1, name="block_k", kernel=kernel)
     st = _Static(
         causal=causal,
         scale=1.0 / float(q_BxLxHxK.shape[-1]) ** 0.5,

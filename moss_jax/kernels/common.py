@@ -48,11 +48,48 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def fit_block(block: int, length: int, align: int) -> int:
-    """The block actually used: `block`, or the aligned length when the sequence is shorter."""
+def check_block(block: int, *, name: str, kernel: str, align: int = 1) -> None:
+    """Raises ValueError unless `block` (the field `name`, e.g. "BlockSizes.block_k") is a positive
+    int and a multiple of `align`, naming both in the message."""
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+        raise ValueError(f"{name}={block!r} must be a positive int for the {kernel}")
     if block % align:
-        raise ValueError(f"block size {block} must be a multiple of {align} here")
+        raise ValueError(f"{name}={block} must be a multiple of {align} for the {kernel}")
+
+
+def fit_block(block: int, length: int, align: int, *, name: str, kernel: str) -> int:
+    """The block actually used: `block`, or the aligned length when the sequence is shorter.
+
+    Raises:
+      ValueError: `block` (the field `name` of the `kernel`) is not a positive multiple of `align`.
+    """
+    check_block(block, name=name, kernel=kernel, align=align)
     return min(block, round_up(length, align))
+
+
+def check_shapes(q: Any, k: Any, v: Any, *, impl: str, decode: bool = False) -> None:
+    """Raises ValueError unless q is [B, L, H, K] (or [B, H, K] with `decode`) and k, v are both
+    [B, S, H, K] with q's B, H and K: the layout every kernel here assumes (no grouped-query
+    attention, v's head_dim and length those of k). `impl` names the caller in the message."""
+    q_shape, k_shape, v_shape = tuple(q.shape), tuple(k.shape), tuple(v.shape)
+    q_layout = "[B, H, K]" if decode else "[B, L, H, K]"
+    if len(q_shape) != len(q_layout.split(",")) or len(k_shape) != 4 or len(v_shape) != 4:
+        raise ValueError(
+            f"impl={impl!r}: takes q {q_layout} and k, v [B, S, H, K]; got q {q_shape}, k {k_shape}, v {v_shape}"
+        )
+    batch, heads, head_dim = q_shape[0], q_shape[-2], q_shape[-1]
+    for name, shape in (("k", k_shape), ("v", v_shape)):
+        if shape[0] != batch:
+            raise ValueError(f"impl={impl!r}: {name} batch ({shape[0]}) != q batch ({batch})")
+        if shape[2] != heads:
+            raise ValueError(
+                f"impl={impl!r}: {name} heads ({shape[2]}) != q heads ({heads}): grouped-query attention "
+                "is not supported (repeat the k/v heads to q's count first)"
+            )
+        if shape[3] != head_dim:
+            raise ValueError(f"impl={impl!r}: {name} head_dim ({shape[3]}) != q head_dim ({head_dim})")
+    if v_shape[1] != k_shape[1]:
+        raise ValueError(f"impl={impl!r}: v length ({v_shape[1]}) != k length ({k_shape[1]})")
 
 
 def pad_axis(x: jax.Array, axis: int, size: int, value: int | float = 0) -> jax.Array:

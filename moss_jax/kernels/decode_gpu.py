@@ -93,8 +93,17 @@ def decode_attention_gpu(
 ) -> jax.Array:
     """Attention of one query per row over the first lengths[b] cache rows (see module doc).
 
-    Forward only (decoding is inference). A row with no visible key gets zeros.
+    Forward only (decoding is inference; `moss_jax.attention` gives one-token queries a VJP through
+    the flash kernel). A row with no visible key gets zeros.
+
+    Raises:
+      ValueError: q/k/v shapes that do not match (`common.check_shapes`), or a `block_k` that is
+        not a positive power of two (Triton tiles, `jnp.arange(block_k)` among them).
     """
+    common.check_shapes(q_BxHxK, k_BxSxHxK, v_BxSxHxK, impl="decode_attention_gpu", decode=True)
+    common.check_block(block_k, name="block_k", kernel="GPU decode kernel")
+    if block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k} must be a power of two for the GPU decode kernel (Triton tiles)")
     segments = common.check_segment_ids(q_segment_ids_B, kv_segment_ids_BxS)
     _, kv_len, _, head_dim = k_BxSxHxK.shape
     # Triton tiles are powers of two: pad head_dim (zeros leave q.k and the kept columns

@@ -147,14 +147,24 @@ def decode_attention_tpu(
 ) -> jax.Array:
     """Attention of one query per row over the first lengths[b] cache rows (see module doc).
 
-    Forward only (decoding is inference). A row with no visible key gets zeros.
+    Forward only (decoding is inference; `moss_jax.attention` gives one-token queries a VJP through
+    the flash kernel). A row with no visible key gets zeros.
+
+    Raises:
+      ValueError: q/k/v shapes that do not match (`common.check_shapes`), or a `block_k` that is
+        neither a positive multiple of 128 nor the whole cache length.
     """
+    common.check_shapes(q_BxHxK, k_BxSxHxK, v_BxSxHxK, impl="decode_attention_tpu", decode=True)
     segments = common.check_segment_ids(q_segment_ids_B, kv_segment_ids_BxS)
     _, kv_len, heads, head_dim = k_BxSxHxK.shape
-    block_k = block_k or pick_block_k(kv_len, heads, head_dim, k_BxSxHxK.dtype)
-    padded = kv_len if block_k == kv_len else common.round_up(kv_len, block_k)
+    if block_k is None:
+        block_k = pick_block_k(kv_len, heads, head_dim, k_BxSxHxK.dtype)
+    common.check_block(block_k, name="block_k", kernel="TPU decode kernel")
     if block_k != kv_len and block_k % LANES:
-        raise ValueError(f"block_k={block_k} must be a multiple of {LANES} or the whole cache ({kv_len})")
+        raise ValueError(
+            f"block_k={block_k} must be a multiple of {LANES} or the whole cache ({kv_len}) for the TPU decode kernel"
+        )
+    padded = kv_len if block_k == kv_len else common.round_up(kv_len, block_k)
     # Rows past kv_len are hidden by the lengths, which never exceed kv_len.
     k, v = common.pad_axis(k_BxSxHxK, 1, padded), common.pad_axis(v_BxSxHxK, 1, padded)
     kv_seg = common.pad_axis(kv_segment_ids_BxS, 1, padded) if segments else None

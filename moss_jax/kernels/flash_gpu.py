@@ -51,6 +51,9 @@ _SMEM_NO_GPU = 232448
 # the fastest forward and forward+backward at head_dim 128), then smaller until the tiles fit.
 _TILES = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
 _MAX_STAGES = 3
+# Triton's tl.dot needs every matmul dim >= 16: the smallest tile, and head_dim's padded minimum.
+_MIN_BLOCK = 16
+_KERNEL = "GPU flash kernel"
 
 
 @functools.cache
@@ -178,12 +181,21 @@ class _Pass:
     kv_real: int | None  # real key count when padded, else None
 
     @classmethod
-    def make(cls, block_q: int, block_k: int, q_len: int, kv_len: int) -> _Pass:
-        for block in (block_q, block_k):
+    def make(cls, blocks: common.BlockSizes, q_len: int, kv_len: int, *, backward: bool) -> _Pass:
+        """The forward's (`backward` False) or both backward kernels' geometry from `blocks`."""
+        suffix = "_bwd" if backward else ""
+        block_q, block_k = getattr(blocks, "block_q" + suffix), getattr(blocks, "block_k" + suffix)
+        for name, block in ((f"BlockSizes.block_q{suffix}", block_q), (f"BlockSizes.block_k{suffix}", block_k)):
+            common.check_block(block, name=name, kernel=_KERNEL)
             if block & (block - 1):
-                raise ValueError(f"Triton block sizes must be powers of two, got {block}")
-        bq = min(block_q, max(16, pl.next_power_of_2(q_len)))
-        bk = min(block_k, max(16, pl.next_power_of_2(kv_len)))
+                raise ValueError(f"{name}={block} must be a power of two for the {_KERNEL} (Triton tiles)")
+            if block < _MIN_BLOCK:
+                raise ValueError(
+                    f"{name}={block} must be at least {_MIN_BLOCK} for the {_KERNEL} (Triton's tl.dot needs "
+                    f"M, N, K >= {_MIN_BLOCK})"
+                )
+        bq = min(block_q, max(_MIN_BLOCK, pl.next_power_of_2(q_len)))
+        bk = min(block_k, max(_MIN_BLOCK, pl.next_power_of_2(kv_len)))
         kv_pad = common.round_up(kv_len, bk)
         return cls(bq, bk, common.round_up(q_len, bq), kv_pad, None if kv_pad == kv_len else kv_len)
 
@@ -364,7 +376,7 @@ def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, *refs, st: _Static, geo: _Pass):
 
 
 def _head_dim(k: int) -> int:
-    return max(16, pl.next_power_of_2(k))  # tl.dot needs K >= 16
+    return max(_MIN_BLOCK, pl.next_power_of_2(k))  # tl.dot needs K >= 16
 
 
 class _Specs:
@@ -394,7 +406,7 @@ def _forward(st: _Static, q, k, v, q_seg, kv_seg, offset, *, interpret: bool):
     """[B, L, H, K] inputs -> (out [B, L, H, K], lse [B, H, L])."""
     batch, q_len, heads, head_dim = q.shape
     blocks = st.launch.blocks
-    geo = _Pass.make(blocks.block_q, blocks.block_k, q_len, k.shape[1])
+    geo = _Pass.make(blocks, q_len, k.shape[1], backward=False)
     kp = _head_dim(head_dim)
     q_p, k_p, v_p = (common.pad_tokens(x, n, kp) for x, n in ((q, geo.q_len), (k, geo.kv_len), (v, geo.kv_len)))
     sp = _Specs(geo, kp)
@@ -420,7 +432,7 @@ def _backward(st: _Static, q, k, v, q_seg, kv_seg, offset, lse, delta, do, *, in
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     blocks = st.launch.blocks
-    geo = _Pass.make(blocks.block_q_bwd, blocks.block_k_bwd, q_len, kv_len)
+    geo = _Pass.make(blocks, q_len, kv_len, backward=True)
     kp = _head_dim(head_dim)
     q_p, do_p = common.pad_tokens(q, geo.q_len, kp), common.pad_tokens(do, geo.q_len, kp)
     k_p, v_p = common.pad_tokens(k, geo.kv_len, kp), common.pad_tokens(v, geo.kv_len, kp)
@@ -545,7 +557,13 @@ def flash_attention_gpu(
     backward with `flash_mgpu_bwd`'s fused Hopper kernel where the Mosaic forward ran and
     head_dim <= 128; otherwise the two Triton kernels. `mosaic_tiles`: the Mosaic forward's tiles
     (None: `flash_mgpu.default_tiles`).
+
+    Raises:
+      ValueError: q/k/v shapes that do not match (`common.check_shapes`), or a `block_sizes` field
+        that is not a power of two >= 16; all four fields are checked here, so a forward-only call
+        rejects bad backward blocks too.
     """
+    common.check_shapes(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl="flash_attention_gpu")
     for name, value in (("forward", forward), ("backward", backward)):
         if value not in ("triton", "mosaic"):
             raise ValueError(f"{name} must be 'triton' or 'mosaic', got {value!r}")
@@ -559,12 +577,15 @@ def flash_attention_gpu(
     if forward != "mosaic" or flash_mgpu_bwd.unsupported(q_BxLxHxK, segments=segments) is not None:
         backward = "triton"
     head_dim = q_BxLxHxK.shape[-1]
+    launch = resolve_launch(head_dim, q_BxLxHxK.dtype, block_sizes, num_warps, num_stages)
+    for bwd in (False, True):  # all four fields, so a forward-only call checks the backward's too
+        _Pass.make(launch.blocks, q_BxLxHxK.shape[1], k_BxSxHxK.shape[1], backward=bwd)
     st = _Static(
         causal=causal,
         scale=1.0 / float(head_dim) ** 0.5,
         segments=segments,
         interpret=interpret,
-        launch=resolve_launch(head_dim, q_BxLxHxK.dtype, block_sizes, num_warps, num_stages),
+        launch=launch,
         forward=forward,
         backward=backward,
         mosaic_tiles=mosaic_tiles if forward == "mosaic" else None,

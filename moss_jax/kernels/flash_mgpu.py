@@ -123,8 +123,11 @@ def device_unsupported(causal: bool = True) -> str | None:
     """Why this host's GPU cannot run the kernels, or None: a Hopper GPU, or no GPU visible (a
     CPU host lowering for CUDA ahead of time is taken to target Hopper).
 
-    CUDA runtimes 12.8.0 up to (not including) 12.9.1 are refused for causal masking: ptxas
-    miscompiles it there (JAX's own example kernel refuses them too), silently.
+    CUDA 12.8 and 12.9 runtimes are refused for causal masking: ptxas 12.8.0-12.9.0 miscompiles it,
+    silently (JAX's own example kernel refuses them too, meaning to allow 12.9.1). The runtime
+    version reads major * 1000 + minor * 10, with no patch digit, so 12.9.1 (12090) cannot be told
+    from 12.9.0 and is refused as well; 13.0 and later are accepted. (The runtime stands
+    in for the ptxas that compiles the kernel, as in JAX's check.)
     """
     try:
         device = jax.local_devices(backend="gpu")[0]
@@ -134,8 +137,11 @@ def device_unsupported(causal: bool = True) -> str | None:
     if capability.split(".")[0] != "9":
         return f"GPU {device.device_kind!r} (compute capability {capability or '?'}): wgmma needs sm_90 (Hopper)"
     runtime = _cuda_runtime_version()
-    if causal and runtime is not None and 12080 <= runtime < 12091:
-        return f"CUDA runtime {runtime}: ptxas 12.8.0-12.9.0 miscompiles the causal mask (JAX's example refuses it too)"
+    if causal and runtime is not None and 12080 <= runtime < 12100:  # 12.8.x and 12.9.x
+        return (
+            f"CUDA runtime {runtime} (12.8 or 12.9): ptxas 12.8.0-12.9.0 miscompiles the causal mask, and the "
+            "runtime version has no patch digit to tell 12.9.1 apart (JAX's example refuses these too)"
+        )
     return None
 
 
@@ -419,15 +425,12 @@ def flash_forward_hopper(
     tiles: Tiles | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(out [B, L, H, K], base-2 log-sum-exp [B, H, L]) for `q_offset` 0; see `unsupported`."""
+    common.check_shapes(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl="flash_forward_hopper")
     reason = unsupported(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_offset=0, tiles=tiles)
     if reason is not None:
         raise ValueError(f"flash_forward_hopper: {reason}")
     batch, q_len, heads, head_dim = q_BxLxHxK.shape
     kv_len = k_BxSxHxK.shape[1]
-    if k_BxSxHxK.shape != (batch, kv_len, heads, head_dim) or v_BxSxHxK.shape != k_BxSxHxK.shape:
-        raise ValueError(
-            f"k {k_BxSxHxK.shape} and v {v_BxSxHxK.shape} must be [B, S, H, K] matching q {q_BxLxHxK.shape}"
-        )
     dp = _padded_dim(head_dim)
     t = tiles or default_tiles(dp)
     segments = common.check_segment_ids(q_segment_ids, kv_segment_ids)

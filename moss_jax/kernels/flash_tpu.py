@@ -36,6 +36,7 @@ LANES, SUBLANES = 128, 8
 DEFAULT_BLOCK_SIZES = common.BlockSizes(block_q=512, block_k=512, block_q_bwd=512, block_k_bwd=512)
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b
+_KERNEL = "TPU flash kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +59,12 @@ class _Pass:
     kv_real: int | None  # real key count when padded, else None
 
     @classmethod
-    def make(cls, block_q: int, block_k: int, q_len: int, kv_len: int) -> _Pass:
-        bq, bk = common.fit_block(block_q, q_len, 16), common.fit_block(block_k, kv_len, LANES)
+    def make(cls, blocks: common.BlockSizes, q_len: int, kv_len: int, *, backward: bool) -> _Pass:
+        """The forward's (`backward` False) or both backward kernels' geometry from `blocks`."""
+        suffix = "_bwd" if backward else ""
+        block_q, block_k = getattr(blocks, "block_q" + suffix), getattr(blocks, "block_k" + suffix)
+        bq = common.fit_block(block_q, q_len, 16, name=f"BlockSizes.block_q{suffix}", kernel=_KERNEL)
+        bk = common.fit_block(block_k, kv_len, LANES, name=f"BlockSizes.block_k{suffix}", kernel=_KERNEL)
         kv_pad = common.round_up(kv_len, bk)
         return cls(bq, bk, common.round_up(q_len, bq), kv_pad, None if kv_pad == kv_len else kv_len)
 
@@ -249,7 +254,7 @@ def _cost(geo: _Pass, st: _Static, batch: int, heads: int, head_dim: int, matmul
 def _forward(st: _Static, q, k, v, q_seg, kv_seg, offset, *, interpret: bool):
     """[B, H, L, K] inputs -> (out [B, H, L, K], lse [B, H, L, 1])."""
     batch, heads, q_len, head_dim = q.shape
-    geo = _Pass.make(st.blocks.block_q, st.blocks.block_k, q_len, k.shape[2])
+    geo = _Pass.make(st.blocks, q_len, k.shape[2], backward=False)
     q_p = common.pad_axis(q, 2, geo.q_len)
     k_p, v_p = common.pad_axis(k, 2, geo.kv_len), common.pad_axis(v, 2, geo.kv_len)
     q_spec, kv_spec, seg_specs, row_spec = _specs(st, geo, head_dim, q_major=True)
@@ -283,7 +288,7 @@ def _backward(st: _Static, q, k, v, q_seg, kv_seg, offset, lse, delta, do, *, in
     """[B, H, L, K] inputs, lse/delta [B, H, L, 1] -> (dq, dk, dv)."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
-    geo = _Pass.make(st.blocks.block_q_bwd, st.blocks.block_k_bwd, q_len, kv_len)
+    geo = _Pass.make(st.blocks, q_len, kv_len, backward=True)
     q_p, do_p = common.pad_axis(q, 2, geo.q_len), common.pad_axis(do, 2, geo.q_len)
     k_p, v_p = common.pad_axis(k, 2, geo.kv_len), common.pad_axis(v, 2, geo.kv_len)
     rows = [jnp.broadcast_to(common.pad_axis(x, 2, geo.q_len), (batch, heads, geo.q_len, LANES)) for x in (lse, delta)]
@@ -369,7 +374,15 @@ def flash_attention_tpu(
 
     `interpret=None` compiles the kernel when lowering for TPU and runs the Pallas
     interpreter on any other platform; True/False force one.
+
+    Raises:
+      ValueError: q/k/v shapes that do not match (`common.check_shapes`), or a `block_sizes` field
+        that is not a multiple of 16 (query blocks) or 128 (key blocks); all four fields are
+        checked here, so a forward-only call rejects bad backward blocks too.
     """
+    common.check_shapes(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl="flash_attention_tpu")
+    for bwd in (False, True):  # all four fields, so a forward-only call checks the backward's too
+        _Pass.make(block_sizes, q_BxLxHxK.shape[1], k_BxSxHxK.shape[1], backward=bwd)
     st = _Static(
         causal=causal,
         scale=1.0 / float(q_BxLxHxK.shape[-1]) ** 0.5,

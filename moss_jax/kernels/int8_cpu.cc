@@ -33,9 +33,11 @@ void DotPortable(const int8_t* x, const int8_t* w, int32_t* y, int64_t m, int64_
     const int8_t* wj = w + j * k;
     for (int64_t i = 0; i < m; ++i) {
       const int8_t* xi = x + i * k;
-      int32_t acc = 0;
-      for (int64_t t = 0; t < k; ++t) acc += int32_t(xi[t]) * int32_t(wj[t]);
-      y[i * n + j] = acc;
+      // Unsigned adds wrap (signed overflow would be undefined behaviour), giving the sum modulo
+      // 2^32 as XLA's int32 dot does; each product (|p| <= 2^14) fits an int32 exactly.
+      uint32_t acc = 0;
+      for (int64_t t = 0; t < k; ++t) acc += uint32_t(int32_t(xi[t]) * int32_t(wj[t]));
+      y[i * n + j] = int32_t(acc);  // modular conversion (guaranteed by GCC/Clang, and C++20)
     }
   }
 }
@@ -44,6 +46,16 @@ void DotPortable(const int8_t* x, const int8_t* w, int32_t* y, int64_t m, int64_
 
 MOSS_VNNI inline __m256i Half(__m512i v) {
   return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+// The 16 lanes' sum modulo 2^32 (GCC's _mm512_reduce_add_epi32 ends in a signed scalar add, whose
+// overflow is undefined behaviour; the vector adds here wrap).
+MOSS_VNNI inline uint32_t SumLanes(__m512i v) {
+  const __m256i h = Half(v);
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return uint32_t(_mm_cvtsi128_si32(s));
 }
 
 // Sums of four 16-lane vectors as one 4-lane vector [sum(a), sum(b), sum(c), sum(d)].
@@ -120,8 +132,9 @@ MOSS_VNNI inline void MicroVnni(const uint8_t* xu, const int8_t* w, int32_t* y, 
     }
   } else {
     for (int b = 0; b < NB; ++b) {
-      const int32_t offset = _mm512_reduce_add_epi32(wsum[b]) * 128;
-      for (int a = 0; a < MB; ++a) y[a * n + j + b] = _mm512_reduce_add_epi32(acc[a][b]) - offset;
+      // In uint32, as in DotPortable: 128 * sum(w) and the difference may wrap.
+      const uint32_t offset = SumLanes(wsum[b]) * 128u;
+      for (int a = 0; a < MB; ++a) y[a * n + j + b] = int32_t(SumLanes(acc[a][b]) - offset);
     }
   }
 }

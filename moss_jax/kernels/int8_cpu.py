@@ -49,8 +49,11 @@ def _compiler() -> str | None:
     return None
 
 
-def build(force: bool = False) -> Path:
-    """Compiles int8_cpu.cc (once per source, compiler and jaxlib) and returns the library path.
+def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compiles int8_cpu.cc (once per source, compiler, flags and jaxlib) and returns the library path.
+
+    Args:
+      extra_flags: more compiler flags (the tests build with a trapping overflow sanitizer).
 
     Raises:
       RuntimeError: no C++ compiler, or the build failed (the compiler's output attached).
@@ -59,7 +62,7 @@ def build(force: bool = False) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found ($CXX, g++ or c++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}", *extra_flags]
     key = hashlib.sha256(
         SOURCE.read_bytes() + version.encode() + " ".join(flags).encode() + jax.__version__.encode()
     ).hexdigest()[:16]

@@ -58,6 +58,44 @@ def test_dispatcher_single_query(impl):
         np.testing.assert_allclose(np.asarray(got), np.asarray(xla_attention(q, k, v, **kw)), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("impl", sorted(KERNEL_IMPLS))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_single_query_gradients(impl, causal):
+    """A one-token query runs the forward-only decode kernel, and its gradient is the flash
+    kernel's VJP: output and dq, dk, dv match the reference (segment ids, an offset)."""
+    case = Case("decode_grad", q_len=1, kv_len=40, head_dim=64, causal=causal, segments=-1, q_offset=17)
+    fn = functools.partial(attention, impl=impl)
+    assert_matches_reference(fn, case)
+    inputs = make_inputs(case)
+
+    def value_and_grads(q, k, v):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v, **inputs["kwargs"])), argnums=(0, 1, 2))(q, k, v)
+
+    names = _kernel_names(value_and_grads, inputs["q"], inputs["k"], inputs["v"])
+    platform = KERNEL_IMPLS[impl]
+    assert {f"moss_decode_{platform}", f"moss_flash_dq_{platform}", f"moss_flash_dkv_{platform}"} <= names
+
+
+MISMATCHES = {
+    # (k shape, v shape, error) against q [1, L, 4, 64]
+    "gqa": ((1, 8, 2, 64), (1, 8, 2, 64), r"k heads \(2\) != q heads \(4\): grouped-query"),
+    "v_head_dim": ((1, 8, 4, 64), (1, 8, 4, 32), r"v head_dim \(32\) != q head_dim \(64\)"),
+    "v_length": ((1, 8, 4, 64), (1, 6, 4, 64), r"v length \(6\) != k length \(8\)"),
+    "k_batch": ((2, 8, 4, 64), (2, 8, 4, 64), r"k batch \(2\) != q batch \(1\)"),
+}
+
+
+@pytest.mark.parametrize("mismatch", sorted(MISMATCHES))
+@pytest.mark.parametrize("q_len", [8, 1], ids=["flash", "decode"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mismatched_shapes_are_rejected(impl, q_len, mismatch):
+    """k/v that are not [B, S, H, K] with q's B, H and K raise, naming the impl (no GQA support)."""
+    k_shape, v_shape, message = MISMATCHES[mismatch]
+    q = jnp.zeros((1, q_len, 4, 64))
+    with pytest.raises(ValueError, match=f"impl='{impl}': {message}"):
+        attention(q, jnp.zeros(k_shape), jnp.zeros(v_shape), impl=impl)
+
+
 @pytest.fixture(scope="module")
 def params():
     return init_params(CFG, jax.random.key(0))

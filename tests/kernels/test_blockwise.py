@@ -25,6 +25,19 @@ def test_matches_reference(case, blocks):
     assert_matches_reference(functools.partial(blockwise_attention, block_q=blocks[0], block_k=blocks[1]), case)
 
 
+@pytest.mark.parametrize("blocks, message", [((0, 8), "block_q=0 must be"), ((8, -8), "block_k=-8 must be")])
+def test_block_sizes_must_be_positive(blocks, message):
+    x = jnp.zeros((1, 16, 1, 64))
+    with pytest.raises(ValueError, match=f"{message} a positive int"):
+        blockwise_attention(x, x, x, block_q=blocks[0], block_k=blocks[1])
+
+
+def test_mismatched_shapes_are_rejected():
+    q = jnp.zeros((1, 16, 2, 64))
+    with pytest.raises(ValueError, match=r"impl='blockwise': v length \(12\) != k length \(16\)"):
+        blockwise_attention(q, q, jnp.zeros((1, 12, 2, 64)))
+
+
 def _temp_bytes(attention_fn, length: int, grad: bool) -> int:
     """XLA's scratch allocation for one call at B=1, H=4, K=64 (compiled, not run)."""
     x = jax.ShapeDtypeStruct((1, length, 4, 64), jnp.float32)

@@ -87,3 +87,34 @@ def test_no_visible_key_gives_zeros():
     for fn in KERNELS.values():
         out = fn(q, k, v, jnp.asarray([0], jnp.int32))
         np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+@pytest.mark.parametrize(
+    "kernel, block_k, message",
+    [
+        ("tpu", -128, "block_k=-128 must be a positive int"),
+        ("tpu", 0, "block_k=0 must be a positive int"),  # not silently the default
+        ("tpu", 96, "block_k=96 must be a multiple of 128"),
+        ("gpu", 0, "block_k=0 must be a positive int"),
+        ("gpu", 48, "block_k=48 must be a power of two"),  # Triton's arange needs one
+    ],
+)
+def test_block_k_validation(kernel, block_k, message):
+    q, k, v = _cache(1, 256, 2, 64, jnp.float32)
+    with pytest.raises(ValueError, match=message):
+        KERNELS[kernel](q, k, v, jnp.asarray([10], jnp.int32), block_k=block_k)
+
+
+@pytest.mark.parametrize(
+    "k_shape, v_shape, message",
+    [
+        ((1, 32, 1, 64), (1, 32, 1, 64), r"k heads \(1\) != q heads \(2\): grouped-query"),
+        ((1, 32, 2, 64), (1, 32, 2, 32), r"v head_dim \(32\) != q head_dim \(64\)"),
+        ((1, 32, 2, 64), (1, 24, 2, 64), r"v length \(24\) != k length \(32\)"),
+    ],
+)
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_mismatched_shapes_are_rejected(kernel, k_shape, v_shape, message):
+    q = jnp.zeros((1, 2, 64))
+    with pytest.raises(ValueError, match=f"impl='decode_attention_{kernel}': {message}"):
+        KERNELS[kernel](q, jnp.zeros(k_shape), jnp.zeros(v_shape), jnp.asarray([10], jnp.int32))

@@ -86,5 +86,45 @@ def test_block_size_validation():
     x = jnp.zeros((1, 8, 1, 64))
     with pytest.raises(ValueError, match="multiple of 128"):
         flash_tpu.flash_attention_tpu(x, x, x, block_sizes=common.BlockSizes(16, 100, 16, 128), interpret=True)
-    with pytest.raises(ValueError, match="powers of two"):
+    with pytest.raises(ValueError, match="power of two"):
         flash_gpu.flash_attention_gpu(x, x, x, block_sizes=common.BlockSizes(48, 16, 16, 16), interpret=True)
+
+
+@pytest.mark.parametrize(
+    "kernel, blocks, message",
+    [
+        ("tpu", (16, 100, 16, 128), r"BlockSizes\.block_k=100 must be a multiple of 128 for the TPU"),
+        ("tpu", (24, 128, 16, 128), r"BlockSizes\.block_q=24 must be a multiple of 16 for the TPU"),
+        # The backward's blocks are checked by a forward-only call too, not first under jax.grad.
+        ("tpu", (16, 128, 24, 128), r"BlockSizes\.block_q_bwd=24 must be a multiple of 16"),
+        ("tpu", (16, 128, 16, 100), r"BlockSizes\.block_k_bwd=100 must be a multiple of 128"),
+        ("gpu", (16, 16, 48, 16), r"BlockSizes\.block_q_bwd=48 must be a power of two"),
+        ("gpu", (16, 16, 16, 24), r"BlockSizes\.block_k_bwd=24 must be a power of two"),
+        # Triton's tl.dot needs M, N, K >= 16: smaller tiles would fail to compile on a GPU.
+        ("gpu", (8, 16, 16, 16), r"BlockSizes\.block_q=8 must be at least 16"),
+        ("gpu", (16, 16, 16, 8), r"BlockSizes\.block_k_bwd=8 must be at least 16"),
+    ],
+)
+def test_block_sizes_are_checked_up_front_naming_the_field(kernel, blocks, message):
+    fn = {"tpu": flash_tpu.flash_attention_tpu, "gpu": flash_gpu.flash_attention_gpu}[kernel]
+    x = jnp.zeros((1, 8, 1, 64))
+    with pytest.raises(ValueError, match=message):
+        fn(x, x, x, block_sizes=common.BlockSizes(*blocks), interpret=True)
+
+
+@pytest.mark.parametrize(
+    "k_shape, v_shape, message",
+    [
+        ((1, 8, 2, 64), (1, 8, 2, 64), r"k heads \(2\) != q heads \(4\): grouped-query"),
+        ((1, 8, 4, 64), (1, 8, 4, 32), r"v head_dim \(32\) != q head_dim \(64\)"),
+        ((1, 8, 4, 32), (1, 8, 4, 32), r"k head_dim \(32\) != q head_dim \(64\)"),
+        ((1, 8, 4, 64), (1, 6, 4, 64), r"v length \(6\) != k length \(8\)"),
+        ((1, 8, 64), (1, 8, 64), r"takes q \[B, L, H, K\] and k, v \[B, S, H, K\]"),
+    ],
+)
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_mismatched_shapes_are_rejected(kernel, k_shape, v_shape, message):
+    impl = {"tpu": "flash_attention_tpu", "gpu": "flash_attention_gpu"}[kernel]
+    q = jnp.zeros((1, 8, 4, 64))
+    with pytest.raises(ValueError, match=f"impl='{impl}': {message}"):
+        KERNELS[kernel](q, jnp.zeros(k_shape), jnp.zeros(v_shape))

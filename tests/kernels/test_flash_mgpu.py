@@ -249,8 +249,8 @@ def test_backward_loop_bounds_cover_exactly_the_visible_blocks(causal, kv_len):
 
 
 def test_device_checks(monkeypatch):
-    """A non-Hopper GPU is refused; a CUDA 12.8.0-12.9.0 runtime is refused for causal masking
-    (ptxas miscompiles it); a Hopper GPU with another runtime, or no GPU, is accepted."""
+    """A non-Hopper GPU is refused; a CUDA 12.8 or 12.9 runtime is refused for causal masking
+    (ptxas 12.8.0-12.9.0 miscompiles it); a Hopper GPU with another runtime, or no GPU, is accepted."""
 
     class Device:
         def __init__(self, kind, capability):
@@ -267,6 +267,9 @@ def test_device_checks(monkeypatch):
         with_gpu("NVIDIA H100 80GB HBM3", "9.0", 12085)
         assert "12085" in flash_mgpu.device_unsupported(True)
         assert flash_mgpu.device_unsupported(False) is None
+        # 12.9.0 and 12.9.1 both read 12090 (major * 1000 + minor * 10): refused, as 12.8 is.
+        with_gpu("NVIDIA H100 80GB HBM3", "9.0", 12090)
+        assert "12090" in flash_mgpu.device_unsupported(True)
         with_gpu("NVIDIA H100 80GB HBM3", "9.0", 13000)
         assert flash_mgpu.device_unsupported(True) is None
         monkeypatch.undo()

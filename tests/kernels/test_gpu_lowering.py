@@ -67,3 +67,18 @@ def test_decode_lowers_for_moss_cache(dtype):
 def test_auto_picks_the_gpu_kernel_for_cuda():
     x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     assert _triton_kernels(lambda q, k, v: attention(q, k, v, impl="auto"), x, x, x) == ["moss_flash_fwd_gpu"]
+
+
+def test_single_query_value_and_grad_lower_for_cuda():
+    """A one-token query under "auto": the forward runs the decode kernel, the gradient the flash
+    backward kernels (the decode kernel has no VJP of its own)."""
+    q, kv = jax.ShapeDtypeStruct((2, 1, 2, 64), jnp.bfloat16), jax.ShapeDtypeStruct((2, 64, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return jnp.sum(attention(q, k, v, impl="auto", q_offset=40).astype(jnp.float32))
+
+    def fn(q, k, v):
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    kernels = set(_triton_kernels(fn, q, kv, kv))
+    assert {"moss_decode_gpu", "moss_flash_dkv_gpu", "moss_flash_dq_gpu"} <= kernels

@@ -1,5 +1,10 @@
 """The FFI int8 dot (moss_jax/kernels/int8_cpu.py): bit-exact against XLA's int8 x int8 -> int32 dot."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +93,34 @@ def test_build_is_cached(monkeypatch, tmp_path):
     mtime = path.stat().st_mtime_ns
     assert int8_cpu.build() == path and path.stat().st_mtime_ns == mtime
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+
+
+# Run in a child process: a trapped overflow kills the process (SIGILL).
+_UBSAN_SCRIPT = """
+import functools
+import jax, jax.numpy as jnp, numpy as np
+from moss_jax.kernels import int8_cpu
+int8_cpu.build = functools.partial(int8_cpu.build, extra_flags=(
+    "-fsanitize=signed-integer-overflow", "-fsanitize-undefined-trap-on-error"))
+assert int8_cpu.registered()
+k = (1 << 17) + 64  # 16384 * k > 2^31: the int32 sum wraps
+for a, b in [(-128, -128), (-128, 127), (127, 127)]:
+    x, w = jnp.full((2, k), a, jnp.int8), jnp.full((3, k), b, jnp.int8)
+    want = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    for use_vnni in [False] + [True] * int8_cpu.available():
+        np.testing.assert_array_equal(int8_cpu.int8_dot_nt(x, w, use_vnni=use_vnni), want)
+print("ok")
+"""
+
+
+def test_wrapping_sums_are_defined_behaviour(tmp_path):
+    """Sums past int32 wrap as XLA's do without signed overflow (undefined behaviour in C++): built
+    with a trapping signed-overflow sanitizer, the kernel still returns XLA's bits on both paths."""
+    env = os.environ | {"MOSS_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    root = pathlib.Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", _UBSAN_SCRIPT], capture_output=True, text=True, env=env, cwd=root, timeout=600
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"exit {proc.returncode} (-4 = SIGILL: a signed overflow trapped)\n{proc.stderr[-3000:]}"
+    )

@@ -17,6 +17,7 @@ pytest.importorskip("libtpu", reason='libtpu is not installed (pip install "jax[
 
 from jax.experimental import topologies  # noqa: E402
 
+from moss_jax.attention import attention  # noqa: E402
 from moss_jax.config import MossConfig  # noqa: E402
 from moss_jax.kernels import decode_tpu, flash_tpu  # noqa: E402
 from moss_jax.model import KVCache, MossLM, abstract_params  # noqa: E402
@@ -117,3 +118,18 @@ def test_kv_cache_decode_step_compiles(topology):
     lowered = step.lower(params, _abstract((4, 1), jnp.int32, dev), cache)
     assert _kernels(lowered.as_text()) == {"moss_decode_tpu"}
     lowered.compile()
+
+
+def test_single_query_value_and_grad_lower_for_tpu():
+    """A one-token query under "auto" lowered for TPU: the forward runs the decode kernel, the
+    gradient the flash backward kernels (the decode kernel has no VJP of its own)."""
+    q, kv = jax.ShapeDtypeStruct((2, 1, 2, 64), jnp.bfloat16), jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return jnp.sum(attention(q, k, v, impl="auto", q_offset=200).astype(jnp.float32))
+
+    def fn(q, k, v):
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("tpu",)).as_text()
+    assert {"moss_decode_tpu", "moss_flash_dkv_tpu", "moss_flash_dq_tpu"} <= _kernels(text)
