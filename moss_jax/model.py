@@ -136,7 +136,9 @@ def check_positions(positions: Any, max_len: int) -> None:
     """Raises ValueError for a position >= the context `max_len` when the positions are concrete."""
     if isinstance(positions, jax.core.Tracer) or not np.size(positions):
         return
-    top = int(np.max(positions))
+    # np.asarray first: a concrete array closed over by a jitted function would otherwise be
+    # reduced by a staged jnp op (a tracer) during tracing.
+    top = int(np.max(np.asarray(positions)))
     if top >= max_len:
         raise ValueError(f"position {top} is past the model's context max_len={max_len}")
 

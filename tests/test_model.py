@@ -268,3 +268,17 @@ def test_layer_norm_matches_two_pass_variance():
     centred = x64 - x64.mean(-1, keepdims=True)
     ref = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + CFG.layer_norm_eps)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)  # the one-pass variance: 0.13
+
+
+def test_concrete_positions_closed_over_by_jit_are_checked_while_tracing():
+    """Positions captured as a constant by a jitted function (as the head-loss tests do) are
+    concrete while the function traces: the check must read them without staging a jnp op."""
+    cfg = PRESETS["debug"]
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    ids = jnp.zeros((2, 8), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    out = jax.jit(lambda p: MossLM(cfg).apply({"params": p}, ids, positions_BxL=positions))(params)
+    assert out.shape == (2, 8, cfg.vocab_size)
+    late = positions + cfg.max_len
+    with pytest.raises(ValueError, match="past the model's context"):
+        jax.jit(lambda p: MossLM(cfg).apply({"params": p}, ids, positions_BxL=late))(params)
