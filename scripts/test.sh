@@ -13,5 +13,4 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 ruff check .
-# loadgroup: a module marked xdist_group (the demo pipeline) stays on one worker.
-exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup tests "$@"
+exec python -m pytest -n "${PYTEST_WORKERS:-2}" tests "$@"

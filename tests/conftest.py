@@ -13,12 +13,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower checks (still run in CI)")
 
 
-# The longest tests (2 to 8 minutes each under `pytest -n 2`, --durations of 2026-11-26) start
-# first: with xdist a long test that starts near the end sets the suite's wall time. Whole
-# modules keep their order; scripts/test.sh runs `--dist loadgroup`, so the demo pipeline's
-# module (one expensive module fixture, `xdist_group`) stays on one worker.
+# The longest tests (1.5 to 4 minutes each under `pytest -n 2`, --durations of 2026-11-26) start
+# first: with xdist a long test that starts near the end sets the suite's wall time. Tests that
+# share an expensive module fixture must not be listed (xdist may split them across workers,
+# each running the fixture): the demo pipeline is one test for that reason.
 LONGEST_FIRST = (
-    "tests/stages/test_demo_pipeline.py::",
+    "tests/stages/test_demo_pipeline.py::test_reduced_pipeline_artifacts_report_and_resume",
     "tests/train/test_experiments.py::test_tiny_cpu_pretraining_loss_falls",
     "tests/test_install.py::test_launch_extra_resolves_and_imports",
     "tests/kernels/test_flash_mgpu_interpret.py::test_the_async_checks_run_on_jax_011_too",
