@@ -29,7 +29,7 @@ def set_threads(threads: int, device: str = "cpu") -> None:
     if device != "cpu":
         return
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    allowed = sorted(os.sched_getaffinity(0))
+    allowed = cpu_affinity()
     if threads < 1:
         raise SystemExit(f"error: --threads {threads}: must be >= 1")
     if threads > len(allowed):

@@ -38,9 +38,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moss_jax.main import EXIT_PREEMPTED  # imports no jax
+
 DEFAULT_WORKDIR_ROOT = {"local": "runs", "tpu": "/mnt/moss_runs"}
 WORKDIR_BINDING = "moss_jax.train.TrainConfig.workdir"
-EXIT_PREEMPTED = 75  # moss_jax.main.EXIT_PREEMPTED (not imported: the launcher does not load jax)
 REMOTE_DIR = "~/moss_jax"
 
 
