@@ -2,7 +2,8 @@
 
 Writes a JSON report (suites, settings, timings) and prints a short table. Exit status 2 for
 bad input (a dataset folder in the wrong layout, a checkpoint that does not match its config
-or the tokenizer), with the message naming the file, line or field.
+or the tokenizer, arguments that cannot work together), with the message naming the file, line,
+field or argument; all of it is found before the first suite runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from pathlib import Path
 from moss_jax.eval.lm import EvalError, EvalModel
 
 SUITES = ("mmlu", "ceval", "humaneval", "bpb", "format", "tools", "copying")
+FORMAT_MAX_NEW_TOKENS = 128  # the format suite generates min(--max_new_tokens, this)
+CHOICE_MAX_NEW_TOKENS = 16  # --method generate for MMLU / C-Eval
+TOOLS_MAX_NEW_TOKENS = 64  # the tools suite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,12 +80,27 @@ def run(args: argparse.Namespace) -> dict:
             raise EvalError(f"suite '{suite}' needs --text_dir or --corpus_dir")
     if "tools" in suites and not args.tool_questions:
         raise EvalError("suite 'tools' needs --tool_questions")
+    if "humaneval" in suites:
+        _pass_at_ks(args)  # a bad --k / --n_samples fails before the model loads
+    if {"humaneval", "format"} & set(suites) and args.max_new_tokens < 1:
+        raise EvalError(f"--max_new_tokens {args.max_new_tokens}: generation needs at least 1 new token")
 
     inputs = {suite: _load_inputs(suite, args) for suite in suites}  # bad data fails before the model loads
     model = EvalModel.from_checkpoint(
         args.checkpoint, args.tokenizer, tensor_parallel=args.tensor_parallel, batch_size=args.batch_size
     )
+    for suite in suites:  # before any suite runs, so no finished suite's figures are lost
+        if suite == "format":
+            _format_end_ids(model, args)
+        budget = _generation_budget(suite, args)
+        if budget is not None and not 0 < budget < model.max_len:
+            raise EvalError(
+                f"suite '{suite}' generates up to {budget} new tokens, which leaves no room for a prompt "
+                f"in the checkpoint's max_len {model.max_len}"
+                + (" (lower --max_new_tokens)" if suite in ("humaneval", "format") else "")
+            )
     report: dict = {"checkpoint": str(args.checkpoint), "tokenizer": str(args.tokenizer), "suites": {}, "seconds": {}}
+    report["settings"] = _settings(args)
     report["prompts_cut"] = {}  # per suite: generation prompts cut from the left to fit (EvalModel.generate)
     for suite in suites:
         start, cut = time.perf_counter(), model.prompts_cut
@@ -89,6 +108,41 @@ def run(args: argparse.Namespace) -> dict:
         report["seconds"][suite] = round(time.perf_counter() - start, 2)
         report["prompts_cut"][suite] = model.prompts_cut - cut
     return report
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The parsed arguments, JSON-safe, so a report says how its figures were made."""
+    return {
+        key: value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+        for key, value in sorted(vars(args).items())
+    }
+
+
+def _pass_at_ks(args: argparse.Namespace) -> list[int]:
+    """The k of --k; EvalError unless each is a whole number in 1..--n_samples."""
+    if args.n_samples < 1:
+        raise EvalError(f"--n_samples {args.n_samples}: needs at least 1 sample per problem")
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        raise EvalError(f"--k {args.k!r}: expected comma-separated whole numbers such as 1,10") from None
+    bad = [k for k in ks if not 1 <= k <= args.n_samples]
+    if bad:
+        raise EvalError(f"--k {args.k}: pass@k needs 1 <= k <= --n_samples ({args.n_samples}); got k={bad[0]}")
+    return ks
+
+
+def _generation_budget(suite: str, args: argparse.Namespace) -> int | None:
+    """The max_new_tokens a suite generates with (None: it only scores)."""
+    if suite == "humaneval":
+        return args.max_new_tokens
+    if suite == "format":
+        return min(args.max_new_tokens, FORMAT_MAX_NEW_TOKENS)
+    if suite == "tools":
+        return TOOLS_MAX_NEW_TOKENS
+    if suite in ("mmlu", "ceval") and args.method == "generate":
+        return CHOICE_MAX_NEW_TOKENS
+    return None
 
 
 def _load_inputs(suite: str, args: argparse.Namespace):
@@ -127,7 +181,14 @@ def _run_suite(suite: str, model: EvalModel, inputs, args: argparse.Namespace) -
         from moss_jax.eval import multiple_choice as mc
 
         if suite == "ceval" and args.ceval_submission:
-            preds = mc.predict(model, inputs, method=args.method, chat=args.chat, limit=args.limit)
+            preds = mc.predict(
+                model,
+                inputs,
+                method=args.method,
+                chat=args.chat,
+                limit=args.limit,
+                max_new_tokens=CHOICE_MAX_NEW_TOKENS,
+            )
             Path(args.ceval_submission).parent.mkdir(parents=True, exist_ok=True)
             Path(args.ceval_submission).write_text(json.dumps(preds, ensure_ascii=False, indent=1) + "\n")
             return {
@@ -137,7 +198,14 @@ def _run_suite(suite: str, model: EvalModel, inputs, args: argparse.Namespace) -
                 "questions": sum(len(v) for v in preds.values()),
                 "unanswered": sum(1 for v in preds.values() for letter in v.values() if not letter),
             }
-        return mc.evaluate(model, inputs, method=args.method, chat=args.chat, limit=args.limit)
+        return mc.evaluate(
+            model,
+            inputs,
+            method=args.method,
+            chat=args.chat,
+            limit=args.limit,
+            max_new_tokens=CHOICE_MAX_NEW_TOKENS,
+        )
     if suite == "humaneval":
         from moss_jax.eval import code
         from moss_jax.eval.sandbox import SandboxLimits
@@ -147,7 +215,7 @@ def _run_suite(suite: str, model: EvalModel, inputs, args: argparse.Namespace) -
             cpu_seconds=max(1, int(args.timeout_s)),
             require_kernel_isolation=args.require_kernel_isolation,
         )
-        ks = [int(k) for k in args.k.split(",")]
+        ks = _pass_at_ks(args)
         return code.evaluate(
             model,
             inputs,
@@ -169,11 +237,19 @@ def _run_suite(suite: str, model: EvalModel, inputs, args: argparse.Namespace) -
     if suite == "format":
         from moss_jax.eval import format_checks
 
-        end_ids = [_token_id(model, "<eom>")] + ([_token_id(model, "<eoc>")] if args.plugin else [])
         return format_checks.evaluate(
-            model, inputs, plugin=args.plugin, end_ids=end_ids, max_new_tokens=min(args.max_new_tokens, 128)
+            model,
+            inputs,
+            plugin=args.plugin,
+            end_ids=_format_end_ids(model, args),
+            max_new_tokens=_generation_budget("format", args),
         )
     return _tools_suite(model, args)
+
+
+def _format_end_ids(model: EvalModel, args: argparse.Namespace) -> list[int]:
+    """The ids the format suite stops at: `<eom>`, and `<eoc>` with --plugin."""
+    return [_token_id(model, "<eom>")] + ([_token_id(model, "<eoc>")] if args.plugin else [])
 
 
 def _token_id(model: EvalModel, piece: str) -> int:
@@ -195,7 +271,7 @@ def _tool_use():
 
 def _tools_suite(model: EvalModel, args: argparse.Namespace) -> dict:
     """Tool-command exact match on held-out tool questions (moss_jax/eval/tool_use.py)."""
-    return _tool_use().evaluate(model, args.tool_questions, limit=args.limit)
+    return _tool_use().evaluate(model, args.tool_questions, limit=args.limit, max_new_tokens=TOOLS_MAX_NEW_TOKENS)
 
 
 def table(report: dict) -> str:

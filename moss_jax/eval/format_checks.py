@@ -100,12 +100,17 @@ def evaluate(
     max_new_tokens: int = 128,
     end_ids: Sequence[int] = (),
 ) -> dict:
-    """Compliance rate over the messages, with the problems counted by kind and a few examples."""
+    """Compliance rate over the messages, with the problems counted by kind and a few examples.
+
+    `end_ids`: the token ids generation stops at (the CLI passes `<eom>`, and `<eoc>` with
+    `plugin`); `EvalModel.generate` ends a reply that stopped at one with that token's text.
+    """
     from moss_jax.inference.prompt import IDENTITY, Turn, meta_instruction, render_turn
 
     meta = IDENTITY if not plugin else meta_instruction(["Calculator: enabled. API: Calculate(expression)"], True)
     prompts = [meta + render_turn(Turn(human=m), tools=plugin) for m in messages]
-    # Stop where the next role would start, so a run-on reply is cut there and flagged.
+    # Stop at the end token; a reply that stopped there ends with its text (`... <eom>`), one that
+    # ran out of max_new_tokens does not, and is flagged.
     replies = model.generate(prompts, max_new_tokens, stop_ids=list(end_ids))
     kinds: dict[str, int] = {}
     examples = []

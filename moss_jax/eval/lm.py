@@ -94,9 +94,10 @@ class EvalModel:
         (our SentencePiece runs start documents from id 0, the t5x decoder start; the released
         MOSS uses `<|endoftext|>`).
       generate_fn: (prompt id lists, max_new_tokens, stop_strings, sampling kwargs) -> texts;
-        None for a model that only scores.
+        None for a model that only scores. A `stop_ids` keyword ends a row at any of those
+        token ids, and that row's text ends with the token's text (`<eom>`); a row the
+        budget cut does not.
       batch_size: rows per forward pass (padded to it, so one compile per length bucket).
-      end_ids: ids that end a generated reply (`<eom>`), used by the conversation checks.
 
     `prompts_cut` counts the prompts `generate` had to cut from the left to leave room for
     `max_new_tokens` (a harness that can cut at better places, such as whole conversation
@@ -289,6 +290,10 @@ class EvalModel:
     ) -> list[str]:
         """Greedy by default; each text is cut before the first stop string.
 
+        `stop_ids=[...]` (with the sampling keywords) also ends a text at those token ids; such
+        a text ends with the token's own text (`... <eom>`), so a caller can tell it from one
+        that ran out of `max_new_tokens`.
+
         A prompt longer than `max_len - max_new_tokens` tokens loses tokens from the left (as
         lm-eval's own models do); each such prompt is counted in `prompts_cut` and logged.
         """
@@ -356,8 +361,19 @@ def _moss_generate(
         streams = [SequenceStream(max_new_tokens, stop_ids, stop_strings, tokenizer.decode) for _ in chunk]
         rows = [dataclasses.replace(base, seed=seed + start + b) for b in range(len(chunk))]
         decode_rows(decoder, params, chunk, streams, rows)
-        texts.extend(s.text for s in streams)
+        texts.extend(_reply_text(s, tokenizer.decode) for s in streams)
     return texts
+
+
+def _reply_text(stream, decode) -> str:
+    """The stream's text, plus the text of the stop token that ended it (if one did).
+
+    `SequenceStream.text` never holds stop tokens; a check that must tell a reply that ended on
+    `<eom>` from one the token budget cut needs to see it.
+    """
+    if stream.finish_reason == "stop" and stream.tokens and stream.tokens[-1] in stream.stop_ids:
+        return stream.text + decode([stream.tokens[-1]])
+    return stream.text
 
 
 def check_params(config: MossConfig, params: Any) -> None:

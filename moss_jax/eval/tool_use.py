@@ -8,7 +8,8 @@ and "meta_instruction") is put in the plugin prompt the chat builds,
 the model generates (greedy) until `<eoc>`, and the text after `<|Commands|>:` is compared with
 the expected command. A match is exact after parsing both into canonical form
 (`moss_jax.tools.commands`: tool name and argument string equal); a reply whose commands do not
-parse, or that calls another tool or another argument, is a miss. The command is written before
+parse, or that calls another tool or another argument, is a miss (an expected command that does
+not parse could never match: `read_questions` refuses it). The command is written before
 the reply's `<|MOSS|>:` (where preference tags go), so this measures the tool decision itself.
 """
 
@@ -23,6 +24,7 @@ from data_pipelines import specials as sp
 from data_pipelines.jsonl import iter_jsonl
 from moss_jax.inference.prompt import IDENTITY, Turn, meta_instruction, render_turn
 from moss_jax.tools.commands import parse_commands
+from moss_jax.tools.errors import CommandParseError
 
 DEFAULT_META = meta_instruction(
     ["Web search: enabled. API: Search(query)", "Calculator: enabled. API: Calculate(expression)",
@@ -60,11 +62,17 @@ def canonical(commands: str | None) -> tuple | None:
 
 
 def read_questions(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """The questions of a JSON lines file; ValueError naming file:line for a missing field or
+    an expected command that does not parse (it could never be matched)."""
     out = []
     for p, lineno, obj in iter_jsonl([path]):
         for field in ("human", "command"):
             if not isinstance(obj.get(field), str):
                 raise ValueError(f"{p}:{lineno}: a tool question needs a string field {field!r}")
+        try:
+            parse_commands(obj["command"])
+        except CommandParseError as e:
+            raise ValueError(f"{p}:{lineno}: expected command {obj['command']!r} does not parse ({e})") from e
         out.append(obj)
         if limit is not None and len(out) >= limit:
             break
@@ -96,6 +104,6 @@ def exact_match(generate: Any, questions: Sequence[dict], meta: str | None = Non
     }
 
 
-def evaluate(model: Any, questions_path: str | os.PathLike, limit: int | None = None) -> dict:
+def evaluate(model: Any, questions_path: str | os.PathLike, limit: int | None = None, max_new_tokens: int = 64) -> dict:
     """The eval CLI's 'tools' suite: an `EvalModel` and a questions file."""
-    return exact_match(model.generate, read_questions(questions_path, limit))
+    return exact_match(model.generate, read_questions(questions_path, limit), max_new_tokens=max_new_tokens)

@@ -139,3 +139,80 @@ def test_tools_suite_is_wired_to_tool_use(tmp_path):
     questions.write_text(json.dumps({"human": "x"}) + "\n")
     with pytest.raises(EvalError, match="tools.jsonl:1"):
         _load_inputs("tools", args)
+
+
+def test_format_suite_passes_replies_that_end_with_eom(tmp_path, sp_model, capsys):
+    """The reviewer's reproduction: a checkpoint designed to answer 'A<eom>' complies through the
+    CLI (which stops generation at the <eom> id), and the report records the run's settings."""
+    from moss_jax.inference.tokenizer import load_tokenizer
+
+    from .conftest import two_step_params
+
+    tokenizer = load_tokenizer(sp_model)
+    config = get_config("debug", vocab_size=1024, max_len=256)
+    params = two_step_params(config, init_params(config, jax.random.key(0)), tokenizer.token_id("A"), tokenizer.eom_id)
+    ckpt = save_params(tmp_path / "a_eom", params, config)
+    conversations = tmp_path / "conv.jsonl"
+    conversations.write_text(json.dumps({"human": "hello"}) + "\n")
+    out = tmp_path / "eval.json"
+    rc = main(
+        ["--checkpoint", str(ckpt), "--tokenizer", str(sp_model), "--suite", "format", "--out", str(out)]
+        + ["--conversations", str(conversations), "--max_new_tokens", "8", "--limit", "1"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["suites"]["format"]["compliance"] == 1.0, report["suites"]["format"]
+    settings = report["settings"]
+    assert settings["max_new_tokens"] == 8 and settings["limit"] == 1 and settings["suite"] == "format"
+    assert settings["split"] is None and settings["shots"] == 0 and settings["method"] == "loglikelihood"
+    assert settings["conversations"] == str(conversations) and settings["batch_size"] == 8
+
+
+def test_generation_budget_too_large_stops_before_any_suite(
+    tmp_path, checkpoint, sp_model, mmlu_dir, capsys, monkeypatch
+):
+    from moss_jax.eval import multiple_choice
+
+    def mmlu_ran(*args, **kwargs):
+        raise AssertionError("the mmlu suite ran before the humaneval budget was checked")
+
+    monkeypatch.setattr(multiple_choice, "evaluate", mmlu_ran)
+    problems = tmp_path / "he.jsonl"
+    problem = {"task_id": "T/0", "prompt": "def f():\n", "canonical_solution": "", "test": "", "entry_point": "f"}
+    problems.write_text(json.dumps(problem) + "\n")
+    out = tmp_path / "eval.json"
+    rc = main(
+        ["--checkpoint", str(checkpoint), "--tokenizer", str(sp_model), "--out", str(out)]
+        + ["--suite", "mmlu,humaneval", "--mmlu_dir", str(mmlu_dir), "--humaneval", str(problems)]
+    )  # default --max_new_tokens 256 = the checkpoint's max_len
+    err = capsys.readouterr().err
+    assert rc == 2 and "suite 'humaneval' generates up to 256 new tokens" in err and "max_len 256" in err, err
+    assert "--max_new_tokens" in err and not out.exists()
+
+
+def test_pass_at_k_arguments_are_checked_before_the_model_loads(tmp_path, capsys):
+    problems = tmp_path / "he.jsonl"
+    problem = {"task_id": "T/0", "prompt": "def f():\n", "canonical_solution": "", "test": "", "entry_point": "f"}
+    problems.write_text(json.dumps(problem) + "\n")
+    base = ["--checkpoint", str(tmp_path / "none"), "--tokenizer", "x", "--suite", "humaneval"]
+    base += ["--humaneval", str(problems)]
+    assert main([*base, "--k", "2", "--n_samples", "1"]) == 2  # the checkpoint does not exist: not reached
+    assert "--k 2: pass@k needs 1 <= k <= --n_samples (1); got k=2" in capsys.readouterr().err
+    assert main([*base, "--k", "1,ten"]) == 2
+    assert "--k '1,ten': expected comma-separated whole numbers" in capsys.readouterr().err
+    assert main([*base, "--n_samples", "0"]) == 2
+    assert "--n_samples 0" in capsys.readouterr().err
+    assert main([*base, "--max_new_tokens", "0"]) == 2
+    assert "--max_new_tokens 0: generation needs at least 1 new token" in capsys.readouterr().err
+
+
+def test_an_unparsable_expected_tool_command_is_refused(tmp_path, capsys):
+    questions = tmp_path / "tools.jsonl"
+    rows = [{"human": "x", "command": "None"}, {"human": "x", "command": "Calculate(1+2"}]
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(
+        ["--checkpoint", str(tmp_path / "none"), "--tokenizer", "x", "--suite", "tools"]
+        + ["--tool_questions", str(questions)]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "tools.jsonl:2: expected command 'Calculate(1+2' does not parse" in err, err

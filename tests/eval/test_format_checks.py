@@ -5,9 +5,9 @@ import json
 import pytest
 
 from moss_jax.eval import format_checks as fc
-from moss_jax.eval.lm import EvalError
+from moss_jax.eval.lm import EvalError, EvalModel
 
-from .conftest import unigram_model
+from .conftest import START, SpecialByteTokenizer, two_step_params, unigram_model
 
 
 @pytest.mark.parametrize(
@@ -68,3 +68,25 @@ def test_evaluate_counts_compliance(tmp_path):
     path.write_text('{"chat": {"turn_1": {"MOSS": "x"}}}\n')
     with pytest.raises(EvalError, match=r"heldout.jsonl:1: chat.turn_1.Human"):
         fc.read_messages(path)
+
+
+def test_a_reply_that_stops_on_eom_complies_through_real_generation(byte_debug_model):
+    """A real MossLM whose weights make it answer 'A<eom>' complies; one that alternates 'AB'
+    until the token budget cuts it does not end with <eom>. Generation stops at the <eom> id,
+    whose text the stream never holds: the reply must still be judged as ending with it."""
+    config, params = byte_debug_model
+    tokenizer = SpecialByteTokenizer()
+    eom = tokenizer.SPECIAL_IDS["<eom>"]
+    assert tokenizer.decode(tokenizer.encode(" A<eom>")) == " A<eom>" and len(tokenizer.encode("<eom>")) == 1
+    messages = ["hello", "1+1?"]
+
+    def run(first, then):
+        designed = two_step_params(config, params, tokenizer.encode(first)[0], tokenizer.encode(then)[0])
+        model = EvalModel.from_params(config, designed, tokenizer, start_id=START, batch_size=2)
+        return fc.evaluate(model, messages, max_new_tokens=6, end_ids=[eom])
+
+    report = run("A", "<eom>")
+    assert report["compliance"] == 1.0 and report["problems"] == {}, report
+    report = run("A", "B")
+    assert report["compliance"] == 0.0 and report["problems"] == {"does not end with <eom>": 2}
+    assert [e["reply"] for e in report["examples"]] == ["ABABAB"] * 2

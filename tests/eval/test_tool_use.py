@@ -46,3 +46,12 @@ def test_question_file_errors_name_the_line(tmp_path):
     f.write_text('{"human": "a", "command": "None"}\n{"human": "b"}\n')
     with pytest.raises(ValueError, match=r"q.jsonl:2.*command"):
         read_questions(f)
+
+
+def test_an_expected_command_that_does_not_parse_is_refused(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"human": "a", "command": "None"}\n{"human": "b", "command": "Calculate(1+2"}\n')
+    with pytest.raises(ValueError, match=r"q.jsonl:2: expected command 'Calculate\(1\+2' does not parse"):
+        read_questions(f)
+    f.write_text('{"human": "a", "command": "None"}\n{"human": "b", "command": "Calculate(\\"1+2\\")"}\n')
+    assert [q["command"] for q in read_questions(f)] == ["None", 'Calculate("1+2")']
