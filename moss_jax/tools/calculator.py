@@ -22,7 +22,7 @@ from moss_jax.tools.errors import ToolError
 Number = int | float
 
 MAX_INT_BITS = 8192  # about 2,466 decimal digits
-MAX_FACTORIAL_ARG = 1000
+MAX_FACTORIAL_ARG = 966  # the largest n whose n! fits in MAX_INT_BITS (967! has 8202 bits)
 MAX_COMB_ARG = 10000
 MAX_ROUND_DIGITS = 100
 
@@ -56,7 +56,7 @@ def evaluate(node: ast.expr, *, deadline: float) -> Number:
     if time.monotonic() > deadline:
         raise ToolError("calculation timed out")
     try:
-        value = _evaluate(node, deadline)
+        return _checked(_evaluate(node, deadline))
     except ToolError:  # a ValueError too; already says what went wrong
         raise
     except ZeroDivisionError:
@@ -65,6 +65,10 @@ def evaluate(node: ast.expr, *, deadline: float) -> Number:
         raise ToolError("number too large") from None
     except (ValueError, TypeError) as e:  # math domain errors, non-integer factorial, ...
         raise ToolError(f"math error: {e}") from None
+
+
+def _checked(value: Number) -> Number:
+    """Every value, intermediate ones included, must be a real, finite number within MAX_INT_BITS."""
     if isinstance(value, complex):
         raise ToolError("result is not a real number")
     if isinstance(value, float) and not math.isfinite(value):
@@ -75,7 +79,8 @@ def evaluate(node: ast.expr, *, deadline: float) -> Number:
 
 
 def _evaluate(node: ast.expr, deadline: float) -> Number:
-    # Recursion is safe: expression.parse capped the depth at MAX_DEPTH.
+    # Recursion is safe: expression.parse capped the depth at MAX_DEPTH, and a chain such as
+    # a+b-c+... (one level there, one tree level per operator here) is folded in a loop.
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name):
@@ -86,9 +91,11 @@ def _evaluate(node: ast.expr, deadline: float) -> Number:
         value = evaluate(node.operand, deadline=deadline)
         return -value if isinstance(node.op, ast.USub) else +value
     if isinstance(node, ast.BinOp):
-        left = evaluate(node.left, deadline=deadline)
-        right = evaluate(node.right, deadline=deadline)
-        return _BINARY[type(node.op)](left, right)
+        links = expression.chain(node)
+        value = evaluate(links[0].left, deadline=deadline)
+        for link in links:
+            value = _checked(_BINARY[type(link.op)](value, evaluate(link.right, deadline=deadline)))
+        return value
     if isinstance(node, ast.Call):
         args = [evaluate(a, deadline=deadline) for a in node.args]
         return _FUNCTIONS[node.func.id](*args)

@@ -11,6 +11,12 @@ so nothing here evaluates anything. The text goes through, in order:
   5. `ast.parse(mode="eval")`, which only builds a tree;
   6. a node allow-list (numbers, + - * / // % **, unary +/-, calls of allowed functions by
      name, allowed names), with caps on node count and depth.
+
+Depth counts what a reader sees as nesting: each operator, unary sign and function call puts its
+operands one level below itself, but a chain of same-precedence, left-associative operations
+(`a+b-c+...`, `a*b/c%d...`) is one operator however long it is. Python's tree nests such a chain one
+level per operator, so every consumer walks it with `chain`, in a loop. Powers are right
+associative (2**2**2 is 2**(2**2)), so a power tower still nests a level per operator.
 """
 
 from __future__ import annotations
@@ -91,6 +97,8 @@ _PAREN_THEN_OPERAND = re.compile(r"\)\s*(?=[A-Za-z_(\d.])")
 _VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 _BINARY_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
+# Same precedence, left associative: a+b-c is ((a+b)-c). `**` is right associative and not here.
+_CHAIN_FAMILIES = ((ast.Add, ast.Sub), (ast.Mult, ast.Div, ast.FloorDiv, ast.Mod))
 _UNARY_OPS = (ast.UAdd, ast.USub)
 
 
@@ -140,23 +148,55 @@ def parse(text: str, *, variables: bool = False) -> ast.expr:
     return tree.body
 
 
+def chain(node: ast.BinOp) -> list[ast.BinOp]:
+    """The links of the left-associative chain that `node` ends, innermost first, without recursion.
+
+    For `a+b-c` (parsed as `(a+b)-c`) that is `[a+b, (a+b)-c]`: the chain's first operand is
+    `links[0].left`, then each link applies `link.op` with `link.right`; each link is also the
+    sub-expression "everything up to here". A link's left side continues the chain while it is a
+    BinOp of the same family (+ - or * / // %); a power, or an operation of another family, ends
+    it and is an operand (one level deeper). A power is a chain of one link.
+    """
+    family = next((f for f in _CHAIN_FAMILIES if isinstance(node.op, f)), None)
+    links = [node]
+    while family is not None and isinstance(node.left, ast.BinOp) and isinstance(node.left.op, family):
+        node = node.left
+        links.append(node)
+    links.reverse()
+    return links
+
+
 def variable_names(node: ast.expr) -> set[str]:
     """Free names in a validated expression that are not constants or functions (the unknowns)."""
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id not in CONSTANTS and n.id not in FUNCTIONS}
 
 
 def _check(root: ast.expr, variables: bool) -> None:
-    # Iterative walk: the depth cap must hold before any recursive code sees the tree.
+    # Iterative walk: the depth cap must hold before any recursive code sees the tree. A chain
+    # (a+b-c...) is one level: its operands are one level below it, its links all count as nodes.
     stack = [(root, 1)]
     count = 0
     while stack:
         node, depth = stack.pop()
-        count += 1
-        if count > MAX_NODES:
-            raise ToolError(f"expression has more than {MAX_NODES} parts")
         if depth > MAX_DEPTH:
-            raise ToolError(f"expression is nested deeper than {MAX_DEPTH} levels")
-        children = _children(node, variables)
+            raise ToolError(
+                f"expression is nested deeper than {MAX_DEPTH} levels (each operator, unary sign and function "
+                "call nests its operands one level deeper; a chain such as a+b-c+... or a*b/c*... counts once)"
+            )
+        if isinstance(node, ast.BinOp):
+            links = chain(node)
+            for link in links:
+                if not isinstance(link.op, _BINARY_OPS):
+                    raise ToolError(f"operator {type(link.op).__name__} is not allowed")
+            count += len(links)
+            children = [links[0].left, *(link.right for link in links)]
+        else:
+            count += 1
+            children = _children(node, variables)
+        if count > MAX_NODES:
+            raise ToolError(
+                f"expression has more than {MAX_NODES} parts (each number, name, operator and function call is one)"
+            )
         stack.extend((child, depth + 1) for child in children)
 
 
@@ -166,10 +206,6 @@ def _children(node: ast.AST, variables: bool) -> list[ast.expr]:
         if type(node.value) not in (int, float):
             raise ToolError(f"literal {node.value!r} is not a real number")
         return []
-    if isinstance(node, ast.BinOp):
-        if not isinstance(node.op, _BINARY_OPS):
-            raise ToolError(f"operator {type(node.op).__name__} is not allowed")
-        return [node.left, node.right]
     if isinstance(node, ast.UnaryOp):
         if not isinstance(node.op, _UNARY_OPS):
             raise ToolError(f"operator {type(node.op).__name__} is not allowed")

@@ -84,8 +84,11 @@ def build(tree: Tree, symbols: dict[str, sympy.Symbol]) -> sympy.Expr:
         return symbols[tree[1]]
     if kind == "neg":
         return -build(tree[1], symbols)
-    if kind == "bin":
-        return _BINARY[tree[1]](build(tree[2], symbols), build(tree[3], symbols))
+    if kind == "chain":  # ("chain", first, [[op, operand], ...]): a+b-c... folded left to right, in a loop
+        value = build(tree[1], symbols)
+        for op, operand in tree[2]:
+            value = _BINARY[op](value, build(operand, symbols))
+        return value
     if kind == "call":
         return _FUNCTIONS[tree[1]](*(build(arg, symbols) for arg in tree[2]))
     raise ValueError(f"unknown node kind {kind!r}")
@@ -108,7 +111,8 @@ def solve_trees(equations: list[Tree], names: list[str]) -> str:
                 if solution[symbol].has(*_UNDEFINED):
                     continue
                 # evalf's default 15 significant digits: 130 -> "130.000000000000", as in MOSS's data.
-                lines.append(f"{symbol} = {solution[symbol].evalf()}")
+                # str(), not format(): a sympy Float formats as 1.00000000000000E+20, prints as ...e+20.
+                lines.append(f"{symbol} = {solution[symbol].evalf()!s}")
     if not lines:
         raise ValueError("no solution found")
     return "\n".join(lines)

@@ -99,7 +99,9 @@ def prepare(equations: str) -> tuple[list[tuple], list[str]]:
     deadline = time.monotonic() + 1.0
     trees, names, system_degree = [], set(), 1
     for part in parts:
-        sides = part.replace("==", "=").split("=")
+        if "==" in part:
+            raise ToolError(f"equation {part[:60]!r} uses '=='; write an equation with one '=' (x = 1)")
+        sides = part.split("=")
         if len(sides) > 2:
             raise ToolError(f"equation {part!r} has more than one '='")
         nodes = [expression.parse(side, variables=True) for side in sides]
@@ -111,7 +113,8 @@ def prepare(equations: str) -> tuple[list[tuple], list[str]]:
             shown = _show(equation_degree)
             raise ToolError(f"equation {part[:60]!r} has degree {shown} in its unknowns; the limit is {MAX_DEGREE}")
         system_degree *= max(1, equation_degree)
-        trees.append(_to_tree(nodes[0]) if len(nodes) == 1 else ("bin", "-", _to_tree(nodes[0]), _to_tree(nodes[1])))
+        tree = _to_tree(nodes[0])
+        trees.append(tree if len(nodes) == 1 else ("chain", tree, (("-", _to_tree(nodes[1])),)))
     if not names:
         raise ToolError("no unknown to solve for")
     if len(names) > MAX_UNKNOWNS:
@@ -141,12 +144,16 @@ def degree(node: ast.expr, deadline: float) -> int | float:
     if isinstance(node, ast.UnaryOp):
         return degree(node.operand, deadline)
     if isinstance(node, ast.BinOp):
-        left, right = degree(node.left, deadline), degree(node.right, deadline)
-        if isinstance(node.op, ast.Add | ast.Sub):
-            return max(left, right)
-        if isinstance(node.op, ast.Pow) and not _has_unknowns(node.right):
-            return left * max(1, abs(calculator.evaluate(node.right, deadline=deadline)))
-        return left + right
+        links = expression.chain(node)  # a+b-c...: a loop, not one recursion level per operator
+        result = degree(links[0].left, deadline)
+        for link in links:
+            if isinstance(link.op, ast.Pow) and not _has_unknowns(link.right):
+                result *= max(1, abs(calculator.evaluate(link.right, deadline=deadline)))
+            elif isinstance(link.op, ast.Add | ast.Sub):
+                result = max(result, degree(link.right, deadline))
+            else:
+                result += degree(link.right, deadline)
+        return result
     if isinstance(node, ast.Call):
         args = [degree(arg, deadline) for arg in node.args]
         if node.func.id in ("comb", "perm") and not _has_unknowns(node.args[1]):
@@ -171,9 +178,24 @@ def _check_bounds(node: ast.expr, deadline: float) -> None:
         return
     if isinstance(node, ast.Call) and node.func.id in UNSUPPORTED:
         raise ToolError(f"{node.func.id}() is not supported in equations")
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div | ast.FloorDiv | ast.Mod):
-        if not _has_unknowns(node.right) and calculator.evaluate(node.right, deadline=deadline) == 0:
-            raise ToolError("division by zero")
+    if isinstance(node, ast.BinOp):
+        # A chain a+b-c... in a loop. Its longest prefix without unknowns is a constant
+        # sub-expression and is evaluated as one; each later link has unknowns on its left.
+        links = expression.chain(node)
+        constant = 0  # how many leading links make up that prefix (links[i] is the prefix to i)
+        if not _has_unknowns(links[0].left):
+            while not _has_unknowns(links[constant].right):  # stops: the whole chain has unknowns
+                constant += 1
+        if constant:
+            calculator.evaluate(links[constant - 1], deadline=deadline)
+        else:
+            _check_bounds(links[0].left, deadline)
+        for link in links[constant:]:
+            if isinstance(link.op, ast.Div | ast.FloorDiv | ast.Mod):
+                if not _has_unknowns(link.right) and calculator.evaluate(link.right, deadline=deadline) == 0:
+                    raise ToolError("division by zero")
+            _check_bounds(link.right, deadline)
+        return
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.expr) and not (isinstance(node, ast.Call) and child is node.func):
             _check_bounds(child, deadline)
@@ -189,7 +211,9 @@ def _to_tree(node: ast.expr) -> tuple:
         operand = _to_tree(node.operand)
         return ("neg", operand) if isinstance(node.op, ast.USub) else operand
     if isinstance(node, ast.BinOp):
-        return ("bin", _OPS[type(node.op)], _to_tree(node.left), _to_tree(node.right))
+        # ("chain", first operand, ((op, operand), ...)): a+b-c... stays flat, in JSON and in the worker.
+        links = expression.chain(node)
+        return ("chain", _to_tree(links[0].left), tuple((_OPS[type(link.op)], _to_tree(link.right)) for link in links))
     if isinstance(node, ast.Call):
         if node.func.id in UNSUPPORTED:
             raise ToolError(f"{node.func.id}() is not supported in equations")

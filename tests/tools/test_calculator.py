@@ -120,3 +120,74 @@ def test_big_but_bounded_integers_are_exact():
 def test_tool_error_is_a_value_error():
     # Callers that already handle ValueError keep working.
     assert issubclass(ToolError, ValueError)
+
+
+def _frames() -> int:
+    frame, count = __import__("sys")._getframe(), 0
+    while frame is not None:
+        frame, count = frame.f_back, count + 1
+    return count
+
+
+@pytest.mark.parametrize(
+    "expression, expected",
+    [
+        # A chain of same-precedence operators is one level of nesting, however long.
+        ("+".join(["1"] * 41), "41"),
+        ("+".join(["19.99"] * 45), str(sum([19.99] * 45, 0.0))),  # a bill of 45 prices
+        ("+".join(["1"] * 200), "200"),  # 399 nodes: the longest sum under the node cap
+        ("*".join(["2"] * 200), str(2**200)),
+        ("-".join(["1"] * 100) + "/" + "/".join(["4"] * 99), str(1 - 98 - 1 / 4**98)),
+        ("100*3/4//2%7*" + "*".join(["3"] * 100), str(100 * 3 / 4 // 2 % 7 * 3**100)),
+        ("+".join(["(1+2*3)"] * 57), "399"),  # chains inside a chain: 3 levels
+    ],
+)
+def test_long_flat_chains_are_one_level(expression, expected):
+    assert calculate(expression) == expected
+
+
+def test_long_chains_are_folded_in_a_loop_not_by_recursion():
+    import sys
+
+    # 40 levels cost two frames each; a chain of 200 folded by recursion would need over 400.
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(_frames() + 150)
+    try:
+        assert calculate("+".join(["1"] * 200)) == "200"
+        assert calculate("*".join(["1"] * 100) + "+" + "-".join(["1"] * 99)) == "-96"
+    finally:
+        sys.setrecursionlimit(old)
+
+
+@pytest.mark.parametrize(
+    "expression, reason",
+    [
+        # Still real limits: nodes counted one per number and operator, nesting counted per level.
+        ("+".join(["1"] * 201), "more than 400 parts"),
+        ("1+(" * 40 + "1" + ")" * 40, "nested deeper than 40 levels"),
+        ("2**" * 40 + "1", "nested deeper than 40 levels"),  # a power tower is right-nested
+        ("-" * 40 + "1", "nested deeper than 40 levels"),
+        ("sqrt(" * 40 + "1" + ")" * 40, "nested deeper than 40 levels"),
+        # Every intermediate value of a chain is checked, not only its result.
+        ("1e308+1e308-1e308", "not finite"),
+        ("2**8000*2**8000/2**8000", "bits"),
+        ("1+1/0+1", "division by zero"),
+    ],
+)
+def test_chains_keep_the_limits(expression, reason):
+    with pytest.raises(ToolError, match=reason):
+        calculate(expression)
+    assert calculate("1+(" * 39 + "1" + ")" * 39) == "40"  # 40 levels is within the limit
+    assert calculate("-" * 39 + "1") == "-1"
+
+
+def test_factorial_limit_is_the_largest_that_fits_the_integer_cap():
+    import math
+
+    from moss_jax.tools.calculator import MAX_FACTORIAL_ARG, MAX_INT_BITS
+
+    assert math.factorial(MAX_FACTORIAL_ARG).bit_length() <= MAX_INT_BITS
+    assert math.factorial(MAX_FACTORIAL_ARG + 1).bit_length() > MAX_INT_BITS
+    assert calculate("factorial(966)") == str(math.factorial(966))
+    with pytest.raises(ToolError, match=r"factorial\(\) needs an integer between 0 and 966"):
+        calculate("factorial(967)")

@@ -96,6 +96,8 @@ def test_cli_runs_as_module(tmp_path):
     cmd = [sys.executable, "-m", "moss_jax.tools.search_index", "build", "--input", str(docs), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    # The package does not import the module before runpy runs it as __main__ (no RuntimeWarning).
+    assert "Warning" not in proc.stderr, proc.stderr
     assert SearchIndex.load(out).search("大熊猫", k=1)[0].title == "大熊猫"
 
 

@@ -35,6 +35,8 @@ SLOW_SYSTEM = "x**4+y**3*z+w=1;y**4+z*w**2+x=2;z**4+w*x**2+y=3"
         ("2**x=8", "x = 3.00000000000000"),
         ("log(x, 10) = 2", "x = 100.000000000000"),
         ("exp(x) = 1", "x = 0"),
+        # sympy's str() of a Float, as in the docs: a lower-case exponent.
+        ("x = 10**20", "x = 1.00000000000000e+20"),
         # Systems: one line per unknown, unknowns in alphabetical order.
         ("x+y=10;x-y=2", "x = 6.00000000000000\ny = 4.00000000000000"),
         ("x+y+z=6; x-y=0; 2z=4", "x = 2.00000000000000\ny = 2.00000000000000\nz = 2.00000000000000"),
@@ -59,6 +61,14 @@ def test_table(equations, expected):
         ("x+1=x", "no solution"),
         ("0=1", "no unknown"),
         ("x=1=2", "more than one '='"),
+        ("x==1", "uses '=='"),
+        ("x+1 == 2; y=1", "uses '=='"),
+        ("１＋x＝＝２", "uses '=='"),
+        ("1/0+1+1+x=5", "division by zero"),  # a chain's constant prefix is evaluated first
+        ("x+1+1/0=5", "division by zero"),
+        ("x+1+1/(1-1)*x=5", "division by zero"),
+        ("1e308*10*x=1", "not finite"),
+        ("+".join(["x"] * 201) + "=1", "more than 400 parts"),
         ("x/0=1", "division by zero"),
         ("x/(2-2)=1", "division by zero"),
         ("x**100=1", "degree 100 in its unknowns; the limit is 64"),
@@ -82,17 +92,42 @@ def test_prepare_builds_plain_data_without_sympy():
     assert names == ["x"]
     assert trees == [
         (
-            "bin",
-            "-",
+            "chain",
             (
-                "bin",
-                "+",
-                ("bin", "*", ("bin", "/", ("int", 2), ("int", 5)), ("var", "x")),
-                ("bin", "*", ("float", "0.6"), ("var", "x")),
+                "chain",
+                ("chain", ("int", 2), (("/", ("int", 5)), ("*", ("var", "x")))),
+                (("+", ("chain", ("float", "0.6"), (("*", ("var", "x")),))),),
             ),
-            ("int", 130),
+            (("-", ("int", 130)),),
         )
     ]
+
+
+def _json_depth(value) -> int:
+    return 1 + max(map(_json_depth, value), default=0) if isinstance(value, list | tuple) else 0
+
+
+def test_long_chains_are_flat_data_and_solve_end_to_end():
+    import sys
+
+    problems = {
+        "+".join(["x"] * 41) + "=82": "x = 2.00000000000000",  # 41 terms: refused as "too deep" before
+        "+".join(["x"] * 199) + "=1": "x = 0.00502512562814070",  # 397 nodes: the longest that fits
+        "x*" + "*".join(["2"] * 198) + "=1": "x = 2.48920611114446e-60",
+        "+".join(["1"] * 190) + "+x-" + "-".join(["1"] * 5) + "=0": "x = -185.000000000000",
+    }
+    # A chain is walked in a loop: preparing it needs a few frames per level, not one per operator.
+    old = sys.getrecursionlimit()
+    frame, frames = sys._getframe(), 0
+    while frame is not None:
+        frame, frames = frame.f_back, frames + 1
+    sys.setrecursionlimit(frames + 150)
+    try:
+        prepared = [prepare(text) for text in problems]
+    finally:
+        sys.setrecursionlimit(old)
+    assert all(_json_depth(trees) < 12 for trees, _ in prepared)
+    assert solve_many(list(problems), timeout_s=20.0) == list(problems.values())
 
 
 def test_timeout_kills_the_worker():
@@ -182,6 +217,10 @@ def test_registry_presolve_answers_later_commands(monkeypatch):
         ("comb(x**2, 5)", 10),
         ("hypot(x**3, y)", 6),
         ("pi * 7", 0),
+        ("*".join(["x"] * 64), 64),
+        ("x*x/x//x%x", 5),
+        ("+".join(["x**2"] * 60) + "-x", 2),
+        ("2*3*x**2", 2),
     ],
 )
 def test_degree_bounds(text, expected):

@@ -124,3 +124,44 @@ def test_check_png_rejects_corruption():
         check_png(bomb_header + _chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + _chunk(b"IEND", b""))
     with pytest.raises(ToolError, match="IHDR"):
         check_png(png[:8] + _chunk(b"IEND", b""))
+
+
+def _png(width: int, height: int, bit_depth: int, colour: int, *, methods=(0, 0, 0)) -> bytes:
+    """A PNG whose IDAT holds exactly the bytes its header implies (consistent, whatever the depth)."""
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
+    raw = b"\x00" * (height * (1 + (width * channels * bit_depth + 7) // 8))
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour, *methods)
+    body = _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+VALID_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+@pytest.mark.parametrize("colour, bit_depth", [(c, d) for c, depths in VALID_DEPTHS.items() for d in depths])
+def test_check_png_accepts_every_bit_depth_the_spec_allows(colour, bit_depth):
+    assert check_png(_png(3, 2, bit_depth, colour)) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "colour, bit_depth",
+    [(6, 200), (2, 200), (0, 3), (0, 32), (2, 4), (3, 16), (4, 1), (6, 0), (0, 0)],
+)
+def test_check_png_rejects_bit_depths_the_spec_does_not_allow(colour, bit_depth):
+    # Depth 200 with data to match would have passed: the depth sizes the inflate allowance.
+    with pytest.raises(ToolError, match=f"bit depth {bit_depth} is invalid for colour type {colour}"):
+        check_png(_png(2, 2, bit_depth, colour))
+
+
+@pytest.mark.parametrize("methods", [(1, 0, 0), (0, 1, 0), (0, 0, 2)])
+def test_check_png_rejects_unknown_methods(methods):
+    with pytest.raises(ToolError, match="compression method .* filter method .* interlace method"):
+        check_png(_png(2, 2, 8, 2, methods=methods))
+
+
+def test_text2image_refuses_an_invalid_bit_depth(http_server, tmp_path, caplog):
+    url, _ = http_server(lambda req: (200, "application/json", _server_answer(_png(4, 4, 200, 6))))
+    registry = ToolRegistry(_config(url, tmp_path))
+    assert registry.run_commands('Text2Image("cat")') == "No result."
+    assert "bit depth 200" in caplog.text
+    assert not (tmp_path / "images").exists() or not list((tmp_path / "images").iterdir())
