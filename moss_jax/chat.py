@@ -9,6 +9,7 @@ commands, results), /tag best|none|N (the preference tag after <|MOSS|>:), /quit
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from typing import TextIO
 
@@ -23,8 +24,18 @@ from moss_jax.inference.cli_args import (
 from moss_jax.inference.local import LocalGenerator
 from moss_jax.inference.prompt import PromptTooLongError
 from moss_jax.inference.tags import PreferenceTags, TagError, check_tag_token, resolve_tag
+from moss_jax.inference.tokenizer import check_unicode
 
 HELP = "commands: /reset, /tools on|off, /tag best|none|N, /quit"
+
+
+def check_message(message: str) -> None:
+    """ValueError for a message no tokenizer can encode: input bytes that were not UTF-8 (read
+    with errors="surrogateescape", they arrive as U+DC80..U+DCFF) or another lone surrogate."""
+    for i, char in enumerate(message):
+        if "\udc80" <= char <= "\udcff":
+            raise ValueError(f"byte 0x{ord(char) - 0xDC00:02X} at character {i} is not UTF-8 text")
+    check_unicode(message, "the message")
 
 
 def run_repl(
@@ -36,8 +47,8 @@ def run_repl(
 ) -> None:
     """Reads messages and commands from `stdin` until /quit or end of input.
 
-    A message that cannot be sent (too long for the context, even alone) is reported and the
-    conversation goes on; nothing is added to the history.
+    A message that cannot be sent (too long for the context, even alone; not valid text) is
+    reported and the conversation goes on; nothing is added to the history.
     """
     print(f"MOSS chat. {HELP}", file=stdout, flush=True)
     while True:
@@ -80,6 +91,7 @@ def run_repl(
             continue
         print("<|MOSS|>: ", end="", file=stdout, flush=True)
         try:
+            check_message(message)
             reply = session.send(message, on_text=lambda delta: print(delta, end="", file=stdout, flush=True))
         except PromptTooLongError as e:  # raised before anything is generated; the history is kept
             print(f"[message not sent: {e}; shorten it, or /reset to drop the history]", file=stdout, flush=True)
@@ -121,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         tag=tag,
     )
-    run_repl(session, sys.stdin, sys.stdout, show_tools=args.show_tools, preference_tags=tags)
+    stdin = sys.stdin
+    if isinstance(stdin, io.TextIOWrapper):
+        # Bytes that are not UTF-8 become lone surrogates that check_message reports, instead of a
+        # UnicodeDecodeError out of readline that would end the chat.
+        stdin.reconfigure(errors="surrogateescape")
+    run_repl(session, stdin, sys.stdout, show_tools=args.show_tools, preference_tags=tags)
     return 0
 
 

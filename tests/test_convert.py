@@ -207,3 +207,51 @@ def test_gptq_checkpoint_is_refused_up_front(tmp_path, hf_model, capsys):
         load_hf_checkpoint(src, progress=False)
     assert convert_main(["hf2orbax", "--hf_dir", str(src), "--out_dir", str(tmp_path / "ours")]) == 2
     assert "GPTQ-quantized" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "dtype,int_hint", [("int8", True), (np.int8, True), ("uint8", True), ("float64", False), ("foo", False)]
+)
+def test_dtypes_params_cannot_have_are_refused(hf_model, config, dtype, int_hint):
+    """Casting to int8 would truncate the weights; float64 would leave param_dtype wrong."""
+    with pytest.raises(CheckpointError, match="cannot store parameters as dtype .*; choose one of") as e:
+        params_from_hf(state_dict_numpy(hf_model), config, dtype=dtype)
+    assert ("a load-time option (--weights int8" in str(e.value)) == int_hint
+
+
+def test_cli_dtype_choices_and_a_float64_file(tmp_path, hf_model, capsys):
+    src = tmp_path / "hf"
+    sd64 = {k: v.astype(np.float64) for k, v in state_dict_numpy(hf_model).items()}
+    _write_sharded_safetensors(src, sd64, hf_model.config.to_dict())
+    for dtype in ("int8", "float64", "bf16"):
+        with pytest.raises(SystemExit) as e:
+            convert_main(["hf2orbax", "--hf_dir", str(src), "--out_dir", str(tmp_path / "out"), "--dtype", dtype])
+        assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # A float64 file must be cast: kept as it is, moss_config.json could not say what it holds.
+    assert convert_main(["hf2orbax", "--hf_dir", str(src), "--out_dir", str(tmp_path / "out")]) == 2
+    assert "stored as float64" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    cfg, params = load_hf_checkpoint(src, dtype="float32", progress=False)
+    assert cfg.param_dtype == "float32" and params["embedding"].dtype == np.float32
+
+
+def test_legacy_pytorch_bin_checkpoint(tmp_path, hf_model, caplog):
+    """torch.save(..., _use_new_zipfile_serialization=False) files cannot be memory-mapped."""
+    import logging
+
+    import torch
+
+    src = tmp_path / "legacy"
+    src.mkdir()
+    torch.save(hf_model.state_dict(), src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    (src / "config.json").write_text(json.dumps(hf_model.config.to_dict()))
+    with caplog.at_level(logging.WARNING, logger="moss_jax.convert.checkpoint_io"):
+        cfg, params = load_hf_checkpoint(src, progress=False)
+    assert "legacy (pre-zip) PyTorch file cannot be memory-mapped" in caplog.text
+    back = params_to_hf(params, cfg)
+    for name, array in state_dict_numpy(hf_model).items():
+        np.testing.assert_array_equal(back[name], array, err_msg=name)
+    # A file torch cannot read at all is a CheckpointError naming it.
+    (src / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable PyTorch state dict"):
+        load_hf_checkpoint(src, progress=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moss_jax.config import ConfigError
+from moss_jax.config import DTYPES, ConfigError
 from moss_jax.convert.checkpoint_io import (
     export_params_from_run,
     load_hf_checkpoint,
@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("hf2orbax", help="HF directory -> moss_jax orbax checkpoint")
     a.add_argument("--hf_dir", required=True)
     a.add_argument("--out_dir", required=True)
-    a.add_argument("--dtype", default=None, help="cast parameters (e.g. float32, bfloat16); default: keep")
+    a.add_argument(
+        "--dtype",
+        default=None,
+        choices=DTYPES,
+        help="cast parameters to this dtype; default: keep the file's (int8 is chat/serve's --weights int8)",
+    )
     a.add_argument("--overwrite", action="store_true")
     b = sub.add_parser("orbax2hf", help="moss_jax orbax checkpoint -> HF directory (safetensors)")
     b.add_argument("--ckpt_dir", required=True)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ CONFIG_NAME = "moss_config.json"
 PARAMS_NAME = "params"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
+
+logger = logging.getLogger(__name__)
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict:
@@ -79,7 +84,21 @@ def iter_weight_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         raise CheckpointError(f"{path}: reading PyTorch .bin files needs torch (pip install 'moss_jax[test]')") from e
     import ml_dtypes
 
-    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    # Files torch.save wrote with _use_new_zipfile_serialization=False (torch < 1.6 and some old
+    # exports) cannot be memory-mapped: those are read whole.
+    legacy = not zipfile.is_zipfile(path)
+    if legacy:
+        logger.warning(
+            "%s: a legacy (pre-zip) PyTorch file cannot be memory-mapped; reading all %.1f MiB into memory",
+            path,
+            path.stat().st_size / 2**20,
+        )
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=not legacy)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch state dict: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     for name in list(state):
         tensor = state.pop(name)
         if tensor.dtype == torch.bfloat16:  # numpy has no bf16; reinterpret the bits exactly
@@ -106,7 +125,12 @@ def load_hf_checkpoint(
                 bar.update(1)
     params = builder.finish()
     stored = np.dtype(_first_leaf(params).dtype).name
-    if stored != config.param_dtype and stored in DTYPES:
+    if stored not in DTYPES:  # only a file's own dtype can get here: ParamsBuilder checks `dtype`
+        raise CheckpointError(
+            f"{hf_dir}: the weights are stored as {stored}, which MossLM parameters cannot be; "
+            f"convert with dtype= (--dtype) one of {DTYPES}"
+        )
+    if stored != config.param_dtype:
         config = config.replace(param_dtype=stored)
     return config, params
 

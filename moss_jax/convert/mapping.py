@@ -16,7 +16,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" name: safetensors and --dtype use it)
 import numpy as np
 
-from moss_jax.config import MossConfig
+from moss_jax.config import DTYPES, MossConfig
 
 MP_NUM = 4
 # Buffers some CodeGen/MOSS checkpoints carry that are not parameters.
@@ -126,6 +126,28 @@ def _get(tree: Mapping, path: tuple[str, ...], where: str) -> Any:
     return tree
 
 
+def param_dtype(dtype: Any, source: str = "dtype") -> np.dtype:
+    """`dtype` as a numpy dtype, if it is one MossLM parameters may have (config.DTYPES).
+
+    Raises CheckpointError for anything else: casting to an integer type would truncate the
+    weights (int8 is a load-time option: `--weights int8` of chat/serve), and a dtype the
+    config cannot name would leave moss_config.json's `param_dtype` wrong.
+    """
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in DTYPES:
+        hint = ""
+        if resolved is not None and resolved.kind in "iu":
+            hint = (
+                "; int8 weights are a load-time option (--weights int8 of python -m moss_jax.chat / "
+                "moss_jax.serve), not a checkpoint dtype"
+            )
+        raise CheckpointError(f"{source}: cannot store parameters as dtype {dtype!r}; choose one of {DTYPES}{hint}")
+    return resolved
+
+
 class ParamsBuilder:
     """Fills MossLM parameters from HF tensors that arrive one at a time (e.g. shard by shard).
 
@@ -139,7 +161,7 @@ class ParamsBuilder:
                 "head; load them with tie_embeddings=False"
             )
         self.config = config
-        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.dtype = None if dtype is None else param_dtype(dtype, source)
         self.source = source
         self.rules = {r.hf_name: r for r in tensor_rules(config)}
         self.seen: set[str] = set()

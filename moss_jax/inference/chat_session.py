@@ -42,6 +42,7 @@ from moss_jax.inference.prompt import (
     build_prompt,
     meta_instruction,
     render_turn_parts,
+    reply_budget_why,
 )
 from moss_jax.inference.sampling import MOSS_DEFAULTS, SamplingParams
 
@@ -215,7 +216,7 @@ class ChatSession:
             try:
                 return self._build(turns, limit), self.max_new_tokens
             except PromptTooLongError as e:
-                why = f" (the {self.max_len}-token context minus {self.max_new_tokens} reply tokens)"
+                why = reply_budget_why(self.max_len, self.max_new_tokens)
                 raise PromptTooLongError(e.needed, e.limit, why) from None
         room = limit - self._tool_overhead()  # the first prompt plus thoughts, commands and results
         try:

@@ -67,14 +67,28 @@ def load_from_args(args: argparse.Namespace) -> tuple[MossConfig, Any, Tokenizer
     """(config, params, tokenizer, mesh or None); checks the tokenizer fits the model."""
     from moss_jax.inference.local import load_model
 
+    weights = getattr(args, "weights", "float32")
+    if args.tensor_parallel < 1:
+        raise SystemExit(f"--tensor_parallel must be >= 1, got {args.tensor_parallel}")
     mesh = None
     if args.tensor_parallel > 1:
         import jax
 
         from moss_jax.sharding import make_mesh
 
-        mesh = make_mesh(data=1, fsdp=1, tensor=args.tensor_parallel, devices=jax.devices()[: args.tensor_parallel])
-    config, params = load_model(args.checkpoint, mesh, weights=getattr(args, "weights", "float32"))
+        if weights != "float32":
+            raise SystemExit(
+                f"--weights {weights} runs on one device only (no tensor parallelism yet): "
+                f"drop --tensor_parallel {args.tensor_parallel} or use --weights float32"
+            )
+        devices = jax.devices()
+        if args.tensor_parallel > len(devices):
+            raise SystemExit(
+                f"--tensor_parallel {args.tensor_parallel}: this host has only {len(devices)} "
+                f"{devices[0].platform} device(s)"
+            )
+        mesh = make_mesh(data=1, fsdp=1, tensor=args.tensor_parallel, devices=devices[: args.tensor_parallel])
+    config, params = load_model(args.checkpoint, mesh, weights=weights)
     tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
         raise SystemExit(

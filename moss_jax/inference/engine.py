@@ -101,11 +101,16 @@ class BatchEngine:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
         if len(request.stop_ids) > self.decoder.max_stop_ids:
             raise ValueError(f"at most {self.decoder.max_stop_ids} stop token ids")
-        need = self.decoder.prompt_bucket(len(request.prompt_ids)) + request.max_new_tokens
-        if len(request.prompt_ids) > self.decoder.cache_len or need > self.decoder.cache_len:
+        n, cache_len = len(request.prompt_ids), self.decoder.cache_len
+        if n > cache_len:
+            raise ValueError(f"{n} prompt tokens do not fit the {cache_len}-slot cache")
+        # A prompt occupies its padded bucket (a power of two), not just its own length.
+        padded = self.decoder.prompt_bucket(n)
+        need = padded + request.max_new_tokens
+        if need > cache_len:
+            prompt = f"{n} prompt tokens" + (f" (padded to {padded})" if padded != n else "")
             raise ValueError(
-                f"{len(request.prompt_ids)} prompt tokens + {request.max_new_tokens} new tokens do not fit the "
-                f"{self.decoder.cache_len}-slot cache"
+                f"{prompt} + {request.max_new_tokens} new tokens need {need} of the {cache_len} cache slots"
             )
 
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:

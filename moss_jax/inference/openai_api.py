@@ -6,7 +6,10 @@ text parts), `model`, `stream`, `max_tokens` / `max_completion_tokens`, `tempera
 (`include_usage`, with `stream` only); extensions `top_k`, `repetition_penalty` and
 `ignore_eos`. Settings not given default to MOSS's (MOSS_SPEC section 5), not OpenAI's.
 Fields that change behaviour and are not implemented (tools, logprobs, n > 1, ...) are
-rejected with 400 rather than silently ignored.
+rejected with 400 rather than silently ignored, in a message too: a message has `role` and
+`content` only (an assistant message also `moss_tool_pass`), so `name` or `tool_calls` is a
+400. So is a string anywhere in the body that is not valid Unicode (JSON's `\\ud800` escape
+decodes to a lone surrogate, which no tokenizer encodes): the error names where it is.
 
 MOSS extensions: `moss_tools` ({"search", "calculate", "solve", "text2image"} -> bool) runs
 MOSS's own tool loop on the server (not OpenAI function calling; the result comes back in a
@@ -58,6 +61,12 @@ TOOL_SWITCHES = {
     "text2image": "enable_text2image",
 }
 ROLES = ("system", "user", "assistant")
+# The fields a message may have, by role (`moss_tool_pass`: an earlier reply's tool pass, sent back).
+MESSAGE_FIELDS = {
+    "system": {"role", "content"},
+    "user": {"role", "content"},
+    "assistant": {"role", "content", "moss_tool_pass"},
+}
 
 
 class RequestError(ValueError):
@@ -94,6 +103,35 @@ def _number(body: Mapping, name: str, lo: float, hi: float, integer: bool = Fals
     return value
 
 
+def _check_unicode(value: Any, where: str, param: str | None) -> None:
+    """RequestError naming the first string (or object key) under `value` that is not valid
+    Unicode: JSON's `\\ud800` escapes decode to lone surrogates, which no tokenizer encodes and
+    no response can echo. Walks without recursion (the body may be nested deeply)."""
+    stack = [(value, where, param)]
+    while stack:
+        item, path, param = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(
+                    f"{path} is not valid Unicode: lone surrogate U+{ord(item[e.start]):04X} at character {e.start}",
+                    param,
+                ) from None
+        elif isinstance(item, Mapping):
+            for key, sub in reversed(list(item.items())):
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise RequestError(
+                        f"a field name in {path or 'the request body'} is not valid Unicode", param
+                    ) from None
+                # `param` of a top-level field is its name (checked just above).
+                stack.append((sub, f"{path}.{key}" if path else key, param or key))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{path}[{i}]", param) for i, sub in reversed(list(enumerate(item))))
+
+
 def _content(message: Mapping, i: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
@@ -112,6 +150,7 @@ def parse_messages(messages: Any) -> tuple[str | None, list[Turn]]:
     """(system text, turns): each user message opens a turn, an assistant message closes it."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", "messages")
+    _check_unicode(messages, "messages", "messages")
     system_parts: list[str] = []
     turns: list[Turn] = []
     for i, m in enumerate(messages):
@@ -120,6 +159,13 @@ def parse_messages(messages: Any) -> tuple[str | None, list[Turn]]:
         role = m.get("role")
         if role not in ROLES:
             raise RequestError(f"messages[{i}].role must be one of {ROLES}, got {role!r}", "messages")
+        unsupported = sorted(set(m) - MESSAGE_FIELDS[role])
+        if unsupported:
+            raise RequestError(
+                f"messages[{i}]: unsupported field(s) {unsupported} (a message with role {role!r} has only "
+                f"{sorted(MESSAGE_FIELDS[role])})",
+                "messages",
+            )
         text = _content(m, i)
         if role == "system":
             if turns:
@@ -154,6 +200,8 @@ def parse_request(body: Any) -> ChatRequest:
     """Validates a chat-completions request body; raises RequestError."""
     if not isinstance(body, Mapping):
         raise RequestError("the request body must be a JSON object")
+    # Before anything else, as an error message may echo a string.
+    _check_unicode(body, "", None)
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
         raise RequestError(f"unsupported field(s) {unknown}", unknown[0])

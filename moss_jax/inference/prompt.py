@@ -116,6 +116,12 @@ class PromptTooLongError(ValueError):
         self.limit = limit
 
 
+def reply_budget_why(max_len: int, reply_tokens: int) -> str:
+    """`PromptTooLongError`'s `why` for a prompt budget of the context minus the reply's tokens
+    (the terminal chat, the server with and without tools all word it so)."""
+    return f" (the {max_len}-token context minus {reply_tokens} reply tokens)"
+
+
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """A built prompt: its parts (for `Tokenizer.encode_parts`), their ids, and the history cut."""
@@ -137,6 +143,7 @@ def build_prompt(
     encode: Callable[[Sequence[Part]], Sequence[int]],
     max_tokens: int,
     tag: str | None = None,
+    why: str = "",
 ) -> Prompt:
     """The prompt, history cut oldest first (whole turns) until it has at most `max_tokens` ids.
 
@@ -149,6 +156,7 @@ def build_prompt(
         part of it; our own text holds no special strings, so its ids are unchanged).
       encode: parts -> ids, normally `Tokenizer.encode_parts`, which keeps special strings in
         untrusted text from becoming special ids.
+      why: what `max_tokens` is made of, for the error (e.g. `reply_budget_why(...)`).
 
     Raises:
       PromptTooLongError: the meta instruction and the pending turn alone need more than `max_tokens`.
@@ -166,4 +174,4 @@ def build_prompt(
         ids = list(encode(parts))
         if len(ids) <= max_tokens:
             return Prompt(parts, ids, dropped)
-    raise PromptTooLongError(len(ids), max_tokens)
+    raise PromptTooLongError(len(ids), max_tokens, why)

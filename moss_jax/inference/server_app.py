@@ -10,7 +10,10 @@ Every error is a JSON body `{"error": {"message", "type", "param", "code"}}`: 40
 malformed request, 404/405 for a wrong path or method, 413 for an oversized body (refused as
 soon as the bytes read pass MAX_BODY_BYTES, chunked uploads included), 429 when
 `max_tool_requests` tool-loop requests already run, 503 when `max_pending` requests already
-wait. A streaming client that disconnects cancels its request, which frees its batch slot.
+wait, 500 (`server_error`) for an exception no handler expected (its traceback goes to the
+log). `create_app` warns when the engine's cache cannot hold a request without `max_tokens`
+whose prompt takes the rest of the context. A streaming client that disconnects cancels its
+request, which frees its batch slot.
 
 A request with `moss_tools` runs MOSS's tool loop here (ChatSession on a worker thread, its
 generations batched by the engine through EngineGenerator): inner thoughts and commands to
@@ -56,7 +59,7 @@ from moss_jax.inference.openai_api import (
     tool_pass_object,
     usage_object,
 )
-from moss_jax.inference.prompt import IDENTITY, PromptTooLongError, build_prompt, meta_instruction
+from moss_jax.inference.prompt import IDENTITY, PromptTooLongError, build_prompt, meta_instruction, reply_budget_why
 from moss_jax.inference.sampling import MOSS_DEFAULTS
 from moss_jax.inference.tags import PreferenceTags, TagChoice, TagError, check_tag_token, resolve_tag
 from moss_jax.tools import ToolRegistry, ToolsConfig
@@ -121,6 +124,27 @@ class _Chunks:
         return _sse(obj)
 
 
+def _warn_if_default_requests_cannot_fit(engine: BatchEngine, max_len: int, default_max_tokens: int) -> None:
+    """Warns when a request without `max_tokens` whose prompt takes the rest of the context
+    (`max_len - default_max_tokens` tokens) could never be scheduled: its prompt bucket plus
+    its reply need more slots than the engine's cache has, so it would be refused (400)."""
+    decoder = engine.decoder
+    longest = max_len - default_max_tokens
+    need = decoder.prompt_bucket(longest) + default_max_tokens
+    if need > decoder.cache_len:
+        logger.warning(
+            "the %d-slot cache is smaller than a %d-token prompt (padded to %d) plus the default %d reply "
+            "tokens (%d slots): requests without max_tokens and with long prompts will be refused; use a "
+            "cache of at least %d slots (serve's --cache_len; its default, 2 x max_len, always fits)",
+            decoder.cache_len,
+            longest,
+            decoder.prompt_bucket(longest),
+            default_max_tokens,
+            need,
+            need,
+        )
+
+
 def create_app(
     engine: BatchEngine,
     tokenizer: Any,
@@ -157,6 +181,7 @@ def create_app(
     if max_tool_requests is not None and max_tool_requests < 1:
         raise ValueError(f"max_tool_requests must be >= 1 or None, got {max_tool_requests}")
     tool_slots = threading.BoundedSemaphore(max_tool_requests) if max_tool_requests is not None else None
+    _warn_if_default_requests_cannot_fit(engine, max_len, min(default_max_tokens, max_len // 2))
 
     def request_tag(req: ChatRequest) -> str | None:
         if req.tag is None:
@@ -210,6 +235,7 @@ def create_app(
                 encode=tokenizer.encode_parts,
                 max_tokens=max_len - max_tokens,
                 tag=tag,
+                why=reply_budget_why(max_len, max_tokens),
             ).ids
             request = Request(
                 prompt_ids=prompt_ids,
@@ -435,6 +461,10 @@ def create_app(
     async def http_error(_: HTTPRequest, exc: HTTPException):
         return _error(exc.status_code, str(exc.detail))
 
+    async def server_error(_: HTTPRequest, exc: Exception):
+        # Starlette's ServerErrorMiddleware sends this, then re-raises: uvicorn logs the traceback.
+        return _error(500, f"internal server error ({type(exc).__name__}); see the server log", kind="server_error")
+
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -444,5 +474,5 @@ def create_app(
             Route("/", index, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, Exception: server_error},
     )

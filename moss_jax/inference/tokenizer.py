@@ -25,6 +25,17 @@ from data_pipelines import specials
 END_OF_TEXT = "<|endoftext|>"
 
 
+def check_unicode(text: str, what: str = "the text") -> None:
+    """ValueError naming the first lone surrogate in `text` (a str that is not valid Unicode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        raise ValueError(
+            f"{what} is not valid Unicode: lone surrogate U+{ord(char):04X} at character {e.start}"
+        ) from None
+
+
 class Part(NamedTuple):
     """A piece of prompt text; only `trusted` parts (the prompt template) may yield special ids."""
 
@@ -50,7 +61,12 @@ class Tokenizer:
         return int(self.vocab.vocab_size)
 
     def encode(self, text: str) -> list[int]:
-        """Plain encoding: special strings anywhere in `text` become special ids (trusted text only)."""
+        """Plain encoding: special strings anywhere in `text` become special ids (trusted text only).
+
+        Raises ValueError for text that is not valid Unicode (a lone surrogate, e.g. from
+        undecodable input bytes read with errors="surrogateescape"), which no vocabulary encodes.
+        """
+        check_unicode(text)
         return [int(i) for i in self.vocab.encode(text)]
 
     def decode(self, ids: Sequence[int]) -> str:

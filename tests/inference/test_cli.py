@@ -73,3 +73,58 @@ def test_repl_survives_a_message_that_cannot_be_sent(tokenizer):
     assert "shorten it, or /reset" in text and "[message not sent: the generator refused this input]" in text
     assert text.count("<|MOSS|>: hello") == 2  # the conversation went on after both failures
     assert [t.human for t in session.history] == ["hi", "still here?"]
+
+
+def test_repl_survives_text_that_is_not_unicode(tokenizer):
+    """Undecodable input bytes (read with errors="surrogateescape") and other lone surrogates are
+    reported like any message that cannot be sent; the conversation goes on."""
+    session = ChatSession(_Echo(tokenizer), tokenizer, 1024)
+    out = io.StringIO()
+    chat.run_repl(session, io.StringIO("hi\ncaf\udcff\nx\ud800\nstill here?\n"), out)
+    text = out.getvalue()
+    assert "[message not sent: byte 0xFF at character 3 is not UTF-8 text]" in text
+    assert "[message not sent: the message is not valid Unicode: lone surrogate U+D800 at character 1]" in text
+    assert text.count("<|MOSS|>: hello") == 2
+    assert [t.human for t in session.history] == ["hi", "still here?"]
+
+
+def test_chat_reads_stdin_so_that_bad_bytes_reach_the_repl(chat_model, tokenizer, monkeypatch):
+    """A strict UTF-8 stdin would raise UnicodeDecodeError out of readline and end the chat."""
+    config, params = chat_model
+    monkeypatch.setattr(chat, "load_from_args", lambda args: (config, params, tokenizer, None))
+    lines = []
+
+    def fake_repl(session, stdin, stdout, **kw):
+        lines.extend(iter(stdin.readline, ""))
+
+    monkeypatch.setattr(chat, "run_repl", fake_repl)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hi\ncaf\xff\n/quit\n"), encoding="utf-8"))
+    assert chat.main(["--checkpoint", "unused", "--tokenizer", "unused", "--max_new_tokens", "4"]) == 0
+    assert lines == ["hi\n", "caf\udcff\n", "/quit\n"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["--tensor_parallel", str(len(jax.devices()) + 1)],
+            f"--tensor_parallel {len(jax.devices()) + 1}: this host has only {len(jax.devices())} cpu device(s)",
+        ),
+        (["--tensor_parallel", "2", "--weights", "int8"], "--weights int8 runs on one device only"),
+        (["--tensor_parallel", "0"], "--tensor_parallel must be >= 1, got 0"),
+    ],
+    ids=["more-than-the-devices", "int8", "zero"],
+)
+@pytest.mark.parametrize("cli", ["chat", "serve"])
+def test_device_flags_the_model_cannot_use_are_usage_errors(tmp_path, monkeypatch, cli, extra, message):
+    """Refused before anything is loaded (the checkpoint does not exist), as a message, not a traceback."""
+    import logging
+
+    from moss_jax import serve
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)  # serve's: not in the test process
+
+    main = chat.main if cli == "chat" else serve.main
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "none")] + extra)
+    assert isinstance(e.value.code, str) and e.value.code.startswith(message), e.value.code

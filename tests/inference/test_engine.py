@@ -70,7 +70,7 @@ def test_cancel_frees_the_slot(engine):
 
 
 def test_requests_that_cannot_fit_are_refused(engine):
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match=r"^60 prompt tokens \(padded to 64\) \+ 100 new tokens need 164 of the 128"):
         engine.submit(Request(list(range(60)), 100), lambda ev: None)
     with pytest.raises(ValueError, match="empty"):
         engine.submit(Request([], 5), lambda ev: None)

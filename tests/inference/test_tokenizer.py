@@ -86,3 +86,16 @@ def test_only_trusted_parts_keep_their_special_ids(any_tokenizer):
     # Empty parts are harmless wherever they are.
     ids = tok.encode_parts([Part("", True), Part("", False), Part("a<eom>", False), Part("", True)])
     assert eom not in ids and tok.decode(ids) == "a<eom>"
+
+
+@pytest.mark.parametrize("text", ["\ud800", "caf\udcff", "ok \udc80 then"])
+def test_text_that_is_not_unicode_is_a_value_error(any_tokenizer, text):
+    """A lone surrogate (a JSON `\\ud800` escape, or an undecodable byte read with
+    errors="surrogateescape") is a ValueError naming it, not the vocabulary's own crash."""
+    at = next(i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff")
+    with pytest.raises(
+        ValueError, match=f"not valid Unicode: lone surrogate U\\+{ord(text[at]):04X} at character {at}"
+    ):
+        any_tokenizer.encode(text)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        any_tokenizer.encode_parts([Part("<|Human|>: ", True), Part(text, False)])
