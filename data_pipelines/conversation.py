@@ -22,10 +22,12 @@ With `train_human=True` every marker is trained too (the released behaviour: onl
 instruction and the result contents are masked).
 
 Conversations longer than `max_len` are cut at whole turns (never mid-turn); a record whose
-meta instruction plus first turn does not fit is dropped and counted in `ConversionStats`.
+meta instruction plus first turn does not fit, or whose kept tokens have no loss weight, is
+dropped and counted in `ConversionStats`.
 Preference pairs (`encode_pair`) instead drop context turns from the front, the same ones for
 both sides. A malformed record (wrong JSON types included: a null turn, a string `num_turns`)
-raises `ConversationError` naming the record, turn and field.
+raises `ConversationError` naming the record, turn and field; so does an empty "Human" or
+"MOSS" field (the optional plugin fields may be empty or null: the turn used no tool).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Segment:
 class ConversionStats:
     examples: int = 0
     dropped_too_long: int = 0
+    dropped_untrained: int = 0
     truncated: int = 0
     turns_cut: int = 0
 
@@ -86,7 +89,7 @@ class ConversionStats:
         return (
             f"{self.examples} conversations kept, {self.truncated} cut at whole turns "
             f"({self.turns_cut} turns removed), {self.dropped_too_long} dropped (longer than max_len even with "
-            "the fewest turns)"
+            f"the fewest turns), {self.dropped_untrained} dropped (no token with a loss weight)"
         )
 
 
@@ -139,7 +142,9 @@ def turn_segments(
         if not isinstance(text, str):
             raise ConversationError(f"{where}: field {field!r} is {_describe(text)}, expected a string")
         if not text:
-            continue
+            if field in ("Human", "MOSS"):
+                raise ConversationError(f"{where}: field {field!r} is empty")
+            continue  # an empty optional plugin field: the turn used no tool
         marker, body, end = _split_field(field, text, where)
         if field == "Human":
             w = 1.0 if released else 0.0
@@ -203,7 +208,7 @@ def encode_conversation(
 
     `tags` maps a turn number (1-based) to the preference tag token placed after its
     `<|MOSS|>:` (see `tag_for_turn`). Returns None (and counts it in `stats`) if not even the
-    first turn fits.
+    first turn fits, or if no kept token has a loss weight (nothing to train on).
     """
     where = where or f"conversation {record.get('conversation_id', '?')}"
     meta = record.get("meta_instruction", "")
@@ -220,15 +225,18 @@ def encode_conversation(
         ids += t_ids
         weights += t_w
         kept += 1
+    untrained = kept > 0 and not any(weights)
     if stats is not None:
         if kept == 0:
             stats.dropped_too_long += 1
+        elif untrained:
+            stats.dropped_untrained += 1
         else:
             stats.examples += 1
             if kept < len(turns):
                 stats.truncated += 1
                 stats.turns_cut += len(turns) - kept
-    return (ids, weights) if kept else None
+    return (ids, weights) if kept and not untrained else None
 
 
 def tag_for_turn(

@@ -6,6 +6,12 @@ converter (`PairFeatureConverter`, padded: preference model and DPO), shuffled w
 seed, sharded per process, batched; its state is the number of batches consumed and restoring
 replays the same deterministic stream up to that point (exact, O(position)).
 
+Bad input is reported as the error its reader raised: a malformed line found inside tf.data
+(which re-raises it as a `tf.errors.OpError` with a traceback in the message) comes back out
+as the original `DataFormatError` / `ConversationError` ("file:line: ..."), and the tf.data
+iterator is released. An endless (training) stream that runs dry, because every example of a
+task was dropped, is a `NoExamplesError` naming the mixture, the tasks and the sequence length.
+
 The factories (`embedded_pretrain_data`, `sft_data`, `preference_pairs_data`) register the tasks
 and return `factory(seq_len=, batch_size=, seed=, process_index=, process_count=)`, the callable
 the engine (`moss_jax.train.trainer.train`) takes.
@@ -25,12 +31,18 @@ from data_pipelines import conversation as conv
 from data_pipelines.feature_converter import WEIGHTS_FEATURE, PairFeatureConverter, WeightedLMFeatureConverter
 from data_pipelines.tasks import (
     PAIR_SIDES,
+    input_error,
     register_preference_pairs_task,
     register_pretrain_tasks,
     register_sft_tasks,
+    task_pass,
 )
 
 CONVERTERS = ("lm", "pairs")
+
+
+class NoExamplesError(ValueError):
+    """An endless stream ended: a task of the mixture has no examples left to give."""
 
 
 class SeqioPipeline:
@@ -57,9 +69,27 @@ class SeqioPipeline:
         self.per_process = batch_size // process_count
         self.shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
         self.batches = 0
+        self._it = None
         self._it = self._make_iterator()
 
-    def _make_iterator(self) -> Iterator[dict[str, np.ndarray]]:
+    @property
+    def task_names(self) -> list[str]:
+        """The registered tasks this pipeline reads (the mixture's, or the one task)."""
+        provider = seqio.get_mixture_or_task(self.name)
+        return [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [provider.name]
+
+    @property
+    def vocabulary(self) -> tuple[str, int]:
+        """(source, size) of the token vocabulary: the SentencePiece model file (or the
+        vocabulary's description) and its number of pieces, which must fit the model's vocab_size."""
+        provider = seqio.get_mixture_or_task(self.name)
+        task = provider.tasks[0] if isinstance(provider, seqio.Mixture) else provider
+        feature = "targets" if self.converter == "lm" else PAIR_SIDES[0]
+        vocab = task.output_features[feature].vocabulary
+        source = getattr(vocab, "sentencepiece_model_file", None) or repr(vocab)
+        return str(source), int(vocab.vocab_size)
+
+    def _build_iterator(self) -> Iterator[dict[str, np.ndarray]]:
         tf.random.set_seed(self.seed)
         if self.converter == "lm":
             lengths = {"targets": self.seq_len, WEIGHTS_FEATURE: self.seq_len}
@@ -84,6 +114,18 @@ class SeqioPipeline:
         options.deterministic = True
         return ds.with_options(options).as_numpy_iterator()
 
+    def _make_iterator(self) -> Iterator[dict[str, np.ndarray]]:
+        self.close()
+        try:
+            return self._build_iterator()
+        except tf.errors.OpError as e:  # e.g. a malformed line met while a mixture samples its rates
+            original = input_error(e)
+            if original is None:
+                raise
+        # Raised outside the except block: no tf.data error (nor its traceback's frames, which
+        # hold the iterator) stays attached as the context.
+        raise original
+
     def get_state(self) -> dict:
         return {
             "batches": self.batches,
@@ -99,16 +141,54 @@ class SeqioPipeline:
         if any(state.get(k) != mine[k] for k in ("seed", "seq_len", "name", "converter")):
             raise ValueError(f"data state {state} does not match this pipeline {mine}")
         self._it = self._make_iterator()
+        self.batches = 0
         for _ in range(int(state["batches"])):
-            next(self._it)
-        self.batches = int(state["batches"])
+            next(self)
+
+    def close(self) -> None:
+        """Releases the tf.data iterator (and the generators feeding it); a later `set_state`
+        builds a new one."""
+        it, self._it = self._it, None
+        del it
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        self.batches += 1
-        return next(self._it)
+        if self._it is None:
+            raise RuntimeError(f"data pipeline {self.name} is closed")
+        try:
+            batch = next(self._it)
+        except tf.errors.OpError as e:
+            error = input_error(e)
+            if error is None:
+                raise
+        except StopIteration:
+            if self.num_epochs is not None:
+                raise
+            error = self._no_examples()
+        else:
+            self.batches += 1
+            return batch
+        # Raised outside the except block, with the iterator released: no tf.data error (nor its
+        # traceback's frames, which hold the iterator) stays attached as the context.
+        self.close()
+        raise error
+
+    def _no_examples(self) -> NoExamplesError:
+        empty = []
+        for task in self.task_names:
+            done = task_pass(task, self.split)
+            if done is not None and done.stats.examples == 0:
+                empty.append(
+                    f"task {task} ({', '.join(done.files)}) kept none: {done.stats.report()}; "
+                    f"{done.malformed} malformed skipped"
+                )
+        which = "; ".join(empty) if empty else f"one of its tasks {self.task_names} has none left to give"
+        return NoExamplesError(
+            f"{self.name} ({self.split} split, seq_len {self.seq_len}): no examples after {self.batches} "
+            f"batches: {which}; fix the data, or raise seq_len if the examples are too long"
+        )
 
 
 def embedded_pretrain_data(

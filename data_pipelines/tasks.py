@@ -27,8 +27,10 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import seqio
 import tensorflow as tf
@@ -66,6 +68,65 @@ def _line_in_split(lineno: int, split: str) -> bool:
     return _in_split(lineno - 1, split)
 
 
+# Input errors (a malformed line, a missing file) raised inside the tf.data generators, by
+# message: tf.data re-raises them as a tf.errors.OpError whose message embeds the original one
+# with a traceback; `input_error` gives back the original so callers see "file:line: ...".
+_RAISED: dict[str, type] = {}
+_RAISED_LOCK = threading.Lock()
+_RAISED_KEEP = 32
+
+
+def _from_generator(gen: Callable[[], Iterator], output_signature) -> tf.data.Dataset:
+    """`tf.data.Dataset.from_generator(gen)`, remembering the input errors (ValueError, OSError)
+    `gen` raises so that `input_error` can turn tf.data's wrapped error back into them."""
+
+    def remembering():
+        try:
+            yield from gen()
+        except (ValueError, OSError) as e:
+            with _RAISED_LOCK:
+                _RAISED.pop(str(e), None)
+                _RAISED[str(e)] = type(e)
+                while len(_RAISED) > _RAISED_KEEP:
+                    del _RAISED[next(iter(_RAISED))]
+            raise
+
+    return tf.data.Dataset.from_generator(remembering, output_signature=output_signature)
+
+
+def input_error(error: tf.errors.OpError) -> Exception | None:
+    """The input error (e.g. `DataFormatError` "file:line: ...") that one of this module's
+    generators raised and tf.data wrapped into `error`, rebuilt with its own class and message;
+    None when `error` carries none."""
+    with _RAISED_LOCK:
+        for message, cls in reversed(list(_RAISED.items())):
+            if message and message in (error.message or ""):
+                del _RAISED[message]
+                try:
+                    return cls(message)
+                except Exception:  # a class that cannot be rebuilt from its message alone
+                    return ValueError(message)
+    return None
+
+
+class TaskPass(NamedTuple):
+    """What one complete pass over a conversation or pair task's split kept and dropped."""
+
+    stats: conv.ConversionStats
+    malformed: int
+    files: tuple[str, ...]
+
+
+# (task, split) -> its last complete pass (`task_pass`).
+_PASSES: dict[tuple[str, str], TaskPass] = {}
+
+
+def task_pass(task: str, split: str) -> TaskPass | None:
+    """The last complete pass over a conversation or pair task's split (None before one has
+    finished)."""
+    return _PASSES.get((task, split))
+
+
 def _text_dataset(path: str, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one file per language; example order is shuffled downstream
 
@@ -76,7 +137,7 @@ def _text_dataset(path: str, split: str, shuffle_files: bool, seed: int | None =
             if _in_split(i, split):
                 yield {"text": obj["text"]}
 
-    return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
+    return _from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
 
 
 _CJK = re.compile(r"[\u3400-\u9fff]")
@@ -124,7 +185,7 @@ def _repeat_dataset(
                 span = shuffled_units(span, rng)
             yield {"text": span + "\n" + span}
 
-    return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
+    return _from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
 
 
 def copy_pieces(vocab_path: str | os.PathLike) -> list[str]:
@@ -160,7 +221,7 @@ def _copy_dataset(
             span = "".join(rng.choices(pieces, k=rng.randint(lo, hi)))
             yield {"text": span + "\n" + span}
 
-    return tf.data.Dataset.from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
+    return _from_generator(gen, output_signature={"text": tf.TensorSpec((), tf.string)})
 
 
 def _with_task_id(task_id: int):
@@ -340,11 +401,13 @@ def run_num_tags(tags_file: str | os.PathLike, num_tags: int | None = None) -> i
     return num_tags
 
 
-def _encoded_records(paths: Sequence[str], split: str, skip_malformed: bool, encode, what: str) -> Iterator:
+def _encoded_records(paths: Sequence[str], split: str, skip_malformed: bool, encode, task: str) -> Iterator:
     """Runs `encode(record, stats, where)` over the split's JSON lines; malformed lines and
     records raise (naming file and line) or, with `skip_malformed`, are skipped and counted.
-    Examples too long to keep are counted by `encode` in the stats, reported at the end.
-    The split is by physical line number (`_line_in_split`), so skipping moves nothing."""
+    Examples too long (or with nothing to train) are counted by `encode` in the stats; at the end
+    of a pass a report naming `task`, the split and the files is logged and the stats kept for
+    `task_pass`. The split is by physical line number (`_line_in_split`), so skipping
+    moves nothing."""
     stats, counter = conv.ConversionStats(), {}
     for path, lineno, record in iter_jsonl(paths, skip_malformed, counter):
         if not _line_in_split(lineno, split):
@@ -359,10 +422,19 @@ def _encoded_records(paths: Sequence[str], split: str, skip_malformed: bool, enc
             continue
         if encoded is not None:
             yield encoded
-    log.warning("%s (%s): %s; %d malformed skipped", what, split, stats.report(), counter.get("malformed", 0))
+    _PASSES[(task, split)] = TaskPass(stats, counter.get("malformed", 0), tuple(paths))
+    log.warning(
+        "task %s (%s split, %s): %s; %d malformed skipped",
+        task,
+        split,
+        ", ".join(paths),
+        stats.report(),
+        counter.get("malformed", 0),
+    )
 
 
 def _conversation_dataset(
+    task: str,
     paths: Sequence[str],
     vocab_path: str,
     options: conv.MaskOptions,
@@ -396,11 +468,11 @@ def _conversation_dataset(
                             tags[turn] = token
             return conv.encode_conversation(record, vocab, max_len, options, stats, where=where, tags=tags)
 
-        for ids, weights in _encoded_records(paths, split, skip_malformed, encode, "conversations"):
+        for ids, weights in _encoded_records(paths, split, skip_malformed, encode, task):
             yield {"targets": ids, WEIGHTS_FEATURE: [int(w) + 1 for w in weights]}
 
     spec = {"targets": tf.TensorSpec((None,), tf.int32), WEIGHTS_FEATURE: tf.TensorSpec((None,), tf.int32)}
-    return tf.data.Dataset.from_generator(gen, output_signature=spec)
+    return _from_generator(gen, output_signature=spec)
 
 
 def register_sft_tasks(
@@ -445,6 +517,7 @@ def register_sft_tasks(
                 raise FileNotFoundError(f"{name}: {f} does not exist")
         fn = functools.partial(
             _conversation_dataset,
+            name,
             [str(f) for f in files],
             str(vocab_path),
             options,
@@ -502,6 +575,7 @@ PAIR_SIDES = ("chosen", "rejected")
 
 
 def _pairs_dataset(
+    task: str,
     paths: Sequence[str],
     vocab_path: str,
     max_len: int,
@@ -518,7 +592,7 @@ def _pairs_dataset(
         def encode(record, stats, where):
             return conv.encode_pair(record, vocab, max_len, stats=stats, where=where)
 
-        for pair in _encoded_records(paths, split, skip_malformed, encode, "preference pairs"):
+        for pair in _encoded_records(paths, split, skip_malformed, encode, task):
             out = {}
             for side in PAIR_SIDES:
                 ids, weights = pair[side]
@@ -527,7 +601,7 @@ def _pairs_dataset(
             yield out
 
     spec = {k: tf.TensorSpec((None,), tf.int32) for side in PAIR_SIDES for k in (side, f"{side}_{WEIGHTS_FEATURE}")}
-    return tf.data.Dataset.from_generator(gen, output_signature=spec)
+    return _from_generator(gen, output_signature=spec)
 
 
 def register_preference_pairs_task(
@@ -545,7 +619,9 @@ def register_preference_pairs_task(
     weights = seqio.Feature(seqio.PassThroughVocabulary(3), add_eos=False)
     features = {side: seqio.Feature(vocab, add_eos=False) for side in PAIR_SIDES}
     features.update({f"{side}_{WEIGHTS_FEATURE}": weights for side in PAIR_SIDES})
-    fn = functools.partial(_pairs_dataset, [str(f) for f in pair_files], str(vocab_path), max_len, skip_malformed)
+    fn = functools.partial(
+        _pairs_dataset, "moss_preference_pairs", [str(f) for f in pair_files], str(vocab_path), max_len, skip_malformed
+    )
     return _register_task(
         "moss_preference_pairs",
         source=seqio.FunctionDataSource(fn, splits=("train", "validation")),

@@ -1,7 +1,9 @@
 """TFDS builders for local files (manual directory; nothing is downloaded).
 
 - `moss_sft_conversations`: moss-003-sft-data style conversations, one JSON object per line in
-  `*.jsonl` / `*.json` files of the manual directory (the released data ships as JSON lines).
+  `*.jsonl` / `*.json` files of the manual directory and its subdirectories (the released data
+  ships as JSON lines); a record without a `conversation_id` gets "<path under the manual
+  directory>:<line>".
 - `local_text_corpus`: a text corpus from `*.txt`, `*.md`, `*.py` files (one document per
   file) and `*.jsonl` files (one {"text": ...} document per line).
 
@@ -101,16 +103,19 @@ class MossSftConversations(_JsonLinesMixin, tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         files = _files(dl_manager.manual_dir, ("*.jsonl", "*.json"))
-        return {"train": self._generate_examples(files)}
+        return {"train": self._generate_examples(files, Path(dl_manager.manual_dir))}
 
-    def _generate_examples(self, files):
+    def _generate_examples(self, files, manual_dir: Path):
         self._malformed = 0
         for path in files:
+            # Keyed by the path under the manual directory: files in different subdirectories
+            # may share a name.
+            name = path.relative_to(manual_dir).as_posix()
             for lineno, obj in self._json_lines(path):
                 yield (
-                    f"{path.name}:{lineno}",
+                    f"{name}:{lineno}",
                     {
-                        "conversation_id": str(obj.get("conversation_id", f"{path.name}:{lineno}")),
+                        "conversation_id": str(obj.get("conversation_id", f"{name}:{lineno}")),
                         "meta_instruction": obj.get("meta_instruction", ""),
                         "num_turns": int(obj.get("num_turns", len(obj["chat"]))),
                         "category": str(obj.get("category", "")),

@@ -5,6 +5,11 @@
 
 On TPU pods every host runs this same command with --distributed (jax.distributed.initialize
 picks the coordinator from the TPU environment); process 0 writes logs and metrics.
+
+Exit status: 0 when the stage finished; 2 for a bad configuration or bad input, printed as one
+line `error: <message>` (a malformed data line as `error: <file>:<line>: ...`, a task left with
+no examples, a vocabulary larger than the model's); 75 when preempted after a checkpoint
+(rerun to resume).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ progress bar, TensorBoard and JSONL metrics, NaN guard."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -171,6 +172,56 @@ def _load_lm_params(ckpt_dir: str, model_config: MossConfig, target: Any) -> Any
     return load_params(ckpt_dir, target=target)[1]
 
 
+def _check_vocabulary(data: Any, model_config: MossConfig) -> None:
+    """The data's token ids must fit the model's embedding: a larger vocabulary would index past
+    it (NaN loss under jit, with no hint why). Data sources that know their vocabulary expose
+    `vocabulary` = (source, size)."""
+    vocab = getattr(data, "vocabulary", None)
+    if vocab is None:
+        return
+    source, size = vocab
+    if size > model_config.vocab_size:
+        raise ValueError(
+            f"the data's vocabulary {source} has {size} pieces, more than the model's vocab_size "
+            f"{model_config.vocab_size} (token ids up to {size - 1} would index past the embedding); "
+            f"use a model whose vocab_size is at least {size}, or a vocabulary of at most "
+            f"{model_config.vocab_size} pieces"
+        )
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Keeps the rows of `path` (metrics.jsonl) up to `last_step`, the step training (re)starts
+    after: rows of later steps, left by a run that crashed or was killed after its last
+    checkpoint, would otherwise appear twice once those steps are trained again. Rewritten
+    atomically (temporary file and rename); what was removed is printed."""
+    if not path.is_file():
+        return
+    kept, later, unreadable = [], 0, []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise TypeError(f"step is {step!r}")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            unreadable.append(lineno)  # e.g. a row cut short by the crash
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            later += 1
+    if not later and not unreadable:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    print(
+        f"[train] {path}: removed {later} row(s) of steps after {last_step} (trained again now)"
+        + (f" and unreadable line(s) {unreadable}" if unreadable else "")
+    )
+
+
 def train(
     model_config: MossConfig,
     optimizer: OptimizerConfig,
@@ -180,7 +231,25 @@ def train(
     objective: Objective | None = None,
 ) -> dict:
     """Runs (or resumes) training of `objective` (default: the LM loss); returns a summary with
-    the loss history and the final state."""
+    the loss history and the final state.
+
+    Whatever way it ends (finished, preempted, or an error such as a malformed data line), the
+    data source is closed (its `close()`, when it has one), the last checkpoint save is waited
+    for and the metric writers are flushed and closed before it returns or raises.
+    """
+    with contextlib.ExitStack() as cleanup:
+        return _train(model_config, optimizer, cfg, data_factory, mesh_config, objective, cleanup)
+
+
+def _train(
+    model_config: MossConfig,
+    optimizer: OptimizerConfig,
+    cfg: TrainConfig,
+    data_factory: Callable[..., Any],
+    mesh_config: MeshConfig,
+    objective: Objective | None,
+    cleanup: contextlib.ExitStack,
+) -> dict:
     objective = objective or lm_objective(cfg.z_loss)
     module = objective.make_module
     workdir = Path(cfg.workdir)
@@ -209,6 +278,7 @@ def train(
         keep=cfg.keep_checkpoints,
         async_save=cfg.async_checkpoint,
     )
+    cleanup.callback(ckpt.close)  # waits for the last save
     ckpt.check_model(model_config)
     latest = ckpt.latest_step()
     if latest is not None and latest > cfg.steps:
@@ -229,6 +299,9 @@ def train(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    if callable(getattr(data, "close", None)):
+        cleanup.callback(data.close)
+    _check_vocabulary(data, model_config)
 
     start = ckpt.latest_step()
     if start is not None:
@@ -288,7 +361,9 @@ def train(
         from clu import metric_writers
 
         writer = metric_writers.create_default_writer(str(workdir / "tensorboard"), asynchronous=True)
-        jsonl = open(workdir / "metrics.jsonl", "a")
+        cleanup.callback(writer.close)  # flushes
+        _trim_metrics(workdir / "metrics.jsonl", start)
+        jsonl = cleanup.enter_context(open(workdir / "metrics.jsonl", "a", encoding="utf-8"))
         (workdir / "compile_report.json").write_text(json.dumps(report, indent=2))
     kill_at = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
 
@@ -312,41 +387,44 @@ def train(
         return m
 
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and is_chief))
+    cleanup.callback(bar.close)
     pending = None
     last = time.perf_counter()
     preempted_at = None
-    try:
-        with _SigtermFlag() as sigterm:
-            for step in range(start, cfg.steps):
-                batch = _global_batch(next(data), b_sharding, cfg.batch_size, objective.features)
-                state, metrics = compiled(state, batch) if frozen is None else compiled(state, batch, frozen)
-                # Read step t-1's metrics after launching step t: the host never stalls the device.
-                if pending is not None:
-                    m = finish_step(*pending)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-                now = time.perf_counter()
-                pending, last = (step + 1, metrics, now - last), now
-                bar.update(1)
-                done = step + 1
-                # orbax's should_save is true at a multi-host preemption sync point (all hosts agree).
-                preempt = ckpt.reached_preemption(done) or sigterm.event.is_set()
-                if preempt or ckpt.should_save(done) or done == cfg.steps:
-                    m = finish_step(*pending)  # a checkpoint is only written for a finite state
-                    pending = None
-                    ckpt.save(done, state, data.get_state(), model_config, m, force=True)
-                    if done == kill_at:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                if preempt and done < cfg.steps:
-                    preempted_at = done
-                    break
+    with _SigtermFlag() as sigterm:
+        for step in range(start, cfg.steps):
+            try:
+                local = next(data)
+            except StopIteration:
+                raise ValueError(
+                    f"step {step + 1}: the data source ({type(data).__name__}) has no examples left; training "
+                    f"needs an endless stream for TrainConfig.steps={cfg.steps}"
+                ) from None
+            batch = _global_batch(local, b_sharding, cfg.batch_size, objective.features)
+            state, metrics = compiled(state, batch) if frozen is None else compiled(state, batch, frozen)
+            # Read step t-1's metrics after launching step t: the host never stalls the device.
             if pending is not None:
-                finish_step(*pending)
-    finally:
-        bar.close()
-        ckpt.close()  # waits for the last save
-        if is_chief:
-            writer.flush()
-            jsonl.close()
+                m = finish_step(*pending)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            now = time.perf_counter()
+            pending, last = (step + 1, metrics, now - last), now
+            bar.update(1)
+            done = step + 1
+            # orbax's should_save is true at a multi-host preemption sync point (all hosts agree).
+            preempt = ckpt.reached_preemption(done) or sigterm.event.is_set()
+            if preempt or ckpt.should_save(done) or done == cfg.steps:
+                m = finish_step(*pending)  # a checkpoint is only written for a finite state
+                pending = None
+                ckpt.save(done, state, data.get_state(), model_config, m, force=True)
+                if done == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if preempt and done < cfg.steps:
+                preempted_at = done
+                break
+        if pending is not None:
+            finish_step(*pending)
+    # Everything written (the last save included) before the run is reported finished or preempted.
+    cleanup.close()
     if preempted_at is not None:
         print(f"[train] preempted after step {preempted_at}; checkpoint saved in {ckpt.directory / str(preempted_at)}")
         raise Preempted(preempted_at, ckpt.directory)

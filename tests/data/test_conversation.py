@@ -191,3 +191,41 @@ def test_tag_must_be_one_of_the_runs_tags():
         tag_for_turn(-1, "c", 1, dropout=0.0, seed=0, num_tags=3)
     with pytest.raises(ValueError, match="num_tags"):
         tag_for_turn(0, "c", 1, dropout=0.0, seed=0, num_tags=9)
+
+
+@pytest.mark.parametrize("field", ["Human", "MOSS"])
+def test_empty_required_field_is_an_error_naming_turn_and_field(vocab_path, field):
+    vocab = load_vocabulary(vocab_path)
+    record = {"conversation_id": 42, "meta_instruction": META, "chat": {"turn_1": TURN1, "turn_2": TURN2 | {field: ""}}}
+    with pytest.raises(ConversationError, match=rf"^conversation 42 turn_2: field '{field}' is empty$"):
+        encode_conversation(record, vocab, max_len=4096)
+    last = {k: v for k, v in TURN2.items() if k != "MOSS"}
+    pair = {"conversation_id": 42, "chat": {"turn_1": last}, "chosen": TURN2["MOSS"], "rejected": ""}
+    with pytest.raises(ConversationError, match=r"turn_1 \(rejected\): field 'MOSS' is empty"):
+        encode_pair(pair, vocab, max_len=4096)
+
+
+def test_empty_optional_plugin_fields_are_allowed(vocab_path):
+    vocab = load_vocabulary(vocab_path)
+    turn = TURN2 | {"Inner Thoughts": "", "Commands": None, "Tool Responses": ""}
+    ids, weights = encode_conversation({"chat": {"turn_1": turn}}, vocab, max_len=4096)
+    assert vocab.decode(ids) == turn["Human"] + turn["MOSS"] and any(weights)
+
+
+class _NoEndTokens:
+    """A vocabulary that encodes `<eom>` (and what follows it) to nothing: the MOSS reply's only
+    trained tokens when its body is blank."""
+
+    def encode(self, s):
+        return [] if s.startswith("<eom>") else [ord(c) for c in s]
+
+
+def test_conversation_with_no_trained_token_is_dropped_not_kept():
+    stats = ConversionStats()
+    blank = {"chat": {"turn_1": {"Human": "<|Human|>: hi<eoh>\n", "MOSS": "<|MOSS|>:<eom>\n"}}}
+    assert encode_conversation(blank, _NoEndTokens(), max_len=4096, stats=stats) is None
+    assert (stats.examples, stats.dropped_untrained) == (0, 1)
+    assert "0 conversations kept" in stats.report() and "1 dropped (no token with a loss weight)" in stats.report()
+    replied = {"chat": {"turn_1": {"Human": "<|Human|>: hi<eoh>\n", "MOSS": "<|MOSS|>: ok<eom>\n"}}}
+    assert encode_conversation(replied, _NoEndTokens(), max_len=4096, stats=stats) is not None
+    assert (stats.examples, stats.dropped_untrained) == (1, 1)

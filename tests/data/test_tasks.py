@@ -6,6 +6,7 @@ import seqio
 import tensorflow as tf
 
 from data_pipelines import corpus as corpus_lib
+from data_pipelines.conversation import ConversationError
 from data_pipelines.feature_converter import WEIGHTS_FEATURE
 from data_pipelines.seqio_input import SeqioPipeline
 from data_pipelines.tasks import (
@@ -449,3 +450,61 @@ def test_copy_task_repeats_uniform_vocabulary_pieces(corpus_dir, vocab_path):
     assert all((a["targets"] == b["targets"]).all() for a, b in zip(examples, again, strict=False))
     with pytest.raises(ValueError, match="copy_rate"):
         register_pretrain_tasks(corpus_dir, vocab_path, repeat_rate=0.5, copy_rate=0.5)
+
+
+def test_malformed_line_comes_out_of_the_pipeline_as_its_own_error(tmp_path, vocab_path):
+    path = tmp_path / "bad.jsonl"
+    no_reply = RECORD | {"chat": {"turn_1": {"Human": TURN1["Human"]}}, "num_turns": 1}
+    path.write_text(json.dumps(RECORD, ensure_ascii=False) + "\n" + json.dumps(no_reply, ensure_ascii=False) + "\n")
+    register_sft_tasks(vocab_path, sft_files=[path], max_len=1024)
+    pipeline = SeqioPipeline("moss_sft", seq_len=1024, batch_size=2)
+    with pytest.raises(ConversationError) as caught:
+        next(pipeline)
+    assert str(caught.value) == f"{path}:2 turn_1: missing field 'MOSS'"
+    assert caught.value.__context__ is None  # no tf.data error (holding the iterator) attached
+    assert pipeline._it is None  # the tf.data iterator is released
+
+
+def test_malformed_pretraining_line_comes_out_as_its_own_error(tmp_path, vocab_path):
+    docs = _synthetic_docs()
+    corpus = _write_corpus(tmp_path / "corpus", docs)
+    with open(corpus / "zh.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"txt": "oops"}) + "\n")
+    register_pretrain_tasks(corpus, vocab_path)
+    with pytest.raises(DataFormatError) as caught:
+        SeqioPipeline("moss_pretrain", seq_len=64, batch_size=2)
+    assert str(caught.value) == f"{corpus / 'zh.jsonl'}:{len(docs['zh']) + 1}: no string field 'text'"
+
+
+def test_empty_reply_is_malformed_skipped_and_counted(tmp_path, vocab_path, caplog):
+    path = tmp_path / "sft.jsonl"
+    empty = RECORD | {"chat": {"turn_1": TURN1, "turn_2": TURN2 | {"MOSS": ""}}}
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (RECORD, empty, RECORD)))
+    register_sft_tasks(vocab_path, sft_files=[path], max_len=2048)
+    with pytest.raises((ConversationError, tf.errors.OpError), match=r"sft\.jsonl:2 turn_2: field 'MOSS' is empty"):
+        _task_examples("moss_sft")
+    register_sft_tasks(vocab_path, sft_files=[path], max_len=2048, skip_malformed=True)
+    with caplog.at_level("WARNING", logger="data_pipelines.tasks"):
+        assert len(_task_examples("moss_sft")) == 2
+    assert any("2 conversations kept" in r.message and "1 malformed skipped" in r.message for r in caplog.records)
+
+
+def test_task_with_no_examples_is_named_with_its_files_and_seq_len(tmp_path, vocab_path, caplog):
+    from data_pipelines.seqio_input import NoExamplesError
+
+    sft, plugin = tmp_path / "sft.jsonl", tmp_path / "plugin.jsonl"
+    short = {"chat": {"turn_1": {"Human": "<|Human|>: hi<eoh>\n", "MOSS": "<|MOSS|>: hello<eom>\n"}}}
+    sft.write_text((json.dumps(short) + "\n") * 20)
+    plugin.write_text((json.dumps(RECORD, ensure_ascii=False) + "\n") * 5)  # each longer than 64 tokens
+    register_sft_tasks(vocab_path, sft_files=[sft], plugin_files=[plugin], max_len=64)
+    pipeline = SeqioPipeline("moss_sft_and_plugin", seq_len=64, batch_size=2)
+    with caplog.at_level("WARNING", logger="data_pipelines.tasks"), pytest.raises(NoExamplesError) as caught:
+        for _ in range(100):
+            next(pipeline)
+    message = str(caught.value)
+    assert message.startswith("moss_sft_and_plugin (train split, seq_len 64): no examples after")
+    assert f"task moss_sft_plugin ({plugin}) kept none" in message and "5 dropped (longer than max_len" in message
+    assert "moss_sft " not in message.split("kept none")[0]  # the SFT task has examples: not named
+    reports = [r.message for r in caplog.records if r.message.startswith("task moss_sft_plugin (train split")]
+    assert reports and str(plugin) in reports[0] and "0 conversations kept" in reports[0]
+    assert pipeline._it is None

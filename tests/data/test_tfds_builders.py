@@ -86,3 +86,14 @@ def test_turn_that_is_not_an_object_or_bad_utf8_is_named(tmp_path):
     builder = _prepare(MossSftConversations, tmp_path, manual, config="skip_malformed")
     assert builder.info.metadata["malformed_lines"] == 2
     assert len(list(builder.as_dataset(split="train"))) == 1
+
+
+def test_files_of_the_same_name_in_different_subdirectories_are_all_read(tmp_path):
+    manual = tmp_path / "manual"
+    no_id = {k: v for k, v in RECORD.items() if k != "conversation_id"}
+    for sub in ("a", "b"):
+        (manual / sub).mkdir(parents=True)
+        (manual / sub / "data.jsonl").write_text(json.dumps(no_id, ensure_ascii=False) + "\n", encoding="utf-8")
+    builder = _prepare(MossSftConversations, tmp_path, manual)
+    ids = sorted(ex["conversation_id"].decode() for ex in tfds.as_numpy(builder.as_dataset(split="train")))
+    assert ids == ["a/data.jsonl:1", "b/data.jsonl:1"]

@@ -162,6 +162,27 @@ def test_kill_during_async_save_then_resume(tmp_path):
     ref_losses, run_losses = _per_step_losses(tmp_path / "ref"), _per_step_losses(tmp_path / "run")
     for step in range(11, 16):
         assert abs(run_losses[step] - ref_losses[step]) <= 1e-6, step
+    # The rows the killed run wrote after its last checkpoint were replaced, not repeated.
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rows] == list(range(1, 16))
+
+
+def test_restart_removes_metrics_rows_past_the_checkpoint(tmp_path, capsys):
+    train(CFG, OPT, train_config(tmp_path / "run", steps=2), DATA, ONE)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    first = metrics.read_text().splitlines()
+    # What a run killed after step 4 (its checkpoint at step 2) leaves: rows 3 and 4 and a cut row.
+    with open(metrics, "a") as f:
+        f.write(
+            json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + '\n{"step": 5, "lo'
+        )
+    capsys.readouterr()
+    train(CFG, OPT, train_config(tmp_path / "run", steps=4), DATA, ONE)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert metrics.read_text().splitlines()[:2] == first and rows[2]["loss"] != 9.0
+    assert "removed 2 row(s) of steps after 2 (trained again now) and unreadable line(s) [5]" in capsys.readouterr().out
+    assert not metrics.with_name("metrics.jsonl.tmp").exists()
 
 
 def test_unknown_gin_binding_is_a_clear_error(tmp_path):
