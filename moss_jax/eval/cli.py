@@ -180,15 +180,9 @@ def _run_suite(suite: str, model: EvalModel, inputs, args: argparse.Namespace) -
     if suite in ("mmlu", "ceval"):
         from moss_jax.eval import multiple_choice as mc
 
+        kwargs = dict(method=args.method, chat=args.chat, limit=args.limit, max_new_tokens=CHOICE_MAX_NEW_TOKENS)
         if suite == "ceval" and args.ceval_submission:
-            preds = mc.predict(
-                model,
-                inputs,
-                method=args.method,
-                chat=args.chat,
-                limit=args.limit,
-                max_new_tokens=CHOICE_MAX_NEW_TOKENS,
-            )
+            preds = mc.predict(model, inputs, **kwargs)
             Path(args.ceval_submission).parent.mkdir(parents=True, exist_ok=True)
             Path(args.ceval_submission).write_text(json.dumps(preds, ensure_ascii=False, indent=1) + "\n")
             return {
@@ -198,14 +192,7 @@ def _run_suite(suite: str, model: EvalModel, inputs, args: argparse.Namespace) -
                 "questions": sum(len(v) for v in preds.values()),
                 "unanswered": sum(1 for v in preds.values() for letter in v.values() if not letter),
             }
-        return mc.evaluate(
-            model,
-            inputs,
-            method=args.method,
-            chat=args.chat,
-            limit=args.limit,
-            max_new_tokens=CHOICE_MAX_NEW_TOKENS,
-        )
+        return mc.evaluate(model, inputs, **kwargs)
     if suite == "humaneval":
         from moss_jax.eval import code
         from moss_jax.eval.sandbox import SandboxLimits
