@@ -14,14 +14,18 @@ Pallas impls off their platform run in the interpreter; their times there measur
 interpreter, not the kernel.
 
 On a GPU (`--device gpu`) two more choices: `cudnn` is `jax.nn.dot_product_attention(...,
-implementation="cudnn")` (causal; it takes no segment ids, so only with `--segments 0`), and
-`pallas_mgpu_fwd` is the Hopper forward with the Triton backward (`pallas_mgpu` has both Hopper
-kernels); `jax_mgpu` is JAX's own Hopper example kernel (float16, forward only): how close a Pallas Mosaic GPU
-forward gets to cuDNN. `--gpu_blocks` times `pallas_gpu` once per tile setting "block_q,block_k,block_q_bwd,block_k_bwd
+implementation="cudnn")` (causal; it takes no segment ids, so only with `--segments 0`; with
+segments its rows are errors saying so), and `pallas_mgpu_fwd` is the Hopper forward with the
+Triton backward (`pallas_mgpu` has both Hopper kernels); `jax_mgpu` is JAX's own Hopper example
+kernel (float16, forward only): how close a Pallas Mosaic GPU forward gets to cuDNN.
+`--gpu_blocks` times `pallas_gpu` once per tile setting "block_q,block_k,block_q_bwd,block_k_bwd
 [,num_warps[,num_stages]]" (the kernel's defaults when not given), `--mgpu_tiles` times
 `pallas_mgpu` (the Hopper forward of kernels/flash_mgpu.py with the Hopper backward) once per
-"block_kv,stages". Each row also has the
-attention TFLOP/s of the causal half (4 B H L^2 K / 2 forward, 2.5 times that backward).
+"block_kv,stages". Each row also has the attention TFLOP/s of the causal half (4 B H L^2 K / 2
+forward, 2.5 times that backward).
+
+A setting that fails (compile error, out of memory, unknown impl) is a row with an "error" field
+and the sweep goes on; the exit status is 1 when every row failed, else 0.
 """
 
 from __future__ import annotations
@@ -200,10 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     common.set_threads(args.threads, args.device)
 
+    rows = failed = 0
     for seq_len in (int(s) for s in args.seq_lens.split(",")):
         for impl in args.impls.split(","):
-            if impl == "cudnn" and args.segments:
-                continue  # no segment ids through jax.nn.dot_product_attention
+            if impl == "cudnn" and args.segments:  # no segment ids through jax.nn.dot_product_attention
+                error = f"cudnn takes no segment ids: run it with --segments 0 (got --segments {args.segments})"
+                print(json.dumps({"bench": "attention", "impl": impl, "seq_len": seq_len, "error": error}), flush=True)
+                rows, failed = rows + 1, failed + 1
+                continue
             blocks = [int(b) for b in args.blocks.split(",")] if impl == "blockwise" else [None]
             tiles = {"pallas_gpu": args.gpu_blocks, "pallas_mgpu": args.mgpu_tiles}.get(impl) or [None]
             for block in blocks:
@@ -214,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                         row = {"bench": "attention", "impl": impl, "gpu_blocks": tile, "seq_len": seq_len}
                         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
                     print(json.dumps(row), flush=True)
+                    rows, failed = rows + 1, failed + ("error" in row)
+    if rows and failed == rows:
+        print(f'error: all {rows} attention rows failed (see their "error" fields)', file=sys.stderr)
+        return 1
     return 0
 
 

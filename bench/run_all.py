@@ -1,10 +1,16 @@
 """Runs every benchmark, writes bench/results/latest.json and a Markdown table for the docs.
 
-    python bench/run_all.py [--out bench/results] [--only train_step decode ...] [--quick]
+    python bench/run_all.py [--out DIR] [--only train_step decode ...] [--quick] [--threads N]
 
 Each benchmark runs in its own process (XLA reads its thread flags at start-up) one after the
 other; their JSON lines are collected with the date, the machine and the exact commands.
 `--quick` runs tiny sizes (a smoke run of the whole harness, numbers not meaningful).
+
+Output: latest[_threadsN].{json,md} in --out. Its default is bench/results (the committed
+results) only for a full run of every benchmark; a --quick run defaults to bench/results/quick
+and a full run of some benchmarks (--only) to bench/results/partial, both ignored by git, so
+neither overwrites the committed results (pass --out bench/results to mean it). The JSON records
+"quick" and "only".
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
 
 FULL = {
     "train_step": ["train_step.py", "--configs", "tiny", "125m", "--seq_len", "512"],
@@ -86,6 +93,9 @@ def markdown(rows: list[dict]) -> str:
     if att:
         out += ["| attention impl | seq_len | fwd ms | fwd+bwd ms | fwd+bwd temp MiB |", "|---|---|---|---|---|"]
         for r in att:
+            if "error" in r:  # a setting that failed (attention.py keeps going): say so in the row
+                out.append(f"| {r['impl']} | {r['seq_len']} | failed: {r['error'][:100]} | | |")
+                continue
             out.append(
                 f"| {r['impl']} | {r['seq_len']} | {_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} | "
                 f"{_fmt(r['fwd_bwd_temp_mib'])} |"
@@ -108,18 +118,34 @@ def run(name: str, argv: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--only", nargs="+", default=None)
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="default: bench/results for a full run of every benchmark, bench/results/quick with --quick, "
+        "bench/results/partial with --only",
+    )
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every benchmark (default: all)")
     args = parser.parse_args(argv)
     table = QUICK if args.quick else FULL
+    if args.only:
+        unknown = [n for n in args.only if n not in table]
+        if unknown:
+            mode = "--quick" if args.quick else "a full run"
+            full_only = [n for n in unknown if n in FULL] if args.quick else []
+            note = f" ({', '.join(full_only)} only without --quick)" if full_only else ""
+            parser.error(f"--only: no benchmark {', '.join(unknown)} in {mode}{note}; choose from {', '.join(table)}")
     if args.threads:
         table = {n: v + ["--threads", str(args.threads)] if n != "quant_quality" else v for n, v in table.items()}
-    names = args.only or list(table)
+    names = list(dict.fromkeys(args.only)) if args.only else list(table)
+    if args.out is None:  # only a full run of every benchmark replaces the committed results
+        args.out = os.path.join(RESULTS, "quick" if args.quick else "partial") if args.quick or args.only else RESULTS
     result = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": common.machine(),
+        "quick": args.quick,
+        "only": names if args.only else None,
         "commands": {n: "python bench/" + " ".join(table[n]) for n in names},
         "rows": [],
     }
@@ -138,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1)
     machine = result["machine"]
     header = f"Measured {result['date']} on {machine['cpu']} ({machine['cores']} cores, "
-    header += f"load average {machine['load_avg_1m']} at the start, {result['load_avg_1m_at_end']} at the end).\n\n"
+    header += f"load average {machine['load_avg_1m']} at the start, {result['load_avg_1m_at_end']} at the end).\n"
+    if args.quick:
+        header += "Quick run (--quick): tiny sizes, a smoke test of the harness; the numbers are not meaningful.\n"
+    if args.only:
+        header += f"Only {', '.join(names)} (--only).\n"
+    header += "\n"
     with open(os.path.join(args.out, f"latest{suffix}.md"), "w") as f:
         f.write(header + markdown(result["rows"]))
+    print(f"wrote {os.path.join(args.out, f'latest{suffix}.json')} and .md", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles every pod experiment gin for the topology its check command names and prints the
-# results table (docs/tpu.md). Each 16B compile takes one to several minutes of CPU.
+# results table (docs/tpu.md); each gin's collective traffic goes to stderr under its name.
+# Each 16B compile takes one to several minutes of CPU.
 #   bash tpu_setup/aot_all.sh [GIN...]     default: experiments/{pretrain,sft,preference_aware}/moss_16b*.gin
 # Runs the repository's .venv Python (bash scripts/test.sh or scripts/setup_env.sh test,tpu makes
 # it, with libtpu), or $PYTHON. A compile that fails prints the end of its log.
@@ -29,6 +30,7 @@ for gin in "${gins[@]}"; do
     echo "[aot_all] $gin did not compile; the end of its log:" >&2
     tail -n 15 "$log" >&2
   fi
+  grep -E '^\[aot\]   (collectives|largest)' <<<"$out" >&2 || true
   table_head="$(grep -m 2 '^|' <<<"$out" || true)"
   [ -z "$table_head" ] || header="$table_head"
   rows+=("$(grep '^|' <<<"$out" | tail -n 1 || echo "| $(basename "$gin" .gin) | train | $topology | did not compile |")")

@@ -10,7 +10,8 @@
 Needs libtpu (`pip install -e ".[tpu]"`); `jax.experimental.topologies` describes the target
 chips and XLA compiles for them without hardware. The data pipeline is never built. Prints
 per-chip memory (arguments, outputs, temporaries, total against the chip's HBM), FLOPs per step
-and the step time at 60% MFU, a markdown table row, then one JSON line. Exit status: 0 fits,
+and the step time at 60% MFU, the bytes each chip moves in collectives per step (loop bodies
+counted as often as they run; `collective_bytes`), a markdown table row, then one JSON line. Exit status: 0 fits,
 1 does not fit (total above --max_hbm_fraction of HBM, or the TPU compiler's own
 RESOURCE_EXHAUSTED verdict), 2 configuration errors (unknown topology, missing gin file, a mesh
 that does not divide the chips, a batch that does not split over the mesh, ...), 3 the compiler
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -167,8 +170,8 @@ def _compile_train(exp: dict, mesh) -> tuple[dict, dict]:
             model_config, train.batch_size, train.seq_len
         ),
     }
-    _, report = compile_train_step(step, abstract, train.batch_size, train.seq_len, mesh)
-    return info, report
+    compiled, report = compile_train_step(step, abstract, train.batch_size, train.seq_len, mesh)
+    return info, report | _collectives_of(compiled)
 
 
 def _compile_decode(exp: dict, mesh, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -208,7 +211,149 @@ def _compile_decode(exp: dict, mesh, args: argparse.Namespace) -> tuple[dict, di
         * args.decode_batch
         * (2.0 * config.num_non_embedding_params + 4.0 * config.n_layers * config.d_model * args.decode_len),
     }
-    return info, compiled_report(compiled)
+    return info, compiled_report(compiled) | _collectives_of(compiled)
+
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_LOOP = re.compile(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)")
+_CALLS = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_INT_CONSTANT = re.compile(r"%([\w.\-]+) = [su]32\[\]\S* constant\((\d+)\)")
+_INT_ELEMENT = re.compile(r"%([\w.\-]+) = [su]32\[\]\S* get-tuple-element\([^)]*\), index=(\d+)")
+_INT_ADD = re.compile(r"%([\w.\-]+) = [su]32\[\]\S* add\(%([\w.\-]+), %([\w.\-]+)\)")
+
+
+def _trip_count(condition: list[str], body: list[str]) -> int | None:
+    """Iterations of a loop whose condition is `counter < constant` and whose body adds a constant
+    to the counter (lax.scan: 1; XLA's windowed einsums unrolled by 2: 2); the counter is taken to
+    start at 0. None for any other shape."""
+    cond = "\n".join(condition)
+    bounds = dict(_INT_CONSTANT.findall(cond))
+    counters = dict(_INT_ELEMENT.findall(cond))
+    if len(bounds) != 1 or len(counters) != 1 or "direction=LT" not in cond:
+        return None
+    bound, index = int(next(iter(bounds.values()))), next(iter(counters.values()))
+    text = "\n".join(body)
+    root = next((line for line in body if "ROOT" in line and " tuple(" in line), "")
+    operands = [o.strip().lstrip("%") for o in re.sub(r"/\*[^*]*\*/", "", root.partition(" tuple(")[2]).split(",")]
+    if not root or int(index) >= len(operands):
+        return None
+    updated = operands[int(index)].rstrip(")")
+    elements = {name for name, i in _INT_ELEMENT.findall(text) if i == index}
+    copies = re.findall(r"%([\w.\-]+) = [su]32\[\]\S* (?:copy|bitcast)\(%([\w.\-]+)\)", text)
+    for _ in copies:  # the counter as read, through copies
+        elements |= {name for name, source in copies if source in elements}
+    constants = {name: int(v) for name, v in _INT_CONSTANT.findall(text)}
+    for name, a, b in _INT_ADD.findall(text):
+        if name == updated and {a, b} & elements and (step := constants.get(b, constants.get(a))):
+            return -(-bound // step)
+    return None
+
+
+def _array_bytes(text: str) -> list[int]:
+    return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dt] for dt, dims in _ARRAY.findall(text)]
+
+
+def _group_size(line: str) -> int | None:
+    """Chips per replica group of a collective, from any of XLA's three spellings."""
+    if m := re.search(r"replica_groups=\{\{([0-9,]*)\}", line):
+        return len(m.group(1).split(","))
+    if m := re.search(r"replica_groups=\[\d+,(\d+)\]<=", line):
+        return int(m.group(1))
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line):  # may name device_ids between
+        sizes = {k.strip(" '"): int(v) for k, v in (p.split("=") for p in m.group(1).split(","))}
+        return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", m.group(2)))
+    return None
+
+
+def collective_bytes(hlo_text: str, largest: int = 3) -> dict:
+    """Per-chip bytes of the collectives of an optimized HLO module (a compiled program's
+    `as_text()`), each counted as often as it runs: a loop body as many times as its loop.
+
+    XLA's cost analysis counts every loop body once; here a loop's trip count is read from its
+    condition and counter update (`_trip_count`: lax.scan and XLA's windowed einsums). A loop of
+    any other shape counts once and is counted in "loops_unknown". Per op: its result size (an async
+    `-start` op's largest array) and the bytes a ring algorithm moves per chip within a group of
+    n chips: all-gather S (n-1)/n, reduce-scatter S (n-1), all-reduce 2 S (n-1)/n, others S.
+    """
+    computations: dict[str, list[str]] = {}
+    entry = name = None
+    for line in hlo_text.splitlines():
+        if name is None:
+            m = _COMPUTATION.match(line)
+            if m and not line.startswith(" "):
+                name = m.group(2)
+                computations[name] = []
+                entry = name if m.group(1) else entry
+        elif line.startswith("}"):
+            name = None
+        else:
+            computations[name].append(line)
+    callees: dict[str, list[tuple[str, int]]] = {}
+    unknown = 0
+    for caller, lines in computations.items():
+        for line in lines:
+            if loop := _LOOP.search(line):
+                trips = _trip_count(computations.get(loop.group(1), []), computations.get(loop.group(2), []))
+                unknown += trips is None
+                callees.setdefault(caller, []).append((loop.group(2), trips or 1))
+            callees.setdefault(caller, []).extend((c, 1) for c in _CALLS.findall(line))
+    runs: dict[str, int] = {}
+
+    def visit(computation: str, times: int) -> None:
+        runs[computation] = runs.get(computation, 0) + times
+        for callee, trips in callees.get(computation, []):
+            visit(callee, times * trips)
+
+    if entry is None:
+        return {}
+    visit(entry, 1)
+    result = dict.fromkeys(COLLECTIVES, 0)
+    moved = dict.fromkeys(COLLECTIVES, 0.0)
+    ops = []
+    for computation, times in runs.items():
+        for line in computations.get(computation, []):
+            if not (op := _COLLECTIVE.search(line)):
+                continue
+            kind, arrays = op.group(2), _array_bytes(op.group(1))
+            size = (max(arrays) if op.group(3) else sum(arrays)) if arrays else 0
+            group = _group_size(line)  # None for a collective-permute (chip-to-chip pairs)
+            n = group or 1
+            per_run = {
+                "all-gather": size * (n - 1) / n,
+                "reduce-scatter": size * (n - 1),
+                "all-reduce": 2 * size * (n - 1) / n,
+            }.get(kind, size)
+            result[kind] += size * times
+            moved[kind] += per_run * times
+            where = re.search(r'op_name="([^"]*)"', line)
+            ops.append((per_run * times, kind, times, group, where.group(1) if where else ""))
+    ops.sort(key=lambda o: -o[0])
+    return {
+        "result_bytes": {k: v for k, v in result.items() if v},
+        "moved_bytes": {k: round(v) for k, v in moved.items() if v},
+        "moved_total_bytes": round(sum(moved.values())),
+        "loops_unknown": unknown,
+        "largest": [
+            {"kind": k, "runs": t, "group": n, "moved_bytes": round(b), "op_name": w} for b, k, t, n, w in ops[:largest]
+        ],
+    }
+
+
+def _collectives_of(compiled) -> dict:
+    """{"collectives": collective_bytes(...)} of a compiled program, or {} where it has no HLO text."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # backends that cannot print the optimized module
+        return {}
+    found = collective_bytes(text) if text else {}
+    return {"collectives": found} if found else {}
 
 
 def fits_in_hbm(report: dict, hbm_bytes: int, max_fraction: float) -> bool | None:
@@ -278,6 +423,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[aot]   {time_note}: {step_time:.4g} s")
     if args.step == "decode":
         print(f"[aot]   about {args.decode_batch * args.decode_chunk / step_time:.0f} tokens/s for the batch")
+    coll = report.get("collectives")
+    if coll:
+        kinds = ", ".join(f"{k} {v / GIB:.1f}" for k, v in coll["moved_bytes"].items()) or "none"
+        unknown = (
+            f"; {coll['loops_unknown']} loop(s) of unknown trip count counted once" if coll["loops_unknown"] else ""
+        )
+        print(
+            f"[aot]   collectives, GiB moved per chip per step (ring estimate, loops x trip count): "
+            f"{coll['moved_total_bytes'] / GIB:.1f} ({kinds}){unknown}"
+        )
+        for op in coll["largest"][:1]:
+            group = f"over {op['group']} chips" if op["group"] else "between chip pairs"
+            print(
+                f"[aot]   largest: {op['kind']} {group} run {op['runs']} times, "
+                f"{op['moved_bytes'] / GIB:.1f} GiB ({op['op_name'] or 'no op name'})"
+            )
     experiment = " ".join(Path(f).stem for f in args.gin_file)
     mesh_text = "(" + ", ".join(str(mesh.shape[a]) for a in MESH_AXES) + ")"
     print(TABLE_HEADER)
@@ -305,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 "hbm_fraction": total / gen.hbm_bytes,
                 "fits": fits,
                 "memory": {k: v for k, v in report.items() if k.endswith("bytes")},
+                "collectives": report.get("collectives"),  # per chip, loops x trip count (collective_bytes)
                 "flops": report.get("flops"),  # XLA, per chip
                 # train: at 60% MFU; decode: a chunk's HBM-bound time (parameters and cache read per token)
                 "step_time_s": step_time,

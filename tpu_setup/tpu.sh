@@ -66,15 +66,23 @@ default_version() {
   esac
 }
 
-# v5p:4x4x4 -> --type=v5p --topology=4x4x4 (gcloud names v5e 'v5litepod').
+# v5p:4x4x4 -> --type=v5p --topology=4x4x4 (gcloud names v5e 'v5litepod'). The rules are
+# tpu_setup/topology.py's: v4 and v5p are 3-D tori (AxBxC), v5e and v6e 2-D (AxB), no zero sides.
 topology_flags() {
-  local gen="${1%%:*}" shape="${1#*:}"
+  local gen="${1%%:*}" shape="${1#*:}" dims size sizes
   [[ "$1" == *:* && "$shape" =~ ^[0-9]+(x[0-9]+)+$ ]] || die "bad --topology '$1'; expected e.g. v5p:4x4x4, v4:4x4x4, v5e:16x16"
   case "$gen" in
-    v4 | v5p | v6e) ;;
-    v5e | v5litepod) gen="v5litepod" ;;
+    v4 | v5p) dims=3 ;;
+    v6e) dims=2 ;;
+    v5e | v5litepod) gen="v5litepod" dims=2 ;;
     *) die "unknown TPU generation '$gen' in --topology '$1'; known: v4, v5p, v5e, v6e" ;;
   esac
+  IFS=x read -r -a sizes <<<"$shape"
+  [ "${#sizes[@]}" = "$dims" ] ||
+    die "bad --topology '$1': ${1%%:*} topologies have $dims dimensions (e.g. $([ "$dims" = 3 ] && echo 4x4x4 || echo 16x16)), got ${#sizes[@]}"
+  for size in "${sizes[@]}"; do
+    ((10#$size >= 1)) || die "bad --topology '$1': every dimension must be at least 1"
+  done
   echo "--type=$gen --topology=$shape"
 }
 
@@ -101,8 +109,10 @@ while [ $# -gt 0 ]; do
   case "$arg" in
     --) REMOTE=("$@") && break ;;
     --dry_run) DRY_RUN=1 && continue ;;
-    --spot) CAPACITY="--spot" && continue ;;
-    --reserved) CAPACITY="--reserved" && continue ;;
+    --spot | --reserved)
+      [ -z "$CAPACITY" ] || [ "$CAPACITY" = "$arg" ] || die "give --spot or --reserved, not both"
+      CAPACITY="$arg" && continue
+      ;;
     --queued) QUEUED=1 && continue ;;
     --*=*) key="${arg%%=*}" value="${arg#*=}" ;;
     --*)

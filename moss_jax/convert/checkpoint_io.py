@@ -200,12 +200,19 @@ def load_config(ckpt_dir: str | os.PathLike) -> MossConfig:
 
 
 def load_params(ckpt_dir: str | os.PathLike, target: Any = None) -> tuple[MossConfig, Any]:
-    """Reads (config, params) written by `save_params`; `target` may carry shardings."""
+    """Reads (config, params) written by `save_params`; `target` may carry shardings.
+
+    Without a target each array keeps the sharding it was saved with where this process has
+    those devices; a checkpoint written on other devices (another device count, or several
+    processes) is read whole onto this process's first device instead.
+    """
+    import jax
     import orbax.checkpoint as ocp
 
     config = load_config(ckpt_dir)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(Path(ckpt_dir).absolute() / PARAMS_NAME, target)
+    args = ocp.args.StandardRestore(target, fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        params = ckptr.restore(Path(ckpt_dir).absolute() / PARAMS_NAME, args=args)
     return config, params
 
 
@@ -271,18 +278,60 @@ def export_params_from_run(
     run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None, overwrite: bool = False
 ) -> tuple[int, Path]:
     """Copies the parameters of a training run's checkpoint (latest, or `step`) into a
-    params checkpoint (`save_params` layout) that chat, serve, eval and `init_from` read."""
+    params checkpoint (`save_params` layout) that chat, serve, eval and `init_from` read.
+
+    Only the parameters are read (not the optimiser state), each array whole into host memory,
+    so a checkpoint written on any mesh (another device count, several processes) exports
+    from one process."""
+    import jax
     import orbax.checkpoint as ocp
 
     ckpt_dir = Path(run_dir).absolute() / "checkpoints"
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: no checkpoints directory (is {run_dir} a training workdir?)")
-    with ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "model")) as manager:
+    handlers = {
+        "state": ocp.PyTreeCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "model": ocp.JsonCheckpointHandler(),
+    }
+    with ocp.CheckpointManager(ckpt_dir, item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():
             raise CheckpointError(f"{ckpt_dir}: no checkpoint for step {step}; have {sorted(manager.all_steps())}")
+        where = ckpt_dir / str(step) / "state"
+        try:
+            saved = manager.item_metadata(step)["state"]
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            raise CheckpointError(f"{where}: unreadable TrainState metadata ({e})") from e
+        saved = getattr(saved, "tree", saved)
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
+            raise CheckpointError(f"{where}: holds no 'params' subtree (is {run_dir} a moss_jax training run?)")
+        # The saved shardings name the devices the run had; read every parameter whole onto one
+        # host device instead, so the export does not depend on this process's devices.
+        sharding = _host_sharding()
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved["params"])
+        restore_args = jax.tree.map(
+            lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape, dtype=m.dtype), saved["params"]
+        )
         restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), model=ocp.args.JsonRestore())
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+                ),
+                model=ocp.args.JsonRestore(),
+            ),
         )
     config = MossConfig(**restored["model"])
     return step, save_params(out_dir, restored["state"]["params"], config, overwrite=overwrite)
+
+
+def _host_sharding():
+    """One device in host memory: the CPU backend where it is loaded, else the first local device."""
+    import jax
+
+    try:
+        device = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS leaves the CPU backend out
+        device = jax.local_devices()[0]
+    return jax.sharding.SingleDeviceSharding(device)

@@ -96,7 +96,10 @@ class Decoder:
         cache_layout: str | None = None,
     ):
         if batch_size < 1 or cache_len < 2 or chunk_size < 1:
-            raise ValueError(f"need batch_size >= 1, cache_len >= 2, chunk_size >= 1; got {batch_size}, {cache_len}")
+            raise ValueError(
+                "Decoder: need batch_size >= 1, cache_len >= 2, chunk_size >= 1; "
+                f"got batch_size={batch_size}, cache_len={cache_len}, chunk_size={chunk_size}"
+            )
         on_cpu = jax.default_backend() == "cpu"
         if cache_layout is None:
             cache_layout = "bhsk" if on_cpu else config.kv_cache_layout

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tpu_setup import aot_compile
+from tpu_setup.aot_compile import COLLECTIVES
 
 pytest.importorskip("libtpu", reason='libtpu is not installed (pip install "jax[tpu]==0.10.2")')
 
@@ -59,6 +60,12 @@ def test_tiny_sft_stage_fits_on_v5p_with_a_3d_mesh():
     assert lines[-2].startswith(
         "| pretrain_tiny_cpu_bytes | sft | v5p:2x2x2 (v5p-16) | 8 | (2, 2, 2, 1) | 8 x 128 | 0.1 / 95 (0%) |"
     )
+    # Collective traffic per chip, loop bodies counted by trip count (no loop of unknown shape here).
+    coll = report["collectives"]
+    assert coll["loops_unknown"] == 0
+    assert coll["moved_total_bytes"] == pytest.approx(sum(coll["moved_bytes"].values()), abs=len(COLLECTIVES))
+    assert coll["moved_bytes"]["all-gather"] > 0 and coll["moved_bytes"]["all-reduce"] > 0
+    assert any(line.startswith("[aot]   collectives, GiB moved per chip per step") for line in lines)
 
 
 def test_decode_step_compiles_for_v4_megacore_chips_with_tensor_parallelism():

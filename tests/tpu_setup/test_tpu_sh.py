@@ -130,6 +130,13 @@ def test_dry_run_through_the_environment_variable():
         (["create", "--name=Moss_1", "--zone=z", "--topology=v5p:4x4x4"], "--name 'Moss_1'"),
         (["create", *VM, "--topology=v9:2x2"], "unknown TPU generation 'v9'"),
         (["create", *VM, "--topology=v5p-128"], "bad --topology 'v5p-128'"),
+        (["create", *VM, "--topology=v5p:4x4"], "v5p topologies have 3 dimensions (e.g. 4x4x4), got 2"),
+        (["queue", *VM, "--topology=v5e:4x4x4"], "v5e topologies have 2 dimensions (e.g. 16x16), got 3"),
+        (["create", *VM, "--topology=v6e:16x16x1"], "v6e topologies have 2 dimensions"),
+        (["create", *VM, "--topology=v5p:0x4x4"], "bad --topology 'v5p:0x4x4': every dimension must be at least 1"),
+        (["create", *VM, "--topology=v5litepod:16x00"], "every dimension must be at least 1"),
+        (["create", *VM, "--topology=v5p:4x4x4", "--spot", "--reserved"], "give --spot or --reserved, not both"),
+        (["queue", *VM, "--topology=v5p:4x4x4", "--reserved", "--spot"], "give --spot or --reserved, not both"),
         (["create", *VM], "needs --topology"),
         (["create", *VM, "--topology=v5p:4x4x4", "--accelerator_type=v5p-128"], "not both"),
         (["create", *VM, "--accelerator_type=v5p128"], "bad --accelerator_type 'v5p128'"),
@@ -169,3 +176,21 @@ def test_help_prints_the_header_comment_only():
     proc = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert lines[-1].startswith("--dry_run or DRY_RUN=1") and "set -euo" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("generation", ["v4", "v5p", "v5e", "v6e"])
+def test_topology_rules_agree_with_topology_py(generation):
+    """tpu.sh checks a topology's rank as tpu_setup/topology.py does (3-D v4/v5p, 2-D v5e/v6e)."""
+    from tpu_setup.topology import GENERATIONS, TopologyError, parse_topology
+
+    dims = GENERATIONS[generation].dims
+    for shape, ok in (("x".join(["2"] * dims), True), ("x".join(["2"] * (dims + 1)), False), ("2", False)):
+        topology = f"{generation}:{shape}"
+        proc = _sh("create", *VM, f"--topology={topology}")
+        assert (proc.returncode == 0) == ok, (topology, proc.stderr)
+        if ok:
+            parse_topology(topology)
+        else:
+            assert proc.returncode == 2 and "bad --topology" in proc.stderr
+            with pytest.raises(TopologyError):
+                parse_topology(topology)
