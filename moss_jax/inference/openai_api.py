@@ -32,6 +32,7 @@ from typing import Any
 from moss_jax.inference.prompt import Turn
 from moss_jax.inference.sampling import MOSS_DEFAULTS, SamplingParams
 from moss_jax.inference.tags import TagChoice, TagError, parse_tag_choice
+from moss_jax.inference.tokenizer import check_unicode
 
 # Accepted but without effect here (they only describe the client or its billing).
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}
@@ -112,12 +113,9 @@ def _check_unicode(value: Any, where: str, param: str | None) -> None:
         item, path, param = stack.pop()
         if isinstance(item, str):
             try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise RequestError(
-                    f"{path} is not valid Unicode: lone surrogate U+{ord(item[e.start]):04X} at character {e.start}",
-                    param,
-                ) from None
+                check_unicode(item, path)
+            except ValueError as e:
+                raise RequestError(str(e), param) from None
         elif isinstance(item, Mapping):
             for key, sub in reversed(list(item.items())):
                 try:
