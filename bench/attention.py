@@ -21,8 +21,11 @@ kernel (float16, forward only): how close a Pallas Mosaic GPU forward gets to cu
 `--gpu_blocks` times `pallas_gpu` once per tile setting "block_q,block_k,block_q_bwd,block_k_bwd
 [,num_warps[,num_stages]]" (the kernel's defaults when not given), `--mgpu_tiles` times
 `pallas_mgpu` (the Hopper forward of kernels/flash_mgpu.py with the Hopper backward) once per
-"block_kv,stages". Each row also has the attention TFLOP/s of the causal half (4 B H L^2 K / 2
-forward, 2.5 times that backward).
+"block_kv,stages", and `--mgpu_bwd` once per schedule of the Hopper backward
+(kernels/flash_mgpu_bwd.py `Variant`: "base", or option names joined by "+", e.g.
+"overlap+shared_dq"). Rows of GPU kernels count the Mosaic GPU kernels each program launches
+("fwd_mosaic", "fwd_bwd_mosaic": 0 means a Hopper setting fell back to Triton). Each row also
+has the attention TFLOP/s of the causal half (4 B H L^2 K / 2 forward, 2.5 times that backward).
 
 A setting that fails (compile error, out of memory, unknown impl) is a row with an "error" field
 and the sweep goes on; the exit status is 1 when every row failed, else 0.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -100,7 +104,7 @@ def _jax_mgpu_forward(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causa
     return attention_mgpu.attention(*f16, config).astype(q.dtype)
 
 
-def _attention_fn(impl: str, block: int | None, gpu_blocks: str | None):
+def _attention_fn(impl: str, block: int | None, gpu_blocks: str | None, mgpu_bwd: str | None = None):
     import jax
 
     from moss_jax.attention import attention
@@ -111,9 +115,16 @@ def _attention_fn(impl: str, block: int | None, gpu_blocks: str | None):
         return functools.partial(blockwise_attention, block_q=block, block_k=block)
     if impl == "pallas_gpu" and gpu_blocks:
         return functools.partial(flash_gpu.flash_attention_gpu, **parse_gpu_blocks(gpu_blocks))
-    if impl == "pallas_mgpu" and gpu_blocks:
-        tiles = parse_mgpu_tiles(gpu_blocks)
-        return functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic", backward="mosaic", mosaic_tiles=tiles)
+    if impl == "pallas_mgpu" and (gpu_blocks or mgpu_bwd):
+        from moss_jax.kernels.flash_mgpu_bwd import Variant
+
+        return functools.partial(
+            flash_gpu.flash_attention_gpu,
+            forward="mosaic",
+            backward="mosaic",
+            mosaic_tiles=parse_mgpu_tiles(gpu_blocks) if gpu_blocks else None,
+            mosaic_bwd=Variant.parse(mgpu_bwd) if mgpu_bwd else None,
+        )
     if impl == "jax_mgpu":
         return _jax_mgpu_forward
     if impl == "pallas_mgpu_fwd":  # the Hopper forward with the Triton backward
@@ -129,12 +140,19 @@ def _attention_fn(impl: str, block: int | None, gpu_blocks: str | None):
     return functools.partial(attention, impl=impl)
 
 
-def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespace, gpu_blocks: str | None = None):
+def bench_one(
+    impl: str,
+    block: int | None,
+    seq_len: int,
+    args: argparse.Namespace,
+    gpu_blocks: str | None = None,
+    mgpu_bwd: str | None = None,
+):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    attn = _attention_fn(impl, block, gpu_blocks)
+    attn = _attention_fn(impl, block, gpu_blocks, mgpu_bwd)
     dtype = jnp.dtype(args.dtype)
     shape = (args.batch, seq_len, args.heads, args.head_dim)
     rng = np.random.RandomState(0)
@@ -153,6 +171,7 @@ def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespa
         "impl": impl,
         "block": block if impl == "blockwise" else None,
         "gpu_blocks": gpu_blocks if impl in ("pallas_gpu", "pallas_mgpu") else None,
+        "mgpu_bwd": mgpu_bwd if impl == "pallas_mgpu" else None,
         "seq_len": seq_len,
         "batch": args.batch,
         "heads": args.heads,
@@ -170,7 +189,10 @@ def bench_one(impl: str, block: int | None, seq_len: int, args: argparse.Namespa
         if impl == "jax_mgpu" and name == "fwd_bwd":
             continue  # its backward has no causal mask
         start = time.perf_counter()
-        compiled = jax.jit(fn).lower(q, k, v, seg).compile()
+        lowered = jax.jit(fn).lower(q, k, v, seg)
+        if args.device == "gpu":
+            row[f"{name}_mosaic"] = lowered.as_text().count("@mosaic_gpu_v2(")
+        compiled = lowered.compile()
         row[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
         mem = compiled.memory_analysis()
         row[f"{name}_temp_mib"] = None if mem is None else round(mem.temp_size_in_bytes / 2**20, 1)
@@ -190,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--mgpu_tiles", nargs="*", default=[], help="pallas_mgpu forward tiles: block_kv,stages each (block_q 64)"
+    )
+    parser.add_argument(
+        "--mgpu_bwd", nargs="*", default=[], help="pallas_mgpu backward schedules: 'base' or options joined by '+'"
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
@@ -214,15 +239,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             blocks = [int(b) for b in args.blocks.split(",")] if impl == "blockwise" else [None]
             tiles = {"pallas_gpu": args.gpu_blocks, "pallas_mgpu": args.mgpu_tiles}.get(impl) or [None]
-            for block in blocks:
-                for tile in tiles:
-                    try:
-                        row = bench_one(impl, block, seq_len, args, tile)
-                    except Exception as e:  # one failing setting (compile error, OOM) must not end the sweep
-                        row = {"bench": "attention", "impl": impl, "gpu_blocks": tile, "seq_len": seq_len}
-                        row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-                    print(json.dumps(row), flush=True)
-                    rows, failed = rows + 1, failed + ("error" in row)
+            schedules = (args.mgpu_bwd if impl == "pallas_mgpu" else None) or [None]
+            for block, tile, schedule in itertools.product(blocks, tiles, schedules):
+                try:
+                    row = bench_one(impl, block, seq_len, args, tile, schedule)
+                except Exception as e:  # one failing setting (compile error, OOM) must not end the sweep
+                    row = {"bench": "attention", "impl": impl, "gpu_blocks": tile, "seq_len": seq_len}
+                    row.update({"mgpu_bwd": schedule} if schedule else {})
+                    row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                print(json.dumps(row), flush=True)
+                rows, failed = rows + 1, failed + ("error" in row)
     if rows and failed == rows:
         print(f'error: all {rows} attention rows failed (see their "error" fields)', file=sys.stderr)
         return 1

@@ -94,6 +94,7 @@ def check_flash(
     segments=3,
     seed=0,
     variant: str = "triton",
+    mgpu_bwd: str | None = None,
 ):
     import functools
 
@@ -122,6 +123,10 @@ def check_flash(
 
     args = (q, k, v, ct, seg_q, seg_kv)
     kernel = functools.partial(flash_gpu.flash_attention_gpu, **VARIANTS[variant])
+    if mgpu_bwd is not None:  # the Hopper backward's schedule (flash_mgpu_bwd.Variant)
+        from moss_jax.kernels.flash_mgpu_bwd import Variant
+
+        kernel = functools.partial(kernel, mosaic_bwd=Variant.parse(mgpu_bwd))
     compiled, triton, mosaic, compile_s = _compile(run(kernel), *args)
     got = compiled(*args)
     with jax.default_matmul_precision("highest"):
@@ -131,6 +136,7 @@ def check_flash(
     return {
         "check": "flash",
         "variant": variant,
+        **({"mgpu_bwd": mgpu_bwd} if mgpu_bwd is not None else {}),
         "dtype": dtype,
         "head_dim": head_dim,
         "batch": batch,
@@ -217,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         default="triton,mosaic_fwd,mosaic",
         help="flash kernels: triton, mosaic_fwd (Hopper forward), mosaic (Hopper forward and backward); mosaic*: bf16",
     )
+    parser.add_argument(
+        "--mgpu_bwd",
+        default="",
+        help="the mosaic variant once per Hopper backward schedule, comma-separated ('base' or options "
+        "joined by '+', kernels/flash_mgpu_bwd.py Variant); empty: its default",
+    )
     args = parser.parse_args(argv)
     head_dims = {int(k) for k in args.head_dims.split(",")}
     kinds = set(args.checks.split(","))
@@ -253,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         decode_dims = (128, 256) if dtype == "bfloat16" else (128,)
         checks += [(check_decode, dtype, k, decode) for k in decode_dims if "decode" in kinds and k in head_dims]
     for variant in (v for v in variants if v != "triton"):
-        checks += flash_cases("bfloat16", variant) if "bfloat16" in dtypes else []
+        schedules = args.mgpu_bwd.split(",") if args.mgpu_bwd and variant == "mosaic" else [None]
+        for schedule in schedules:
+            cases = flash_cases("bfloat16", variant) if "bfloat16" in dtypes else []
+            checks += [(fn, dtype, k, kw | ({"mgpu_bwd": schedule} if schedule else {})) for fn, dtype, k, kw in cases]
     failed = 0
     for fn, dtype, head_dim, kw in checks:
         try:

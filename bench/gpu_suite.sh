@@ -8,6 +8,8 @@
 #   3. attention      pallas_gpu vs cuDNN vs XLA, bf16, B=4, H=16, K=128, causal, seq 2048/4096/8192
 #      attention_mgpu the same rows for pallas_mgpu_fwd / pallas_mgpu (Hopper forward / both kernels), in a
 #                     part of their own: an untried kernel that hangs on its first run costs only this part
+#      attention_mgpu_bwd  pallas_mgpu once per schedule of the Hopper backward (flash_mgpu_bwd.Variant:
+#                     base, overlap, shared_dq, both = the default) next to cuDNN, at GPU_SUITE_SEQ_LENS
 #   4. mfu_*          train-step MFU, 2b and 350m at seq 2048, bf16 compute, fp32 master weights;
 #                     mfu_big_cudnn / mfu_big_noseg: the 2b with cuDNN attention / ours, no segment ids;
 #                     mfu_big_mgpu: the 2b with pallas_mgpu;
@@ -178,6 +180,8 @@ part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls "${GPU_SU
     --segments 0 --dtype bfloat16 --max_ref_len 4096 "${ATT[@]}"
 part attention_mgpu 120 "$PY" bench/attention.py --device "$DEVICE" --impls pallas_mgpu_fwd,pallas_mgpu \
     --segments 0 --dtype bfloat16 --max_ref_len 4096 "${ATT[@]}"
+part attention_mgpu_bwd 150 "$PY" bench/attention.py --device "$DEVICE" --impls pallas_mgpu,cudnn --segments 0 \
+    --dtype bfloat16 --mgpu_bwd base overlap shared_dq overlap+shared_dq "${ATT[@]}"
 
 # 4. train-step MFU with our kernel and with cuDNN's, for each remat policy in GPU_SUITE_REMATS (default
 # dots_no_batch_attention: weight matmuls plus the attention output and log-sum-exp, so nothing but

@@ -40,15 +40,19 @@ def _line(r: dict) -> str:
         return (
             f"check {kind} {r['dtype']} K={r['head_dim']} {shape}: {errs} rel={_g(r['rel_err'])} "
             f"{'ok' if r['ok'] else 'NOT OK'} triton={r['triton']}"
-            f"{' variant=' + r['variant'] + ' mosaic=' + str(r.get('mosaic')) if 'variant' in r else ''} "
+            f"{' variant=' + r['variant'] + ' mosaic=' + str(r.get('mosaic')) if 'variant' in r else ''}"
+            f"{' bwd=' + r['mgpu_bwd'] if r.get('mgpu_bwd') else ''} "
             f"compile={r['compile_s']}s"
         )
     if kind == "pytest_gpu":
         return f"pytest {r.get('files', 'tests/kernels')}: {r['summary']}"
     if kind == "attention":
         tile = f" tiles={r['gpu_blocks']}" if r.get("gpu_blocks") else ""
+        tile += f" bwd={r['mgpu_bwd']}" if r.get("mgpu_bwd") else ""
+        # Mosaic GPU kernels launched by the fwd / fwd+bwd programs (0: the Triton path ran)
+        mosaic = f" mosaic={r.get('fwd_mosaic')}/{r.get('fwd_bwd_mosaic')}" if "fwd_mosaic" in r else ""
         return (
-            f"attention {r['impl']}{tile} L={r['seq_len']} seg={r['segments']}: fwd {_g(r['fwd_ms'])} ms "
+            f"attention {r['impl']}{tile}{mosaic} L={r['seq_len']} seg={r['segments']}: fwd {_g(r['fwd_ms'])} ms "
             f"({_g(r['fwd_tflops'])} TF/s), fwd+bwd {_g(r.get('fwd_bwd_ms'))} ms ({_g(r.get('fwd_bwd_tflops'))} TF/s), "
             f"temp {_g(r['fwd_temp_mib'])}/{_g(r.get('fwd_bwd_temp_mib'))} MiB"
         )
@@ -85,6 +89,7 @@ def ratios(rows: list[dict]) -> list[str]:
             and "error" not in r
             and not r.get("segments")
             and not r.get("gpu_blocks")
+            and not r.get("mgpu_bwd")
         }
         for impl, label in (
             ("pallas_gpu", "ours"),
@@ -102,14 +107,17 @@ def ratios(rows: list[dict]) -> list[str]:
         tiles = [
             r
             for r in rows
-            if r.get("bench") == "attention" and r["seq_len"] == seq and r.get("gpu_blocks") and "error" not in r
+            if r.get("bench") == "attention"
+            and r["seq_len"] == seq
+            and (r.get("gpu_blocks") or r.get("mgpu_bwd"))
+            and "error" not in r
         ]
         for name in ("fwd", "fwd_bwd"):
             timed = [r for r in tiles if r.get(f"{name}_ms")]
             if timed and "cudnn" in pick and pick["cudnn"].get(f"{name}_ms"):
                 best = min(timed, key=lambda r: r[f"{name}_ms"])
                 ratio = best[f"{name}_ms"] / pick["cudnn"][f"{name}_ms"]
-                setting = f"{best['impl']} {best['gpu_blocks']}"
+                setting = f"{best['impl']} {best.get('gpu_blocks') or ''} {best.get('mgpu_bwd') or ''}".strip()
                 out.append(f"best tiles for {name} L={seq}: {setting}, ours/cudnn {ratio:.2f}")
     return out
 

@@ -165,6 +165,7 @@ class _Static:
     forward: str = "triton"  # or "mosaic": flash_mgpu's Hopper kernel (q_offset 0 only)
     backward: str = "triton"  # or "mosaic": flash_mgpu_bwd's (with a Mosaic forward only)
     mosaic_tiles: flash_mgpu.Tiles | None = None
+    mosaic_bwd: flash_mgpu_bwd.Variant = flash_mgpu_bwd.Variant()
 
     @property
     def scale_log2(self) -> float:
@@ -518,7 +519,7 @@ def _attention_bwd(st: _Static, res, do):
         def hopper(q, k, v, q_seg, kv_seg, offset, lse, delta, do):
             del offset  # 0, as for the forward
             return flash_mgpu_bwd.flash_backward_hopper(
-                q, k, v, q_seg, kv_seg, lse, delta, do, causal=st.causal, scale=st.scale
+                q, k, v, q_seg, kv_seg, lse, delta, do, causal=st.causal, scale=st.scale, variant=st.mosaic_bwd
             )
 
     dq, dk, dv = common.on_platform(run, *args, platform="cuda", interpret=st.interpret, compiled=hopper)
@@ -544,6 +545,7 @@ def flash_attention_gpu(
     forward: str = "triton",
     backward: str = "triton",
     mosaic_tiles: flash_mgpu.Tiles | None = None,
+    mosaic_bwd: flash_mgpu_bwd.Variant | None = None,
 ) -> jax.Array:
     """Flash attention (GPU Pallas/Triton kernel) with the semantics of `moss_jax.attention`.
 
@@ -556,7 +558,8 @@ def flash_attention_gpu(
     visible, `interpret` None) and the Triton forward otherwise. `backward="mosaic"` runs the
     backward with `flash_mgpu_bwd`'s fused Hopper kernel where the Mosaic forward ran and
     head_dim <= 128; otherwise the two Triton kernels. `mosaic_tiles`: the Mosaic forward's tiles
-    (None: `flash_mgpu.default_tiles`).
+    (None: `flash_mgpu.default_tiles`); `mosaic_bwd`: the Mosaic backward's schedule
+    (`flash_mgpu_bwd.Variant`; None: its default).
 
     Raises:
       ValueError: q/k/v shapes that do not match (`common.check_shapes`), or a `block_sizes` field
@@ -574,7 +577,8 @@ def flash_attention_gpu(
     ):
         forward = "triton"
     segments = common.check_segment_ids(q_segment_ids, kv_segment_ids)
-    if forward != "mosaic" or flash_mgpu_bwd.unsupported(q_BxLxHxK, segments=segments) is not None:
+    mosaic_bwd = flash_mgpu_bwd.Variant() if mosaic_bwd is None else mosaic_bwd
+    if forward != "mosaic" or flash_mgpu_bwd.unsupported(q_BxLxHxK, segments=segments, variant=mosaic_bwd) is not None:
         backward = "triton"
     head_dim = q_BxLxHxK.shape[-1]
     launch = resolve_launch(head_dim, q_BxLxHxK.dtype, block_sizes, num_warps, num_stages)
@@ -589,6 +593,7 @@ def flash_attention_gpu(
         forward=forward,
         backward=backward,
         mosaic_tiles=mosaic_tiles if forward == "mosaic" else None,
+        mosaic_bwd=mosaic_bwd if backward == "mosaic" else flash_mgpu_bwd.Variant(),
     )
     offset = common.offset_array(q_offset)
     return _attention(st, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset)

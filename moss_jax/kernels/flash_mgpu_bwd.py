@@ -55,21 +55,63 @@ STAGES = 2
 _MAX_HEAD_DIM = 128
 
 
-def smem_bytes(head_dim: int, dtype, segments: bool) -> int:
-    """Buffers: per warpgroup K, V, dS^T and the fp32 dQ part; per slot Q, dO, lse, delta (ids)."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """Schedule options of the fused backward (`bench/attention.py --mgpu_bwd` times them; both
+    on by default, "base" is both off).
+
+    overlap: S^T = K Q^T and dP^T = V dO^T are issued together and the softmax runs while dP^T is
+      computed; dV += P^T dO and dK += dS^T Q then go as one group (off: dV is issued with dP^T
+      after the softmax, and dK alone).
+    shared_dq: the two compute warpgroups exchange dS^T through shared memory once per query block
+      and each adds half of dQ's columns over all 128 keys of the program, so every (query
+      block, program) pair makes one fp32 reduce-add of [64, head_dim] instead of two (off: each
+      warpgroup adds its own keys' [64, head_dim] part). Padded head_dim 128 only (the halves
+      must be whole 64-column tiles of the 128-byte swizzle); other widths keep the
+      per-warpgroup dQ.
+
+    On an H100 (2026-11-27, bf16, B=4, H=16, K=128, causal; docs/performance.md) forward+backward
+    took 3.07 / 2.77 / 2.96 / 2.71 ms at L = 4096 for base / overlap / shared_dq / both, and
+    10.9 / 9.81 / 10.6 / 9.56 ms at L = 8192 (cuDNN: 2.19 and 7.6).
+    """
+
+    overlap: bool = True
+    shared_dq: bool = True
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        """ "base" (every option off), or the options that are on joined by "+" ("overlap")."""
+        names = [] if spec == "base" else spec.split("+")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not spec or any(n not in fields for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"backward variant {spec!r}: expected 'base' or some of {fields} joined by '+'")
+        return cls(**{f: f in names for f in fields})
+
+    def applies(self, head_dim: int) -> Variant:
+        """This variant for a padded head_dim (shared_dq off where the halves are not whole tiles)."""
+        return dataclasses.replace(self, shared_dq=self.shared_dq and head_dim == 128)
+
+
+def smem_bytes(head_dim: int, dtype, segments: bool, variant: Variant = Variant()) -> int:
+    """Buffers: per warpgroup K, V, dS^T (two with shared_dq) and the fp32 dQ part (half its
+    columns with shared_dq); per slot Q, dO, lse, delta (ids)."""
     size = jnp.dtype(dtype).itemsize
-    per_wg = 2 * BLOCK * head_dim * size + BLOCK * BLOCK * size + BLOCK * head_dim * 4 + (BLOCK * 4 if segments else 0)
+    shared = variant.applies(head_dim).shared_dq
+    ds = (2 if shared else 1) * BLOCK * BLOCK * size
+    dq = BLOCK * (head_dim // 2 if shared else head_dim) * 4
+    per_wg = 2 * BLOCK * head_dim * size + ds + dq + (BLOCK * 4 if segments else 0)
     per_slot = 2 * BLOCK * head_dim * size + 2 * BLOCK * 4 + (BLOCK * 4 if segments else 0)
     return _COMPUTE_WGS * per_wg + STAGES * per_slot
 
 
-def unsupported(q: jax.Array, *, segments: bool = True) -> str | None:
+def unsupported(q: jax.Array, *, segments: bool = True, variant: Variant = Variant()) -> str | None:
     """Why this kernel cannot run the backward of a call the Hopper forward ran, or None."""
     head_dim = _padded_dim(q.shape[-1])
     if head_dim > _MAX_HEAD_DIM:
         return f"head_dim {q.shape[-1]}: the Mosaic GPU backward takes up to {_MAX_HEAD_DIM} (registers)"
-    if smem_bytes(head_dim, q.dtype, segments) > _SMEM_BUDGET:
-        return f"head_dim {q.shape[-1]} needs {smem_bytes(head_dim, q.dtype, segments)} bytes of shared memory"
+    need = smem_bytes(head_dim, q.dtype, segments, variant)
+    if need > _SMEM_BUDGET:
+        return f"head_dim {q.shape[-1]} needs {need} bytes of shared memory"
     return None
 
 
@@ -83,6 +125,7 @@ class _Geometry:
     kv_real: int | None
     head_dim: int
     dtype: jnp.dtype
+    variant: Variant = Variant()
 
     @property
     def num_q(self) -> int:
@@ -116,15 +159,18 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: _Geomet
     else:
         (dq_acc_ref, dk_ref, dv_ref), q_seg_ref, kv_seg_ref = refs, None, None
     swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-    d, wgs = geo.head_dim, _COMPUTE_WGS
+    d, wgs, shared = geo.head_dim, _COMPUTE_WGS, geo.variant.shared_dq
     scratch = dict(
         k=plgpu.SMEM((wgs, BLOCK, d), geo.dtype, **swizzled),  # then dK
         v=plgpu.SMEM((wgs, BLOCK, d), geo.dtype, **swizzled),  # then dV
-        ds=plgpu.SMEM((wgs, BLOCK, BLOCK), geo.dtype, **swizzled),  # dS^T
+        # dS^T; with shared_dq one per warpgroup for each of two query blocks in flight
+        ds=plgpu.SMEM((2, wgs, BLOCK, BLOCK) if shared else (wgs, BLOCK, BLOCK), geo.dtype, **swizzled),
         # A dQ part on its way to the fp32 buffer; swizzled (128-byte rows of 32 floats) against
         # bank conflicts when the registers are stored.
         dq=plgpu.SMEM(
-            (wgs, BLOCK, d), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+            (wgs, BLOCK, d // 2 if shared else d),
+            jnp.float32,
+            transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)),
         ),
         kv_seg=plgpu.SMEM((wgs, BLOCK), jnp.int32) if geo.segments else None,
         q=plgpu.SMEM((STAGES, BLOCK, d), geo.dtype, **swizzled),
@@ -140,6 +186,10 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: _Geomet
         kv_seg_loaded=plgpu.Barrier(num_barriers=wgs) if geo.segments else None,
         **{f"{n}_loaded": plgpu.Barrier(num_barriers=STAGES) for n in names},
         consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=STAGES),
+        # shared_dq: both warpgroups' dS^T of a query block are in shared memory (one barrier per
+        # dS^T buffer); both are done reading the other's K (before K's buffer takes dK)
+        ds_ready=plgpu.Barrier(num_arrivals=wgs, num_barriers=2) if shared else None,
+        k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=1) if shared else None,
     )
     gmem = dict(q=q_ref, k=k_ref, v=v_ref, do=do_ref, lse=lse_ref, delta=delta_ref, q_seg=q_seg_ref, kv_seg=kv_seg_ref)
     out = dict(dq=dq_acc_ref, dk=dk_ref, dv=dv_ref)
@@ -154,7 +204,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geo: _Geomet
 def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
     batch, head, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kv_seq")
     wg = lax.axis_index("wg")
-    d = geo.head_dim
+    d, shared, overlap = geo.head_dim, geo.variant.shared_dq, geo.variant.overlap
     program_start = geo.q_start(tile * (_COMPUTE_WGS * BLOCK))  # what the TMA warpgroup streams from
 
     def slot_of(i):
@@ -169,7 +219,7 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
         plgpu.set_max_registers(_COMPUTE_REGS, action="increase")
         kv_first = tile * (_COMPUTE_WGS * BLOCK) + wg * BLOCK
         keys = (batch, pl.ds(kv_first, BLOCK), head)
-        k_smem, v_smem, ds_smem, dq_smem = smem["k"].at[wg], smem["v"].at[wg], smem["ds"].at[wg], smem["dq"].at[wg]
+        k_smem, v_smem, dq_smem = smem["k"].at[wg], smem["v"].at[wg], smem["dq"].at[wg]
         plgpu.copy_gmem_to_smem(gmem["k"].at[keys], k_smem, bars["kv_loaded"].at[wg])
         plgpu.copy_gmem_to_smem(gmem["v"].at[keys], v_smem, bars["v_loaded"].at[wg])
         kv_seg = None
@@ -180,8 +230,9 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             kv_seg = load_whole(smem["kv_seg"].at[wg], _ROW)  # S^T's rows are keys
         plgpu.barrier_wait(bars["kv_loaded"].at[wg])
         plgpu.barrier_wait(bars["v_loaded"].at[wg])
-
-        start = geo.q_start(kv_first)
+        # With shared_dq both warpgroups take every query block the program streams (each dQ
+        # needs both dS^T; warpgroup 1's first block under causal masking is all masked: zeros).
+        start = program_start if shared else geo.q_start(kv_first)
         whole = geo.q_whole(kv_first, start)
 
         @pl.loop(program_start, start)
@@ -190,17 +241,8 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             wait_slot(slot)
             plgpu.barrier_arrive(bars["consumed"].at[slot])
 
-        def step(i, carry, *, masked: bool):
-            dk, dv = carry
-            slot = slot_of(i)
-            q_smem, do_smem = smem["q"].at[slot], smem["do"].at[slot]
-            wait_slot(slot)
-
-            def scores_t(acc_ref):
-                plgpu.wgmma(acc_ref, k_smem, q_smem.transpose((1, 0)))
-                return acc_ref[...]
-
-            s_t = pl.run_scoped(scores_t, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
+        def probs(s_t, i, slot, masked: bool):
+            """P^T from S^T: the mask, then exp2 against the forward's log-sum-exp."""
             if masked:
                 q_seg = load_whole(smem["q_seg"].at[slot], _COL) if geo.segments else None
                 ok = visible_tile(
@@ -216,43 +258,109 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
                 if ok is not None:  # None: nothing to mask (the masked loop then runs no step)
                     s_t = jnp.where(ok, s_t, -jnp.inf)
             lse = load_whole(smem["lse"].at[slot], _COL)
-            p_t = jnp.exp2(s_t * (geo.scale * _LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            p_lo = p_t.astype(geo.dtype)
+            return jnp.exp2(s_t * (geo.scale * _LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
 
-            def dv_and_dp(refs):  # two wgmmas, one wait
-                dv_ref, dp_ref = refs
-                plgpu.wgmma(dv_ref, p_lo, do_smem)
-                plgpu.wgmma(dp_ref, v_smem, do_smem.transpose((1, 0)))
-
-            zeros = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), plgpu.Layout.WGMMA)
-            dv, dp_t = pl.run_state(dv_and_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-            delta = load_whole(smem["delta"].at[slot], _COL)
-            ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(geo.dtype)
-
-            def dk_step(acc_ref):
-                plgpu.wgmma(acc_ref, ds_t, q_smem)
-
-            dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
-            plgpu.barrier_arrive(bars["consumed"].at[slot])  # Q, dO, lse, delta of this slot are done
-            ds_smem[...] = ds_t
-            plgpu.commit_smem()
-
-            def dq_part(acc_ref):
-                plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_smem)
-                return acc_ref[...]
-
-            dq = pl.run_scoped(dq_part, plgpu.ACC((BLOCK, d), jnp.float32))
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous part has left dq_smem
-            dq_smem[...] = dq
-            plgpu.commit_smem()
+        def add_dq(ds_t, i, slot):
+            """dQ_part = dS K for this warpgroup's keys (or, shared_dq, half the columns over both
+            warpgroups' keys), added to the fp32 buffer by the TMA unit."""
             rows = (batch, pl.ds(i * BLOCK, BLOCK), head)
-            plgpu.copy_smem_to_gmem(dq_smem, out["dq"].at[rows], reduction_op="add")
+
+            def store(dq, dst):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous part has left dq_smem
+                dq_smem[...] = dq
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dq_smem, dst, reduction_op="add")
+
+            if not shared:
+                ds_smem = smem["ds"].at[wg]
+                ds_smem[...] = ds_t
+                plgpu.commit_smem()
+
+                def dq_part(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_smem)
+                    return acc_ref[...]
+
+                store(pl.run_scoped(dq_part, plgpu.ACC((BLOCK, d), jnp.float32)), out["dq"].at[rows])
+                return
+            buf = lax.rem(i - program_start, jnp.int32(2))
+            smem["ds"].at[buf, wg][...] = ds_t
+            plgpu.commit_smem()  # this warpgroup's stores, visible to the other's wgmma (async proxy)
+            plgpu.barrier_arrive(bars["ds_ready"].at[buf])
+            plgpu.barrier_wait(bars["ds_ready"].at[buf])
+            half = d // 2
+            for w in range(_COMPUTE_WGS):  # static column halves: warpgroup w adds columns w * half...
+
+                @pl.when(wg == w)
+                def _():
+                    cols = pl.ds(w * half, half)
+
+                    def dq_part(acc_ref):
+                        for j in range(_COMPUTE_WGS):
+                            ds_j = smem["ds"].at[buf, j].transpose((1, 0))
+                            plgpu.wgmma(acc_ref, ds_j, smem["k"].at[j, :, cols])
+                        return acc_ref[...]
+
+                    store(pl.run_scoped(dq_part, plgpu.ACC((BLOCK, half), jnp.float32)), out["dq"].at[(*rows, cols)])
+
+        def step(i, carry, *, masked: bool):
+            dk, dv = carry
+            slot = slot_of(i)
+            q_smem, do_smem = smem["q"].at[slot], smem["do"].at[slot]
+            wait_slot(slot)
+            if overlap:
+
+                def scores_and_dp(s_ref, dp_ref):  # two wgmmas; the softmax waits for the first only
+                    plgpu.wgmma(s_ref, k_smem, q_smem.transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, v_smem, do_smem.transpose((1, 0)))
+                    p_t = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1), i, slot, masked)
+                    return p_t, dp_ref[...]
+
+                acc = plgpu.ACC((BLOCK, BLOCK), jnp.float32)
+                p_t, dp_t = pl.run_scoped(scores_and_dp, acc, acc)
+                delta = load_whole(smem["delta"].at[slot], _COL)
+                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(geo.dtype)
+                p_lo = p_t.astype(geo.dtype)
+
+                def dv_and_dk(refs):  # two wgmmas, one wait
+                    dv_ref, dk_ref = refs
+                    plgpu.wgmma(dv_ref, p_lo, do_smem)
+                    plgpu.wgmma(dk_ref, ds_t, q_smem)
+
+                dv, dk = pl.run_state(dv_and_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            else:
+
+                def scores_t(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem, q_smem.transpose((1, 0)))
+                    return acc_ref[...]
+
+                p_t = probs(pl.run_scoped(scores_t, plgpu.ACC((BLOCK, BLOCK), jnp.float32)), i, slot, masked)
+                p_lo = p_t.astype(geo.dtype)
+
+                def dv_and_dp(refs):  # two wgmmas, one wait
+                    dv_ref, dp_ref = refs
+                    plgpu.wgmma(dv_ref, p_lo, do_smem)
+                    plgpu.wgmma(dp_ref, v_smem, do_smem.transpose((1, 0)))
+
+                zeros = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), plgpu.Layout.WGMMA)
+                dv, dp_t = pl.run_state(dv_and_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+                delta = load_whole(smem["delta"].at[slot], _COL)
+                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(geo.dtype)
+
+                def dk_step(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_t, q_smem)
+
+                dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
+            plgpu.barrier_arrive(bars["consumed"].at[slot])  # Q, dO, lse, delta of this slot are done
+            add_dq(ds_t, i, slot)
             return dk, dv
 
         zeros = plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32), plgpu.Layout.WGMMA)
         carry = lax.fori_loop(start, whole, functools.partial(step, masked=True), (zeros, zeros))
         dk, dv = lax.fori_loop(whole, geo.num_q, functools.partial(step, masked=False), carry)
 
+        if shared:  # the other warpgroup's last dQ part has read this warpgroup's K
+            plgpu.barrier_arrive(bars["k_free"].at[0])
+            plgpu.barrier_wait(bars["k_free"].at[0])
         k_smem[...] = (dk * geo.scale).astype(geo.dtype)  # dS^T is w.r.t. the scaled scores
         v_smem[...] = dv.astype(geo.dtype)
         plgpu.commit_smem()
@@ -303,11 +411,12 @@ def flash_backward_hopper(
     *,
     causal: bool,
     scale: float,
+    variant: Variant = Variant(),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq, dk, dv) of `flash_mgpu.flash_forward_hopper` (q_offset 0) from its base-2 log-sum-exp
-    and delta = rowsum(out * dO) [B, H, L]; see `unsupported`."""
+    and delta = rowsum(out * dO) [B, H, L]; see `unsupported`. `variant`: the schedule (`Variant`)."""
     segments = common.check_segment_ids(q_segment_ids, kv_segment_ids)
-    reason = unsupported(q_BxLxHxK, segments=segments)
+    reason = unsupported(q_BxLxHxK, segments=segments, variant=variant)
     if reason is not None:
         raise ValueError(f"flash_backward_hopper: {reason}")
     batch, q_len, heads, head_dim = q_BxLxHxK.shape
@@ -323,6 +432,7 @@ def flash_backward_hopper(
         kv_real=None if kv_pad == kv_len else kv_len,
         head_dim=dp,
         dtype=jnp.dtype(q_BxLxHxK.dtype),
+        variant=variant.applies(dp),
     )
 
     def rows(x, length):

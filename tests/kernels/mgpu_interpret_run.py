@@ -38,12 +38,17 @@ class Run:
     backward: str = "mosaic"  # or "triton"
     tiles: flash_mgpu.Tiles | None = None  # the Mosaic forward's; None: its defaults
     registry: bool = False  # through moss_jax.attention's "pallas_mgpu" instead of flash_attention_gpu
+    bwd: flash_mgpu_bwd.Variant | None = None  # the Mosaic backward's schedule; None: its default
 
     def attention(self):
         if self.registry:
             return functools.partial(attention, impl="pallas_mgpu")
         return functools.partial(
-            flash_gpu.flash_attention_gpu, forward="mosaic", backward=self.backward, mosaic_tiles=self.tiles
+            flash_gpu.flash_attention_gpu,
+            forward="mosaic",
+            backward=self.backward,
+            mosaic_tiles=self.tiles,
+            mosaic_bwd=self.bwd,
         )
 
 
@@ -66,6 +71,10 @@ RUNS = [
     Run(_bf16("three_slots", 448, 64, False, 0, heads=1), tiles=flash_mgpu.Tiles(block_q=64, block_kv=64, stages=3)),
     # MOSS 16B's head_dim: the Hopper forward, then the Triton backward (in the interpreter too)
     Run(_bf16("d256_triton_bwd", 192, 256, True, 0, heads=1), backward="triton"),
+    # the backward's other schedules (flash_mgpu_bwd.Variant; the cases above run its default,
+    # overlap+shared_dq): both off, and overlap alone (at head_dim 80, padded to 128)
+    Run(_bf16("base_ragged", 300, 128, True, 3), bwd=flash_mgpu_bwd.Variant.parse("base")),
+    Run(_bf16("overlap_d80", 256, 80, False, -1), bwd=flash_mgpu_bwd.Variant.parse("overlap")),
     # the model's way in: attention(impl="pallas_mgpu")
     Run(_bf16("registry", 192, 64, True, 2), registry=True),
 ]

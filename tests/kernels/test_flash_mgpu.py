@@ -67,6 +67,19 @@ def test_mosaic_kernels_lower(dtype, head_dim, length, segments, causal, backwar
         assert (mosaic, triton) == (1, ["moss_flash_dkv_gpu", "moss_flash_dq_gpu"])  # no Triton forward
 
 
+@pytest.mark.parametrize("spec", ["base", "overlap", "shared_dq"])
+@pytest.mark.parametrize("head_dim,length,segments", [(128, 1000, True), (64, 512, False)], ids=["128-packed", "64"])
+def test_backward_schedules_lower(spec, head_dim, length, segments):
+    """The fused backward's other schedules (the cases above lower its default) lower for CUDA."""
+    attn = functools.partial(
+        flash_gpu.flash_attention_gpu,
+        forward="mosaic",
+        backward="mosaic",
+        mosaic_bwd=flash_mgpu_bwd.Variant.parse(spec),
+    )
+    assert _kernels(_grad_text(attn, (2, length, 2, head_dim), jnp.bfloat16, segments)) == (2, [])
+
+
 def test_impl_routes_training_to_mosaic_and_cache_calls_to_triton():
     x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     train = cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu"), x, x, x)
@@ -81,6 +94,20 @@ def test_impl_routes_training_to_mosaic_and_cache_calls_to_triton():
         0,
         ["moss_flash_fwd_gpu"],
     )
+
+
+def test_backward_variants_parse_and_apply():
+    v = flash_mgpu_bwd.Variant
+    assert v() == v.parse("overlap+shared_dq") == v(overlap=True, shared_dq=True)
+    assert v.parse("base") == v(overlap=False, shared_dq=False)
+    assert v.parse("shared_dq") == v(overlap=False, shared_dq=True)
+    for bad in ("", "fast", "overlap+overlap", "base+overlap"):
+        with pytest.raises(ValueError, match="expected 'base' or some of"):
+            v.parse(bad)
+    assert v().applies(128) == v() and v().applies(64) == v(shared_dq=False)  # halves of 32 columns: no
+    # shared_dq trades a second dS^T buffer for half the dQ buffer: the same at head_dim 128
+    shared, base = (flash_mgpu_bwd.smem_bytes(128, jnp.bfloat16, True, x) for x in (v(), v.parse("base")))
+    assert shared == base - 2 * 64 * 64 * 4 + 2 * 64 * 64 * 2
 
 
 def test_unsupported_names_the_reason():
@@ -152,9 +179,13 @@ def test_backward_smem_estimate_matches_the_lowering(monkeypatch):
     assert estimate <= allocated <= estimate + 4096, (estimate, allocated)
 
 
+@pytest.mark.skipif(
+    ON_GPU and flash_mgpu.device_unsupported() is None, reason="on a Hopper GPU pallas_mgpu runs the Hopper kernels"
+)
 def test_off_hopper_the_impl_is_pallas_gpu():
-    """On this CPU host "pallas_mgpu" runs the Triton path in the interpreter: same values and
-    gradients as "pallas_gpu", bit for bit (the Hopper kernels replace them on an H100/H200 only)."""
+    """Off Hopper (on this CPU host: the Triton path in the interpreter) "pallas_mgpu" is
+    "pallas_gpu": same values and gradients, bit for bit (the Hopper kernels replace them on an
+    H100/H200 only; there the two differ in rounding, and test_matches_reference_on_hopper checks them)."""
     rng = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(r, (1, 70, 2, 64), jnp.bfloat16) for r in rng)
 
@@ -177,9 +208,14 @@ def test_off_hopper_the_impl_is_pallas_gpu():
     ],
     ids=str,
 )
-@pytest.mark.parametrize("backward", ["triton", "mosaic"])
+@pytest.mark.parametrize("backward", ["triton", "mosaic", "mosaic_base"])
 def test_matches_reference_on_hopper(case, backward):
-    attn = functools.partial(flash_gpu.flash_attention_gpu, forward="mosaic", backward=backward)
+    """The Hopper forward with each backward: Triton's, the fused Hopper kernel with its default
+    schedule (overlap+shared_dq) and with the base one."""
+    kw = {"mosaic_bwd": flash_mgpu_bwd.Variant.parse("base")} if backward == "mosaic_base" else {}
+    attn = functools.partial(
+        flash_gpu.flash_attention_gpu, forward="mosaic", backward=backward.removesuffix("_base"), **kw
+    )
     assert_matches_reference(attn, case)
 
 
@@ -225,7 +261,8 @@ def test_forward_loop_bounds_cover_exactly_the_visible_blocks(causal, kv_len):
 @pytest.mark.parametrize("kv_len", [1000, 1024, 70], ids=["ragged", "whole", "one-block"])
 def test_backward_loop_bounds_cover_exactly_the_visible_blocks(causal, kv_len):
     """Per compute warpgroup of the fused backward: query blocks < q_start see none of its keys,
-    blocks >= q_whole see them whole, and the program streams from the first warpgroup's start."""
+    blocks >= q_whole see them whole, and the program streams from the first warpgroup's start
+    (where both warpgroups start with shared_dq: q_whole from there holds the same)."""
     block = flash_mgpu_bwd.BLOCK
     q_pad, kv_pad = common.round_up(kv_len, block), common.round_up(kv_len, 2 * block)
     geo = flash_mgpu_bwd._Geometry(
@@ -239,6 +276,7 @@ def test_backward_loop_bounds_cover_exactly_the_visible_blocks(causal, kv_len):
             start = int(geo.q_start(jnp.int32(kv_first)))
             whole = int(geo.q_whole(jnp.int32(kv_first), jnp.int32(start)))
             assert program_start <= start <= whole <= geo.num_q
+            assert int(geo.q_whole(jnp.int32(kv_first), jnp.int32(program_start))) == whole
             cols = np.arange(kv_first, kv_first + block)
             for i in range(geo.num_q):
                 seen = _visible(np.arange(i * block, (i + 1) * block), cols, causal=causal, kv_real=geo.kv_real)

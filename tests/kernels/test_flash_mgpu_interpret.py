@@ -28,10 +28,16 @@ from tests.kernels import mgpu_interpret_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-# Two groups of about the same time (~40 s each here), for pytest -n 2.
+# Two groups of about the same time (~50 s each here), for pytest -n 2.
 GROUPS = {
-    "causal_ragged_d256": ["causal", "packed_ragged", "one_block", "d256_triton_bwd"],
-    "f16_random_ids_slots_registry": ["f16_bidirectional", "d80_random_ids", "three_slots", "registry"],
+    "causal_ragged_d256_base": ["causal", "packed_ragged", "one_block", "d256_triton_bwd", "base_ragged"],
+    "f16_random_ids_slots_registry_overlap": [
+        "f16_bidirectional",
+        "d80_random_ids",
+        "three_slots",
+        "registry",
+        "overlap_d80",
+    ],
 }
 TIMEOUT_S = 600  # the whole group; a hung case ends sooner (mgpu_interpret_run --case_timeout_s)
 
@@ -122,19 +128,45 @@ MUTANTS = {
     ),
     "ds_store_not_fenced_before_wgmma": (
         "flash_mgpu_bwd.py",
-        "            ds_smem[...] = ds_t\n            plgpu.commit_smem()\n",
-        "            ds_smem[...] = ds_t\n",
+        '            smem["ds"].at[buf, wg][...] = ds_t\n            plgpu.commit_smem()',
+        '            smem["ds"].at[buf, wg][...] = ds_t\n            pass',
         "causal",
+        _ASYNC,
+        (_RACE,),
+    ),
+    "per_warpgroup_ds_store_not_fenced_before_wgmma": (  # the base schedule's dS^T
+        "flash_mgpu_bwd.py",
+        "                ds_smem[...] = ds_t\n                plgpu.commit_smem()\n",
+        "                ds_smem[...] = ds_t\n",
+        "base_ragged",
         _ASYNC,
         (_RACE,),
     ),
     "dq_buffer_rewritten_before_its_tma_store_read_it": (
         "flash_mgpu_bwd.py",
-        "            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous part has left dq_smem\n",
+        "                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous part has left dq_smem\n",
         "",
         "causal",
         _ASYNC,
         (_RACE,),
+    ),
+    "ds_read_before_the_other_warpgroup_stored_it": (  # no exchange barrier at all
+        "flash_mgpu_bwd.py",
+        '            plgpu.barrier_arrive(bars["ds_ready"].at[buf])\n'
+        '            plgpu.barrier_wait(bars["ds_ready"].at[buf])\n',
+        "",
+        "causal",
+        _SYNC,
+        (_RACE, "Not equal to tolerance", "non-finite values"),  # the other's buffer read unwritten
+    ),
+    "k_overwritten_by_dk_before_the_other_warpgroup_read_it": (
+        "flash_mgpu_bwd.py",
+        '            plgpu.barrier_arrive(bars["k_free"].at[0])\n'
+        '            plgpu.barrier_wait(bars["k_free"].at[0])\n',
+        "            pass\n",
+        "causal",
+        _SYNC,
+        (_RACE, "Not equal to tolerance", "non-finite values"),
     ),
     "slot_refilled_without_a_proxy_fence": (
         "flash_mgpu_bwd.py",
