@@ -26,7 +26,7 @@ def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _fit(entry, dim: int, mesh) -> tuple[str, ...] | None:
+def fit_axes(entry, dim: int, mesh) -> tuple[str, ...] | None:
     """The mesh axes of `entry` that exist, are not already manual, and divide `dim`."""
     usable = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t != jax.sharding.AxisType.Manual}
     axes = tuple(a for a in _axes(entry) if a in usable)
@@ -51,7 +51,7 @@ def shard_map_attention(
         return fn(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids, offset)
     batch, _, heads, _ = q_BxLxHxK.shape
     logical = nn.logical_to_mesh_axes(("batch", "heads"))
-    batch_axes, head_axes = _fit(logical[0], batch, mesh), _fit(logical[1], heads, mesh)
+    batch_axes, head_axes = fit_axes(logical[0], batch, mesh), fit_axes(logical[1], heads, mesh)
     if batch_axes and head_axes and set(batch_axes) & set(head_axes):
         head_axes = None
     act = PartitionSpec(batch_axes, None, head_axes, None)

@@ -17,14 +17,27 @@ about a third of the plain step on a CPU (docs/performance.md). Without `jax.gra
 loss is computed (same chunks, no gradients).
 
 `ce_sum` and `z_sum` are metrics: they carry no gradient (`loss_sum = ce_sum + z_sum` does).
+
+On a mesh (`jax.set_mesh`, as `compile_train_step` sets it) whose batch axes split the rows S
+ways, the head kernel's and bias's gradients are accumulated per batch shard, [S, D, V] with S
+sharded, and summed once after the last chunk: each chunk's contribution stays on its devices.
+A single [D, V] accumulator would make XLA all-reduce every chunk's fp32 partial sum across the
+batch shards, once per chunk (256-1024 times per step for the pod configs, 61-73% of all
+collective bytes; docs/tpu.md). Per device the accumulator is the same size either way. The head
+kernel itself is gathered whole along D once, before the loop, not in every chunk.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from moss_jax.kernels.partition import fit_axes
 
 # Tokens per chunk (global batch rows x positions): [1024, V] fp32 logits are 200 MB at V = 51200;
 # fewer tokens make the matmuls smaller and slower on CPU (docs/performance.md), more only add memory.
@@ -82,7 +95,18 @@ def _logits(x_BxCxD, head_DxV, bias_V):
     )
 
 
+def _gathered(head_DxV: jax.Array) -> jax.Array:
+    """The head kernel whole along D on every device, gathered once before the chunk loop (under
+    FSDP its D axis is sharded; left to itself XLA gathers it again in every chunk)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return head_DxV
+    return jax.lax.with_sharding_constraint(head_DxV, PartitionSpec(None, PartitionSpec.UNCONSTRAINED))
+
+
 def _loss_only(x_BxLxD, head_DxV, bias_V, targets_BxL, weights_BxL, z_loss, chunk_len):
+    head_DxV = _gathered(head_DxV)
+
     def body(carry, xs):
         ce, z = carry
         x_BxCxD, t_BxC, w_BxC = xs
@@ -102,13 +126,31 @@ def _fused(x_BxLxD, head_DxV, bias_V, targets_BxL, weights_BxL, z_loss, chunk_le
     return _loss_only(x_BxLxD, head_DxV, bias_V, targets_BxL, weights_BxL, z_loss, chunk_len)
 
 
+def batch_shards(rows: int) -> tuple[tuple[str, ...] | None, int]:
+    """(the mesh axes that split `rows` batch rows, their total size) under the mesh set by
+    `jax.set_mesh` and the logical rules ("batch"); (None, 1) without one or where none divides."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None, 1
+    axes = fit_axes(nn.logical_to_mesh_axes(("batch",))[0], rows, mesh)
+    return (axes, math.prod(mesh.shape[a] for a in axes)) if axes else (None, 1)
+
+
 def _fused_fwd(x_BxLxD, head_DxV, bias_V, targets_BxL, weights_BxL, z_loss, chunk_len):
-    v = head_DxV.shape[1]
+    rows, v = x_BxLxD.shape[0], head_DxV.shape[1]
     vocab_V = jnp.arange(v, dtype=jnp.int32)
-    head_f32 = head_DxV.astype(jnp.float32)
+    head_f32 = _gathered(head_DxV).astype(jnp.float32)
+    axes, shards = batch_shards(rows)
+
+    def per_shard(a):
+        """[S, ...] sharded over the batch axes on its first dimension, the rest left to XLA."""
+        if axes is None:  # one shard (S = 1): nothing to say
+            return a
+        spec = PartitionSpec(axes, *([PartitionSpec.UNCONSTRAINED] * (a.ndim - 1)))
+        return jax.lax.with_sharding_constraint(a, spec)
 
     def body(carry, xs):
-        dhead_DxV, dbias_V, ce, z = carry
+        dhead_SxDxV, dbias_SxV, ce, z = carry
         x_BxCxD, t_BxC, w_BxC = xs
         x_BxCxD = x_BxCxD.astype(jnp.float32)
         logits_BxCxV = _logits(x_BxCxD, head_f32, bias_V)
@@ -123,15 +165,24 @@ def _fused_fwd(x_BxLxD, head_DxV, bias_V, targets_BxL, weights_BxL, z_loss, chun
         dlogits_BxCxV = exp_BxCxV * scale_BxC[..., None]
         dlogits_BxCxV = dlogits_BxCxV - jnp.where(vocab_V == t_BxC[..., None], w_BxC[..., None], 0.0)
         dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, head_f32)
-        dhead_DxV = dhead_DxV + jnp.einsum("bcd,bcv->dv", x_BxCxD, dlogits_BxCxV)
-        dbias_V = dbias_V + jnp.sum(dlogits_BxCxV, axis=(0, 1))
-        carry = (dhead_DxV, dbias_V, ce + jnp.sum(ce_BxC * w_BxC), z + jnp.sum(z_BxC * w_BxC))
+        # Rows [S, B / S]: each batch shard's sums into its own slice (no cross-shard reduction).
+        x_SxBxCxD = x_BxCxD.reshape((shards, rows // shards) + x_BxCxD.shape[1:])
+        dlogits_SxBxCxV = dlogits_BxCxV.reshape((shards, rows // shards) + dlogits_BxCxV.shape[1:])
+        dhead_SxDxV = dhead_SxDxV + per_shard(jnp.einsum("sbcd,sbcv->sdv", x_SxBxCxD, dlogits_SxBxCxV))
+        dbias_SxV = dbias_SxV + per_shard(jnp.sum(dlogits_SxBxCxV, axis=(1, 2)))
+        carry = (dhead_SxDxV, dbias_SxV, ce + jnp.sum(ce_BxC * w_BxC), z + jnp.sum(z_BxC * w_BxC))
         return carry, (dx_BxCxD, ce_BxC + z_BxC)
 
     zero = jnp.zeros((), jnp.float32)
-    init = (jnp.zeros(head_DxV.shape, jnp.float32), jnp.zeros((v,), jnp.float32), zero, zero)
+    init = (
+        per_shard(jnp.zeros((shards,) + head_DxV.shape, jnp.float32)),
+        per_shard(jnp.zeros((shards, v), jnp.float32)),
+        zero,
+        zero,
+    )
     xs = tuple(_chunks(a, chunk_len) for a in (x_BxLxD, targets_BxL, weights_BxL))
-    (dhead_DxV, dbias_V, ce, z), (dx, dweights) = jax.lax.scan(body, init, xs)
+    (dhead_SxDxV, dbias_SxV, ce, z), (dx, dweights) = jax.lax.scan(body, init, xs)
+    dhead_DxV, dbias_V = jnp.sum(dhead_SxDxV, axis=0), jnp.sum(dbias_SxV, axis=0)  # one reduction
     residuals = (
         _unchunk(dx).astype(x_BxLxD.dtype),
         dhead_DxV.astype(head_DxV.dtype),

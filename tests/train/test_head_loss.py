@@ -131,3 +131,36 @@ def test_fused_step_on_a_mesh_equals_one_device():
     _, m = compiled(state, _batch())
     np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-5)
     np.testing.assert_allclose(m["grad_norm"], ref["grad_norm"], rtol=1e-5)
+
+
+def test_head_gradient_and_kernel_cross_the_mesh_once_not_per_chunk():
+    """Batch over data/fsdp (4 shards), head D over fsdp and V over tensor: inside the chunk loop
+    only small collectives remain (the dx and softmax reductions over the vocabulary shards). The
+    head gradient's sum over batch shards comes once after the loop and the head kernel's gather
+    once before it; both used to run in every chunk (docs/tpu.md: 61-73% of a pod step's
+    collective bytes)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from moss_jax.sharding import mesh_rules
+    from tpu_setup.aot_compile import collective_bytes
+
+    d, v = 32, 512
+    x, w, b, t, wt = _inputs(b=8, length=64, d=d, v=v)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+
+    def loss(x, w, b):
+        return head_cross_entropy(x, w, b, t, wt, 0.0, chunk_tokens=64)[0]  # 8 chunks
+
+    with mesh_rules(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+        ws = jax.device_put(w, NamedSharding(mesh, PartitionSpec("fsdp", "tensor")))
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(xs, ws, b).compile()
+        grads = compiled(xs, ws, b)
+    ops = collective_bytes(compiled.as_text(), largest=100)["largest"]
+    in_loop = [op for op in ops if "/while/body/" in op["op_name"]]
+    head_shard_bytes = d * v // 2 * 4  # fp32 [D, V / tensor]
+    assert in_loop and max(op["moved_bytes"] for op in in_loop) < head_shard_bytes // 4, in_loop
+    assert any(op["moved_bytes"] >= head_shard_bytes and "/while/" not in op["op_name"] for op in ops), ops
+    _, ref = jax.value_and_grad(lambda *a: _plain(*a, t, wt, 0.0)[0], argnums=(0, 1, 2))(x, w, b)
+    for g, r in zip(grads, ref, strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-5 * float(jnp.max(jnp.abs(r))))
