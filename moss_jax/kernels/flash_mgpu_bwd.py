@@ -11,12 +11,15 @@ One program owns 2 x 64 keys of one (batch, head):
   (64 rows) that can see them: S^T = K Q^T, P^T = exp2(S^T * scale * log2(e) - lse) from the
   forward's base-2 log-sum-exp, dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
   dK += dS^T Q (all `wgmma`); dS^T goes to shared memory, where dQ_part = dS K (the transposed
-  view) is formed and added to the fp32 dQ buffer by TMA;
-* warpgroup 2 streams Q, dO, lse, delta (and the rows' segment ids) through `stages` slots.
+  view) is formed and added to the fp32 dQ buffer by TMA: by default (`Variant.shared_dq`) the two
+  warpgroups exchange their dS^T there and each adds half of dQ's columns over all 128 keys;
+* warpgroup 2 streams Q, dO, lse, delta (and the rows' segment ids) through `STAGES` slots.
 
-Masking is the forward's (causal, segment ids, padded keys; q_offset 0); with causal masking a key
-block's loop starts at the first query block that sees it, and warpgroup 1 releases the one
-block the program streams for warpgroup 0 only. The summation order of dQ's adds depends on
+`Variant` holds the schedule options (the order of the wgmmas, the dQ exchange), timed side by
+side on an H100 (its docstring). Masking is the forward's (causal, segment ids, padded keys;
+q_offset 0); with causal masking a key block's loop starts at the first query block that sees
+it (with shared_dq both warpgroups start at the program's first; otherwise warpgroup 1 releases
+the one block the program streams for warpgroup 0 only). The summation order of dQ's adds depends on
 scheduling: dQ is not bit-reproducible run to run (dK and dV are), as in FlashAttention-3.
 
 Limits: head_dim (padded to a multiple of 64) at most 128: dK and dV accumulators of [64, 256]

@@ -65,6 +65,7 @@ def _run_main_subprocess(gin_file):
     # As a user runs it: main quiets TensorFlow's C++ log unless asked otherwise (importing jax
     # in this process set TF_CPP_MIN_LOG_LEVEL=1, under which TF also logs the failed py_func).
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    env.pop("XLA_FLAGS", None)  # this host's one CPU device, not the suite's 8 (conftest): faster
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "moss_jax.main", f"--gin_file={gin_file}"],
