@@ -165,11 +165,14 @@ def _fused_fwd(x_BxLxD, head_DxV, bias_V, targets_BxL, weights_BxL, z_loss, chun
         dlogits_BxCxV = exp_BxCxV * scale_BxC[..., None]
         dlogits_BxCxV = dlogits_BxCxV - jnp.where(vocab_V == t_BxC[..., None], w_BxC[..., None], 0.0)
         dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, head_f32)
-        # Rows [S, B / S]: each batch shard's sums into its own slice (no cross-shard reduction).
-        x_SxBxCxD = x_BxCxD.reshape((shards, rows // shards) + x_BxCxD.shape[1:])
-        dlogits_SxBxCxV = dlogits_BxCxV.reshape((shards, rows // shards) + dlogits_BxCxV.shape[1:])
-        dhead_SxDxV = dhead_SxDxV + per_shard(jnp.einsum("sbcd,sbcv->sdv", x_SxBxCxD, dlogits_SxBxCxV))
-        dbias_SxV = dbias_SxV + per_shard(jnp.sum(dlogits_SxBxCxV, axis=(1, 2)))
+        if shards == 1:  # one device (or an unsplit batch): the plain sums, as they always were
+            dhead_SxDxV = dhead_SxDxV + jnp.einsum("bcd,bcv->dv", x_BxCxD, dlogits_BxCxV)[None]
+            dbias_SxV = dbias_SxV + jnp.sum(dlogits_BxCxV, axis=(0, 1))[None]
+        else:  # rows [S, B / S]: each batch shard sums into its own slice (no cross-shard reduction)
+            x_SxBxCxD = x_BxCxD.reshape((shards, rows // shards) + x_BxCxD.shape[1:])
+            dlogits_SxBxCxV = dlogits_BxCxV.reshape((shards, rows // shards) + dlogits_BxCxV.shape[1:])
+            dhead_SxDxV = dhead_SxDxV + per_shard(jnp.einsum("sbcd,sbcv->sdv", x_SxBxCxD, dlogits_SxBxCxV))
+            dbias_SxV = dbias_SxV + per_shard(jnp.sum(dlogits_SxBxCxV, axis=(1, 2)))
         carry = (dhead_SxDxV, dbias_SxV, ce + jnp.sum(ce_BxC * w_BxC), z + jnp.sum(z_BxC * w_BxC))
         return carry, (dx_BxCxD, ce_BxC + z_BxC)
 
