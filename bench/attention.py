@@ -191,7 +191,7 @@ def bench_one(
         start = time.perf_counter()
         lowered = jax.jit(fn).lower(q, k, v, seg)
         if args.device == "gpu":
-            row[f"{name}_mosaic"] = lowered.as_text().count("@mosaic_gpu_v2(")
+            row[f"{name}_mosaic"] = common.mosaic_gpu_kernels(lowered.as_text())
         compiled = lowered.compile()
         row[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
         mem = compiled.memory_analysis()

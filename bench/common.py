@@ -106,3 +106,9 @@ def machine() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def mosaic_gpu_kernels(hlo_text: str) -> int:
+    """How many Mosaic GPU (Pallas Hopper) kernels a lowered program launches (0: none ran, e.g. a
+    Hopper setting that fell back to Triton, or a CPU host)."""
+    return hlo_text.count("@mosaic_gpu_v2(")

@@ -66,7 +66,7 @@ def _compile(fn, *args):
     start = time.perf_counter()
     lowered = jax.jit(fn).lower(*args)
     text = lowered.as_text()
-    triton, mosaic = "__gpu$xla.gpu.triton" in text, text.count("@mosaic_gpu_v2(")
+    triton, mosaic = "__gpu$xla.gpu.triton" in text, common.mosaic_gpu_kernels(text)
     return lowered.compile(), triton, mosaic, round(time.perf_counter() - start, 2)
 
 
