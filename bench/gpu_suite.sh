@@ -9,7 +9,10 @@
 #      attention_mgpu the same rows for pallas_mgpu_fwd / pallas_mgpu (Hopper forward / both kernels), in a
 #                     part of their own: an untried kernel that hangs on its first run costs only this part
 #      attention_mgpu_bwd  pallas_mgpu once per schedule of the Hopper backward (flash_mgpu_bwd.Variant:
-#                     base, overlap, shared_dq, both = the default) next to cuDNN, at GPU_SUITE_SEQ_LENS
+#                     base, overlap, shared_dq, both = the default; GPU_SUITE_MGPU_BWD picks them) next to
+#                     cuDNN, at GPU_SUITE_SEQ_LENS
+#      mgpu_sass      ptxas's registers, spills and wgmma-serialisation warnings for the Hopper forward and
+#                     those backward schedules, and SASS wait counts (bench/mgpu_sass.py; raw in $OUT/sass)
 #   4. mfu_*          train-step MFU, 2b and 350m at seq 2048, bf16 compute, fp32 master weights;
 #                     mfu_big_cudnn / mfu_big_noseg: the 2b with cuDNN attention / ours, no segment ids;
 #                     mfu_big_mgpu: the 2b with pallas_mgpu;
@@ -164,6 +167,9 @@ CHECK+=($GPU_SUITE_CHECK_ARGS)
 MGPU_TILES=(64,2 128,2 128,3 256,2)
 # shellcheck disable=SC2206
 [ -n "${GPU_SUITE_MGPU_TILES:-}" ] && MGPU_TILES=($GPU_SUITE_MGPU_TILES)
+MGPU_BWD=(base overlap shared_dq overlap+shared_dq)
+# shellcheck disable=SC2206
+[ -n "${GPU_SUITE_MGPU_BWD:-}" ] && MGPU_BWD=($GPU_SUITE_MGPU_BWD)
 
 # 1. environment
 part env 60 "$PY" bench/gpu_env.py
@@ -181,7 +187,9 @@ part attention 150 "$PY" bench/attention.py --device "$DEVICE" --impls "${GPU_SU
 part attention_mgpu 120 "$PY" bench/attention.py --device "$DEVICE" --impls pallas_mgpu_fwd,pallas_mgpu \
     --segments 0 --dtype bfloat16 --max_ref_len 4096 "${ATT[@]}"
 part attention_mgpu_bwd 150 "$PY" bench/attention.py --device "$DEVICE" --impls pallas_mgpu,cudnn --segments 0 \
-    --dtype bfloat16 --mgpu_bwd base overlap shared_dq overlap+shared_dq "${ATT[@]}"
+    --dtype bfloat16 --mgpu_bwd "${MGPU_BWD[@]}" "${ATT[@]}"
+# What ptxas made of the Hopper kernels (registers, spills, wgmma serialisation warnings, SASS waits)
+part mgpu_sass 120 "$PY" bench/mgpu_sass.py --variants "${MGPU_BWD[@]}" --out "$OUT/sass"
 
 # 4. train-step MFU with our kernel and with cuDNN's, for each remat policy in GPU_SUITE_REMATS (default
 # dots_no_batch_attention: weight matmuls plus the attention output and log-sum-exp, so nothing but
