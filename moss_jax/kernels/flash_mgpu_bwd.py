@@ -73,13 +73,29 @@ class Variant:
       must be whole 64-column tiles of the 128-byte swizzle); other widths keep the
       per-warpgroup dQ.
 
+    pipeline: keeps the tensor cores fed across the whole step (supersedes overlap): S^T and dP^T
+      go together; right after the softmax P^T is cast to bf16 and dV += P^T dO is issued; dS^T
+      is formed (from that bf16 P^T) while dV runs; dK += dS^T Q and the dQ part are issued
+      without a wait between them, and the dS^T exchange (shared_dq) happens while dK runs. The
+      fp32 P^T is not kept beside dP^T, 16 registers a thread fewer.
+    wide_regs: the compute warpgroups get 240 registers a thread and the TMA warpgroup 24
+      (`setmaxnreg`; off: the forward's 232 and 40). ptxas spilled 464 bytes a thread at 232 for
+      overlap+shared_dq (`bench/mgpu_sass.py`).
+
     On an H100 (2026-11-27, bf16, B=4, H=16, K=128, causal; docs/performance.md) forward+backward
-    took 3.07 / 2.77 / 2.96 / 2.71 ms at L = 4096 for base / overlap / shared_dq / both, and
-    10.9 / 9.81 / 10.6 / 9.56 ms at L = 8192 (cuDNN: 2.19 and 7.6).
+    took 2.64 / 2.36 ms at L = 4096 for base / overlap+shared_dq and 9.42 / 8.36 ms at L = 8192
+    (cuDNN: 2.19 and 7.54).
     """
 
     overlap: bool = True
     shared_dq: bool = True
+    pipeline: bool = False
+    wide_regs: bool = False
+
+    @property
+    def registers(self) -> tuple[int, int]:
+        """`setmaxnreg` of the compute warpgroups and of the TMA warpgroup."""
+        return (240, 24) if self.wide_regs else (_COMPUTE_REGS, _MEMORY_REGS)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -219,7 +235,7 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
-        plgpu.set_max_registers(_COMPUTE_REGS, action="increase")
+        plgpu.set_max_registers(geo.variant.registers[0], action="increase")
         kv_first = tile * (_COMPUTE_WGS * BLOCK) + wg * BLOCK
         keys = (batch, pl.ds(kv_first, BLOCK), head)
         k_smem, v_smem, dq_smem = smem["k"].at[wg], smem["v"].at[wg], smem["dq"].at[wg]
@@ -263,9 +279,10 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             lse = load_whole(smem["lse"].at[slot], _COL)
             return jnp.exp2(s_t * (geo.scale * _LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
 
-        def add_dq(ds_t, i, slot):
+        def add_dq(ds_t, i, slot, issued=None):
             """dQ_part = dS K for this warpgroup's keys (or, shared_dq, half the columns over both
-            warpgroups' keys), added to the fp32 buffer by the TMA unit."""
+            warpgroups' keys), added to the fp32 buffer by the TMA unit. `issued(n)` (pipeline)
+            runs right after the dQ wgmmas are issued, n of them (earlier wgmmas may be in flight)."""
             rows = (batch, pl.ds(i * BLOCK, BLOCK), head)
 
             def store(dq, dst):
@@ -274,6 +291,11 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(dq_smem, dst, reduction_op="add")
 
+            def then_read(acc_ref, n):
+                if issued is not None:
+                    issued(n)
+                return acc_ref[...]
+
             if not shared:
                 ds_smem = smem["ds"].at[wg]
                 ds_smem[...] = ds_t
@@ -281,7 +303,7 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
 
                 def dq_part(acc_ref):
                     plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_smem)
-                    return acc_ref[...]
+                    return then_read(acc_ref, 1)
 
                 store(pl.run_scoped(dq_part, plgpu.ACC((BLOCK, d), jnp.float32)), out["dq"].at[rows])
                 return
@@ -301,9 +323,42 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
                         for j in range(_COMPUTE_WGS):
                             ds_j = smem["ds"].at[buf, j].transpose((1, 0))
                             plgpu.wgmma(acc_ref, ds_j, smem["k"].at[j, :, cols])
-                        return acc_ref[...]
+                        return then_read(acc_ref, _COMPUTE_WGS)
 
                     store(pl.run_scoped(dq_part, plgpu.ACC((BLOCK, half), jnp.float32)), out["dq"].at[(*rows, cols)])
+
+        def pipeline_step(i, carry, *, masked: bool):
+            """One query block with `Variant.pipeline`'s order (its docstring)."""
+            dk, dv = carry
+            slot = slot_of(i)
+            q_smem, do_smem = smem["q"].at[slot], smem["do"].at[slot]
+            wait_slot(slot)
+
+            def body(refs):
+                dv_ref, dk_ref = refs
+
+                def scores(s_ref, dp_ref):
+                    plgpu.wgmma(s_ref, k_smem, q_smem.transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, v_smem, do_smem.transpose((1, 0)))
+                    p_lo = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1), i, slot, masked).astype(geo.dtype)
+                    plgpu.wgmma(dv_ref, p_lo, do_smem)  # runs while dS^T is formed
+                    return p_lo, plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV in flight
+
+                acc = plgpu.ACC((BLOCK, BLOCK), jnp.float32)
+                p_lo, dp_t = pl.run_scoped(scores, acc, acc)
+                delta = load_whole(smem["delta"].at[slot], _COL)
+                dp_t = dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1])
+                ds_t = (p_lo.astype(jnp.float32) * dp_t).astype(geo.dtype)
+                plgpu.wgmma(dk_ref, ds_t, q_smem)
+
+                def issued(n):  # dV and dK are done once at most the n dQ wgmmas are in flight
+                    plgpu.wgmma_wait(n)
+                    plgpu.barrier_arrive(bars["consumed"].at[slot])  # Q, dO, lse, delta of this slot
+
+                add_dq(ds_t, i, slot, issued)
+
+            dv, dk = pl.run_state(body)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            return dk, dv
 
         def step(i, carry, *, masked: bool):
             dk, dv = carry
@@ -357,9 +412,10 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             add_dq(ds_t, i, slot)
             return dk, dv
 
+        step_fn = pipeline_step if geo.variant.pipeline else step
         zeros = plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32), plgpu.Layout.WGMMA)
-        carry = lax.fori_loop(start, whole, functools.partial(step, masked=True), (zeros, zeros))
-        dk, dv = lax.fori_loop(whole, geo.num_q, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(start, whole, functools.partial(step_fn, masked=True), (zeros, zeros))
+        dk, dv = lax.fori_loop(whole, geo.num_q, functools.partial(step_fn, masked=False), carry)
 
         if shared:  # the other warpgroup's last dQ part has read this warpgroup's K
             plgpu.barrier_arrive(bars["k_free"].at[0])
@@ -374,7 +430,7 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
 
     @pl.when(wg == _COMPUTE_WGS)
     def _memory():
-        plgpu.set_max_registers(_MEMORY_REGS, action="decrease")
+        plgpu.set_max_registers(geo.variant.registers[1], action="decrease")
 
         def fetch(i, slot):
             rows = (batch, pl.ds(i * BLOCK, BLOCK), head)

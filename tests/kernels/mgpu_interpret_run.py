@@ -75,6 +75,9 @@ RUNS = [
     # overlap+shared_dq): both off, and overlap alone (at head_dim 80, padded to 128)
     Run(_bf16("base_ragged", 300, 128, True, 3), bwd=flash_mgpu_bwd.Variant.parse("base")),
     Run(_bf16("overlap_d80", 256, 80, False, -1), bwd=flash_mgpu_bwd.Variant.parse("overlap")),
+    # pipeline (with the dS^T exchange at head_dim 128, without it at 64) and wide_regs
+    Run(_bf16("pipeline_packed", 300, 128, True, 3), bwd=flash_mgpu_bwd.Variant.parse("overlap+shared_dq+pipeline")),
+    Run(_bf16("pipeline_d64", 256, 64, False, -1), bwd=flash_mgpu_bwd.Variant.parse("overlap+pipeline+wide_regs")),
     # the model's way in: attention(impl="pallas_mgpu")
     Run(_bf16("registry", 192, 64, True, 2), registry=True),
 ]

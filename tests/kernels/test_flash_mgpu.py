@@ -67,7 +67,7 @@ def test_mosaic_kernels_lower(dtype, head_dim, length, segments, causal, backwar
         assert (mosaic, triton) == (1, ["moss_flash_dkv_gpu", "moss_flash_dq_gpu"])  # no Triton forward
 
 
-@pytest.mark.parametrize("spec", ["base", "overlap", "shared_dq"])
+@pytest.mark.parametrize("spec", ["base", "overlap", "shared_dq", "overlap+shared_dq+pipeline+wide_regs", "pipeline"])
 @pytest.mark.parametrize("head_dim,length,segments", [(128, 1000, True), (64, 512, False)], ids=["128-packed", "64"])
 def test_backward_schedules_lower(spec, head_dim, length, segments):
     """The fused backward's other schedules (the cases above lower its default) lower for CUDA."""
