@@ -9,7 +9,7 @@
 #      attention_mgpu the same rows for pallas_mgpu_fwd / pallas_mgpu (Hopper forward / both kernels), in a
 #                     part of their own: an untried kernel that hangs on its first run costs only this part
 #      attention_mgpu_bwd  pallas_mgpu once per schedule of the Hopper backward (flash_mgpu_bwd.Variant:
-#                     base, overlap, shared_dq, both = the default; GPU_SUITE_MGPU_BWD picks them) next to
+#                     base, overlap+shared_dq, +wide_regs = the default, +pipeline; GPU_SUITE_MGPU_BWD picks them) next to
 #                     cuDNN, at GPU_SUITE_SEQ_LENS
 #      mgpu_sass      ptxas's registers, spills and wgmma-serialisation warnings for the Hopper forward and
 #                     those backward schedules, and SASS wait counts (bench/mgpu_sass.py; raw in $OUT/sass)
@@ -33,8 +33,8 @@
 # GPU_SUITE_PARTS="env kernel_check ..." runs only those parts; PYTHON picks the interpreter (default:
 # python3 on the GPU machine; in a dry run the repository's .venv/bin/python when there is one).
 # Every part runs even when an earlier one failed; the exit status is 1 when a part failed or timed
-# out (the last log line lists them), else 0. In a dry run the cuDNN parts (mfu_big_cudnn*) need a
-# GPU and are expected to fail: they do not count.
+# out (the last log line lists them), else 0. In a dry run the cuDNN parts (mfu_big_cudnn*) and
+# mgpu_sass need a GPU and are expected to fail: they do not count.
 # For a shorter run: GPU_SUITE_CHECK_ARGS is appended to kernel_check's arguments (e.g. "--head_dims 256
 # --checks flash,causal"); GPU_SUITE_ATT_IMPLS (default pallas_gpu,cudnn,xla) and GPU_SUITE_SEQ_LENS
 # (default 2048,4096,8192; not in a dry run) pick the attention part's rows; GPU_SUITE_TILES replaces
@@ -108,8 +108,8 @@ part() {
     ((rc == 124 || rc == 137)) && timed_out=true
     echo "{\"part\": \"$name\", \"rc\": $rc, \"seconds\": $secs, \"timed_out\": $timed_out}" | tee -a "$LOG" >>"$RESULTS"
     if ((rc != 0)); then
-        if [ "$DRY" = 1 ] && [[ "$name" == mfu_big_cudnn* ]]; then
-            log "=== $name failed as expected in a dry run (cuDNN needs a GPU)"
+        if [ "$DRY" = 1 ] && [[ "$name" == mfu_big_cudnn* || "$name" == mgpu_sass ]]; then
+            log "=== $name failed as expected in a dry run (cuDNN and ptxas need a GPU)"
         else
             FAILED+=("$name (rc $rc)")
         fi
@@ -167,7 +167,7 @@ CHECK+=($GPU_SUITE_CHECK_ARGS)
 MGPU_TILES=(64,2 128,2 128,3 256,2)
 # shellcheck disable=SC2206
 [ -n "${GPU_SUITE_MGPU_TILES:-}" ] && MGPU_TILES=($GPU_SUITE_MGPU_TILES)
-MGPU_BWD=(base overlap shared_dq overlap+shared_dq)
+MGPU_BWD=(base overlap+shared_dq overlap+shared_dq+wide_regs overlap+shared_dq+pipeline+wide_regs)
 # shellcheck disable=SC2206
 [ -n "${GPU_SUITE_MGPU_BWD:-}" ] && MGPU_BWD=($GPU_SUITE_MGPU_BWD)
 

@@ -90,7 +90,7 @@ def summarize(text: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="*", default=["base", "overlap+shared_dq"], help="backward schedules")
+    ap.add_argument("--variants", nargs="*", default=["base", "overlap+shared_dq+wide_regs"], help="backward schedules")
     ap.add_argument("--no_fwd", action="store_true", help="skip the forward kernel")
     ap.add_argument("--seq_len", type=int, default=1024)
     ap.add_argument("--head_dim", type=int, default=128)

@@ -29,8 +29,9 @@ Implementations (`impl`, also `MossConfig.attention_impl`):
   bf16/fp16 on a CUDA GPU only. Segment ids become a boolean [B, 1, L, S] mask (cuDNN takes it as
   a bias: correct, O(L^2) memory and slower than without); a call with a `q_offset` (the KV-cache
   prefill and decode steps) runs "pallas_gpu", since cuDNN's causal mask starts at key 0.
-* "auto": "pallas_tpu" when lowered for TPU, "pallas_gpu" for CUDA, "blockwise" elsewhere,
-  chosen at lowering time (so an ahead-of-time TPU compile on a CPU host gets the kernel).
+* "auto": "pallas_tpu" when lowered for TPU, "pallas_mgpu" for CUDA (the Hopper kernels for
+  training calls on an H100/H200, "pallas_gpu" otherwise), "blockwise" elsewhere, chosen at
+  lowering time (so an ahead-of-time TPU compile on a CPU host gets the kernel).
 
 See docs/kernels.md for the design and measurements.
 """
@@ -318,24 +319,27 @@ def auto_attention(
     causal: bool = True,
     q_offset: jax.Array | int = 0,
 ) -> jax.Array:
-    """The TPU kernel on TPU, the GPU kernel on CUDA, blockwise XLA elsewhere (at lowering time)."""
+    """The TPU kernel on TPU, the GPU kernels on CUDA ("pallas_mgpu": the Hopper kernels for
+    training calls on an H100/H200, the Triton ones otherwise), blockwise XLA elsewhere (chosen at
+    lowering time)."""
     common.check_shapes(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl="auto")
+    # A Python-int offset stays static (the Hopper kernels take only the int 0); a traced one is an operand.
+    static_offset = isinstance(q_offset, int)
 
     def branch(fn):
-        def run(q, k, v, q_seg, kv_seg, offset):
+        def run(q, k, v, q_seg, kv_seg, *offset):
+            offset = q_offset if static_offset else offset[0]
             return fn(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal, q_offset=offset)
 
         return run
 
+    operands = (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids, kv_segment_ids)
+    if not static_offset:
+        operands += (jnp.asarray(q_offset, jnp.int32),)
     return jax.lax.platform_dependent(
-        q_BxLxHxK,
-        k_BxSxHxK,
-        v_BxSxHxK,
-        q_segment_ids,
-        kv_segment_ids,
-        jnp.asarray(q_offset, jnp.int32),
+        *operands,
         tpu=branch(pallas_tpu_attention),
-        cuda=branch(pallas_gpu_attention),
+        cuda=branch(pallas_mgpu_attention),
         default=branch(blockwise.blockwise_attention),
     )
 

@@ -60,8 +60,8 @@ _MAX_HEAD_DIM = 128
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """Schedule options of the fused backward (`bench/attention.py --mgpu_bwd` times them; both
-    on by default, "base" is both off).
+    """Schedule options of the fused backward (`bench/attention.py --mgpu_bwd` times them; the
+    default is overlap+shared_dq+wide_regs, the fastest on an H100; "base" is every option off).
 
     overlap: S^T = K Q^T and dP^T = V dO^T are issued together and the softmax runs while dP^T is
       computed; dV += P^T dO and dK += dS^T Q then go as one group (off: dV is issued with dP^T
@@ -82,15 +82,22 @@ class Variant:
       (`setmaxnreg`; off: the forward's 232 and 40). ptxas spilled 464 bytes a thread at 232 for
       overlap+shared_dq (`bench/mgpu_sass.py`).
 
-    On an H100 (2026-11-27, bf16, B=4, H=16, K=128, causal; docs/performance.md) forward+backward
-    took 2.64 / 2.36 ms at L = 4096 for base / overlap+shared_dq and 9.42 / 8.36 ms at L = 8192
-    (cuDNN: 2.19 and 7.54).
+    Forward+backward on an H100 (2026-11-27, bf16, B=4, H=16, K=128, causal; docs/performance.md),
+    ms at L = 2048 / 4096 / 8192, measured in one run:
+
+      overlap+shared_dq           0.799 / 2.38 / 8.25
+      ...+wide_regs (default)     0.767 / 2.31 / 8.24
+      ...+pipeline                0.798 / 2.44 / 8.55
+      ...+pipeline+wide_regs      0.790 / 2.38 / 8.30
+      cuDNN                       0.778 / 2.18 / 7.55
+
+    and in an earlier run base 0.839 / 2.64 / 9.42 against overlap+shared_dq 0.811 / 2.36 / 8.36.
     """
 
     overlap: bool = True
     shared_dq: bool = True
     pipeline: bool = False
-    wide_regs: bool = False
+    wide_regs: bool = True
 
     @property
     def registers(self) -> tuple[int, int]:

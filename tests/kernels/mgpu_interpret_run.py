@@ -72,7 +72,7 @@ RUNS = [
     # MOSS 16B's head_dim: the Hopper forward, then the Triton backward (in the interpreter too)
     Run(_bf16("d256_triton_bwd", 192, 256, True, 0, heads=1), backward="triton"),
     # the backward's other schedules (flash_mgpu_bwd.Variant; the cases above run its default,
-    # overlap+shared_dq): both off, and overlap alone (at head_dim 80, padded to 128)
+    # overlap+shared_dq+wide_regs): all off, and overlap alone (at head_dim 80, padded to 128)
     Run(_bf16("base_ragged", 300, 128, True, 3), bwd=flash_mgpu_bwd.Variant.parse("base")),
     Run(_bf16("overlap_d80", 256, 80, False, -1), bwd=flash_mgpu_bwd.Variant.parse("overlap")),
     # pipeline (with the dS^T exchange at head_dim 128, without it at 64) and wide_regs

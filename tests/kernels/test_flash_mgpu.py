@@ -80,17 +80,21 @@ def test_backward_schedules_lower(spec, head_dim, length, segments):
     assert _kernels(_grad_text(attn, (2, length, 2, head_dim), jnp.bfloat16, segments)) == (2, [])
 
 
-def test_impl_routes_training_to_mosaic_and_cache_calls_to_triton():
+@pytest.mark.parametrize("impl", ["pallas_mgpu", "auto"])
+def test_impl_routes_training_to_mosaic_and_cache_calls_to_triton(impl):
     x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
-    train = cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu"), x, x, x)
+    train = cuda_text(lambda q, k, v: attention(q, k, v, impl=impl), x, x, x)
     assert _kernels(train) == (1, [])
-    grad = _grad_text(functools.partial(attention, impl="pallas_mgpu"), (1, 256, 2, 64), jnp.bfloat16, True)
+    grad = _grad_text(functools.partial(attention, impl=impl), (1, 256, 2, 64), jnp.bfloat16, True)
     assert _kernels(grad) == (2, [])
     prompt = jax.ShapeDtypeStruct((1, 16, 2, 64), jnp.bfloat16)  # a prefill at offset 100 of a cache
-    prefill = cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu", q_offset=100), prompt, x, x)
+    prefill = cuda_text(lambda q, k, v: attention(q, k, v, impl=impl, q_offset=100), prompt, x, x)
     assert _kernels(prefill) == (0, ["moss_flash_fwd_gpu"])
+    # the model's cache path: a traced offset (even one that is 0 at run time)
+    traced = cuda_text(lambda q, k, v, i: attention(q, k, v, impl=impl, q_offset=i), prompt, x, x, jnp.int32(0))
+    assert _kernels(traced) == (0, ["moss_flash_fwd_gpu"])
     fp32 = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
-    assert _kernels(cuda_text(lambda q, k, v: attention(q, k, v, impl="pallas_mgpu"), fp32, fp32, fp32)) == (
+    assert _kernels(cuda_text(lambda q, k, v: attention(q, k, v, impl=impl), fp32, fp32, fp32)) == (
         0,
         ["moss_flash_fwd_gpu"],
     )
@@ -98,9 +102,10 @@ def test_impl_routes_training_to_mosaic_and_cache_calls_to_triton():
 
 def test_backward_variants_parse_and_apply():
     v = flash_mgpu_bwd.Variant
-    assert v() == v.parse("overlap+shared_dq") == v(overlap=True, shared_dq=True)
-    assert v.parse("base") == v(overlap=False, shared_dq=False)
-    assert v.parse("shared_dq") == v(overlap=False, shared_dq=True)
+    assert v() == v.parse("overlap+shared_dq+wide_regs") == v(overlap=True, shared_dq=True, wide_regs=True)
+    assert v.parse("base") == v(overlap=False, shared_dq=False, pipeline=False, wide_regs=False)
+    assert v.parse("shared_dq") == v(overlap=False, shared_dq=True, wide_regs=False)
+    assert v().registers == (240, 24) and v.parse("base").registers == (232, 40)  # 256 * 240 + 128 * 24 <= 64K
     for bad in ("", "fast", "overlap+overlap", "base+overlap"):
         with pytest.raises(ValueError, match="expected 'base' or some of"):
             v.parse(bad)
@@ -211,7 +216,7 @@ def test_off_hopper_the_impl_is_pallas_gpu():
 @pytest.mark.parametrize("backward", ["triton", "mosaic", "mosaic_base"])
 def test_matches_reference_on_hopper(case, backward):
     """The Hopper forward with each backward: Triton's, the fused Hopper kernel with its default
-    schedule (overlap+shared_dq) and with the base one."""
+    schedule (overlap+shared_dq+wide_regs) and with the base one."""
     kw = {"mosaic_bwd": flash_mgpu_bwd.Variant.parse("base")} if backward == "mosaic_base" else {}
     attn = functools.partial(
         flash_gpu.flash_attention_gpu, forward="mosaic", backward=backward.removesuffix("_base"), **kw
