@@ -31,13 +31,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Two groups of about the same time (~50 s each here), for pytest -n 2.
 GROUPS = {
-    "causal_ragged_d256_base": ["causal", "packed_ragged", "one_block", "d256_triton_bwd", "base_ragged"],
-    "f16_random_ids_slots_registry_overlap": [
+    "causal_ragged_d256_base_pipeline": [
+        "causal",
+        "packed_ragged",
+        "one_block",
+        "d256_triton_bwd",
+        "base_ragged",
+        "pipeline_packed",
+    ],
+    "f16_random_ids_slots_registry_overlap_pipeline": [
         "f16_bidirectional",
         "d80_random_ids",
         "three_slots",
         "registry",
         "overlap_d80",
+        "pipeline_d64",
     ],
 }
 TIMEOUT_S = 600  # the whole group; a hung case ends sooner (mgpu_interpret_run --case_timeout_s)
