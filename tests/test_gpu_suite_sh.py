@@ -51,10 +51,12 @@ def test_a_failed_part_makes_the_exit_status_1(tmp_path):
     assert log.rstrip().splitlines()[-1] == "gpu_suite: 2 part(s) failed: env (rc 1), kernel_check (rc 1)"
 
 
-def test_dry_run_expects_the_cudnn_parts_to_fail(tmp_path):
+def test_dry_run_expects_the_cudnn_and_ptxas_parts_to_fail(tmp_path):
     name = "mfu_big_cudnn_dots_no_batch_attention"  # the default remat policy's part
-    proc, statuses, log = _suite(tmp_path, f"{name} env", PYTHON=str(tmp_path / "bin" / "python3"))
-    assert [(s["part"], s["rc"]) for s in statuses] == [("env", 1), (name, 1)]
+    parts = f"{name} env mgpu_sass"
+    proc, statuses, log = _suite(tmp_path, parts, PYTHON=str(tmp_path / "bin" / "python3"))
+    assert [(s["part"], s["rc"]) for s in statuses] == [("env", 1), ("mgpu_sass", 1), (name, 1)]
     assert f"{name} failed as expected in a dry run (cuDNN needs a GPU)" in log
+    assert "mgpu_sass failed as expected in a dry run (the Hopper backward compiles on a GPU only)" in log
     assert log.rstrip().splitlines()[-1] == "gpu_suite: 1 part(s) failed: env (rc 1)"
     assert proc.returncode == 1
