@@ -73,11 +73,12 @@ class Variant:
       must be whole 64-column tiles of the 128-byte swizzle); other widths keep the
       per-warpgroup dQ.
 
-    pipeline: keeps the tensor cores fed across the whole step (supersedes overlap): S^T and dP^T
-      go together; right after the softmax P^T is cast to bf16 and dV += P^T dO is issued; dS^T
-      is formed (from that bf16 P^T) while dV runs; dK += dS^T Q and the dQ part are issued
-      without a wait between them, and the dS^T exchange (shared_dq) happens while dK runs. The
-      fp32 P^T is not kept beside dP^T, 16 registers a thread fewer.
+    pipeline: meant to keep the tensor cores fed across the whole step (supersedes overlap): S^T
+      and dP^T go together; right after the softmax P^T is cast to bf16 and dV += P^T dO is
+      issued; dS^T is formed (from that bf16 P^T, so the fp32 one need not stay beside dP^T)
+      while dV runs; dK += dS^T Q and the dQ part are issued without a wait between them, and
+      the dS^T exchange (shared_dq) happens while dK runs. Measured 1-4% slower than without it,
+      and ptxas spilled more (500 against 464 bytes a thread): off by default.
     wide_regs: the compute warpgroups get 240 registers a thread and the TMA warpgroup 24
       (`setmaxnreg`; off: the forward's 232 and 40). ptxas spilled 464 bytes a thread at 232 for
       overlap+shared_dq (`bench/mgpu_sass.py`).
