@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         checks += [(check_decode, dtype, k, decode) for k in decode_dims if "decode" in kinds and k in head_dims]
     for variant in (v for v in variants if v != "triton"):
         schedules = args.mgpu_bwd.split(",") if args.mgpu_bwd and variant == "mosaic" else [None]
+        cases = flash_cases("bfloat16", variant) if "bfloat16" in dtypes else []
         for schedule in schedules:
-            cases = flash_cases("bfloat16", variant) if "bfloat16" in dtypes else []
             checks += [(fn, dtype, k, kw | ({"mgpu_bwd": schedule} if schedule else {})) for fn, dtype, k, kw in cases]
     failed = 0
     for fn, dtype, head_dim, kw in checks:

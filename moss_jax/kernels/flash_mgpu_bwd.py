@@ -335,44 +335,41 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
 
                     store(pl.run_scoped(dq_part, plgpu.ACC((BLOCK, half), jnp.float32)), out["dq"].at[(*rows, cols)])
 
-        def pipeline_step(i, carry, *, masked: bool):
-            """One query block with `Variant.pipeline`'s order (its docstring)."""
-            dk, dv = carry
-            slot = slot_of(i)
-            q_smem, do_smem = smem["q"].at[slot], smem["do"].at[slot]
-            wait_slot(slot)
-
-            def body(refs):
-                dv_ref, dk_ref = refs
-
-                def scores(s_ref, dp_ref):
-                    plgpu.wgmma(s_ref, k_smem, q_smem.transpose((1, 0)))
-                    plgpu.wgmma(dp_ref, v_smem, do_smem.transpose((1, 0)))
-                    p_lo = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1), i, slot, masked).astype(geo.dtype)
-                    plgpu.wgmma(dv_ref, p_lo, do_smem)  # runs while dS^T is formed
-                    return p_lo, plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV in flight
-
-                acc = plgpu.ACC((BLOCK, BLOCK), jnp.float32)
-                p_lo, dp_t = pl.run_scoped(scores, acc, acc)
-                delta = load_whole(smem["delta"].at[slot], _COL)
-                dp_t = dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1])
-                ds_t = (p_lo.astype(jnp.float32) * dp_t).astype(geo.dtype)
-                plgpu.wgmma(dk_ref, ds_t, q_smem)
-
-                def issued(n):  # dV and dK are done once at most the n dQ wgmmas are in flight
-                    plgpu.wgmma_wait(n)
-                    plgpu.barrier_arrive(bars["consumed"].at[slot])  # Q, dO, lse, delta of this slot
-
-                add_dq(ds_t, i, slot, issued)
-
-            dv, dk = pl.run_state(body)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-            return dk, dv
+        def grad_scores(p_t, dp_t, slot):
+            """dS^T = P^T (dP^T - delta), in the inputs' dtype (delta read here, after dP^T)."""
+            delta = load_whole(smem["delta"].at[slot], _COL)
+            return (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(geo.dtype)
 
         def step(i, carry, *, masked: bool):
             dk, dv = carry
             slot = slot_of(i)
             q_smem, do_smem = smem["q"].at[slot], smem["do"].at[slot]
             wait_slot(slot)
+            if geo.variant.pipeline:  # its own order (Variant's docstring); Q, dO free after dV, dK
+
+                def body(refs):
+                    dv_ref, dk_ref = refs
+
+                    def scores(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, k_smem, q_smem.transpose((1, 0)))
+                        plgpu.wgmma(dp_ref, v_smem, do_smem.transpose((1, 0)))
+                        p_lo = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1), i, slot, masked).astype(geo.dtype)
+                        plgpu.wgmma(dv_ref, p_lo, do_smem)  # runs while dS^T is formed
+                        return p_lo, plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV in flight
+
+                    acc = plgpu.ACC((BLOCK, BLOCK), jnp.float32)
+                    p_lo, dp_t = pl.run_scoped(scores, acc, acc)
+                    ds_t = grad_scores(p_lo.astype(jnp.float32), dp_t, slot)
+                    plgpu.wgmma(dk_ref, ds_t, q_smem)
+
+                    def issued(n):  # dV and dK are done once at most the n dQ wgmmas are in flight
+                        plgpu.wgmma_wait(n)
+                        plgpu.barrier_arrive(bars["consumed"].at[slot])  # Q, dO, lse, delta of this slot
+
+                    add_dq(ds_t, i, slot, issued)
+
+                dv, dk = pl.run_state(body)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                return dk, dv
             if overlap:
 
                 def scores_and_dp(s_ref, dp_ref):  # two wgmmas; the softmax waits for the first only
@@ -383,8 +380,7 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
 
                 acc = plgpu.ACC((BLOCK, BLOCK), jnp.float32)
                 p_t, dp_t = pl.run_scoped(scores_and_dp, acc, acc)
-                delta = load_whole(smem["delta"].at[slot], _COL)
-                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(geo.dtype)
+                ds_t = grad_scores(p_t, dp_t, slot)
                 p_lo = p_t.astype(geo.dtype)
 
                 def dv_and_dk(refs):  # two wgmmas, one wait
@@ -409,8 +405,7 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
 
                 zeros = plgpu.layout_cast(jnp.zeros((BLOCK, BLOCK), jnp.float32), plgpu.Layout.WGMMA)
                 dv, dp_t = pl.run_state(dv_and_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-                delta = load_whole(smem["delta"].at[slot], _COL)
-                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(geo.dtype)
+                ds_t = grad_scores(p_t, dp_t, slot)
 
                 def dk_step(acc_ref):
                     plgpu.wgmma(acc_ref, ds_t, q_smem)
@@ -420,10 +415,9 @@ def _program(gmem, out, smem, bars, names, *, geo: _Geometry):
             add_dq(ds_t, i, slot)
             return dk, dv
 
-        step_fn = pipeline_step if geo.variant.pipeline else step
         zeros = plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32), plgpu.Layout.WGMMA)
-        carry = lax.fori_loop(start, whole, functools.partial(step_fn, masked=True), (zeros, zeros))
-        dk, dv = lax.fori_loop(whole, geo.num_q, functools.partial(step_fn, masked=False), carry)
+        carry = lax.fori_loop(start, whole, functools.partial(step, masked=True), (zeros, zeros))
+        dk, dv = lax.fori_loop(whole, geo.num_q, functools.partial(step, masked=False), carry)
 
         if shared:  # the other warpgroup's last dQ part has read this warpgroup's K
             plgpu.barrier_arrive(bars["k_free"].at[0])
